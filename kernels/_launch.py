@@ -1,0 +1,113 @@
+"""What every elementwise launcher shares: block sizes, the grid, and the
+host-side description of a strided layout that ``strided_offsets`` reads."""
+
+import torch
+import triton
+import triton.language as tl
+
+# One block of an elementwise kernel: 1024 elements, 4 warps (8 per thread in
+# a warp-wide 128-bit access for float32). Shared by every elementwise kernel.
+ELEMENTWISE_BLOCK = 1024
+ELEMENTWISE_WARPS = 4
+
+# The strided path addresses up to this many (collapsed) dimensions.
+MAX_STRIDED_RANK = 4
+
+
+def elementwise_grid(n_elements: int, block: int = ELEMENTWISE_BLOCK) -> tuple:
+    """A 1-D launch grid covering ``n_elements`` in blocks of ``block``."""
+    return (triton.cdiv(n_elements, block),)
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` covers one gap-free range of memory, in any dim order."""
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def shares_flat_layout(*tensors: torch.Tensor) -> bool:
+    """True when all ``tensors`` are dense with the same strides, so element i
+    of one sits at memory offset i of each: one flat index serves them all."""
+    first = tensors[0]
+    return _is_dense(first) and all(t.stride() == first.stride() for t in tensors[1:])
+
+
+def collapse_dims(shape, *strides):
+    """Merge neighbouring dims that are contiguous in every stride tuple and
+    drop dims of size 1. Returns ``(sizes, [strides per tensor])``."""
+    dims = [d for d in range(len(shape)) if shape[d] != 1]
+    sizes = [shape[d] for d in dims[:1]]
+    merged = [[s[d] for d in dims[:1]] for s in strides]
+    for d in dims[1:]:
+        if all(m[-1] == s[d] * shape[d] for m, s in zip(merged, strides)):
+            sizes[-1] *= shape[d]
+            for m, s in zip(merged, strides):
+                m[-1] = s[d]
+        else:
+            sizes.append(shape[d])
+            for m, s in zip(merged, strides):
+                m.append(s[d])
+    return sizes, merged
+
+
+def padded_layout(sizes, strides):
+    """Left-pad a collapsed layout to ``MAX_STRIDED_RANK`` dims: the sizes of
+    dims 1..3 (dim 0 is implied by the element count) and all four strides."""
+    pad = MAX_STRIDED_RANK - len(sizes)
+    sizes = [1] * pad + list(sizes)
+    strides = [0] * pad + list(strides)
+    return sizes[1:], strides
+
+
+@triton.jit
+def strided_offsets(index, size1, size2, size3, stride0, stride1, stride2, stride3):
+    """Memory offset (in elements) of logical element ``index`` of a 4-D
+    strided view with sizes (-, size1, size2, size3). ``index`` is int64."""
+    i3 = index % size3
+    index = index // size3
+    i2 = index % size2
+    index = index // size2
+    i1 = index % size1
+    i0 = index // size1
+    return i0 * stride0 + i1 * stride1 + i2 * stride2 + i3 * stride3
+
+
+def launch_elementwise(kernel, *tensors: torch.Tensor) -> None:
+    """Launch an elementwise ``kernel`` over same-shaped ``tensors``.
+
+    The kernel's arguments, in order: one pointer per tensor, ``n_elements``,
+    ``size1, size2, size3``, then four strides per tensor, and the
+    meta-parameters ``CONTIGUOUS`` and ``BLOCK_SIZE``. When every tensor is
+    dense with the same strides, one flat index addresses them all
+    (``CONTIGUOUS=True``, strides unused); otherwise each tensor is addressed
+    through its own strides over the collapsed shape.
+    """
+    n_elements = tensors[0].numel()
+    if n_elements == 0:
+        return
+    contiguous = shares_flat_layout(*tensors)
+    if contiguous:
+        sizes, strides = [1, 1, 1], [[0, 0, 0, 1]] * len(tensors)
+    else:
+        collapsed, per_tensor = collapse_dims(tensors[0].shape, *(t.stride() for t in tensors))
+        if len(collapsed) > MAX_STRIDED_RANK:
+            for slices in zip(*(t.unbind(0) for t in tensors)):
+                launch_elementwise(kernel, *slices)
+            return
+        padded = [padded_layout(collapsed, s) for s in per_tensor]
+        sizes, strides = padded[0][0], [s for _, s in padded]
+    kernel[elementwise_grid(n_elements)](
+        *tensors,
+        n_elements,
+        *sizes,
+        *(s for tensor_strides in strides for s in tensor_strides),
+        CONTIGUOUS=contiguous,
+        BLOCK_SIZE=ELEMENTWISE_BLOCK,
+        num_warps=ELEMENTWISE_WARPS,
+    )

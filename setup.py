@@ -1,0 +1,22 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="torchblocks",
+    version="0.1.0",
+    description="The mathematical building blocks of neural networks, hand-written for PyTorch: "
+    "autograd Functions with hand-derived backward passes, Triton kernels and a CPU fallback.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ is device code only; it installs as torchblocks.kernels so that
+    # nothing named plain `kernels` lands in site-packages.
+    packages=find_packages(include=["torchblocks", "torchblocks.*"]) + ["torchblocks.kernels"],
+    package_dir={"torchblocks.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        'triton>=3.0; platform_system == "Linux" and platform_machine == "x86_64"',
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["torchblocks = torchblocks.cli:main"]},
+)

@@ -1,0 +1,12 @@
+"""torchblocks: the mathematical building blocks of a neural network, by hand.
+
+Each block is a ``torch.autograd.Function`` with a hand-derived backward, Triton
+kernels for the GPU and a plain-PyTorch fallback, tested against its native
+twin. See ``torchblocks.functional`` and ``torchblocks.nn``.
+"""
+
+from torchblocks import functional, nn
+from torchblocks.backend import get_backend, set_backend, use_backend
+
+__all__ = ["functional", "nn", "get_backend", "set_backend", "use_backend"]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from torchblocks.cli import main
+
+sys.exit(main())

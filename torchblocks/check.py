@@ -1,0 +1,170 @@
+"""``torchblocks check``: every block against its native twin.
+
+For each entry of ``BLOCKS``, on every available (device, backend) target and
+each dtype: parity of the output and of every input gradient over the
+block's cases, then ``gradcheck`` in float64. A new block plugs in by adding
+one ``BlockCheck`` to ``BLOCKS``; the loop and the table are shared.
+"""
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import torchblocks
+from torchblocks import backend
+from torchblocks.testing import relative_error, tolerance
+
+ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One parity case: ``ours(*inputs)`` against ``native(*inputs)``.
+    Floating-point inputs get gradients; the rest pass through as they are."""
+
+    label: str
+    ours: Callable
+    native: Callable
+    inputs: Sequence[torch.Tensor]
+    gradcheck: bool = True  # also gradcheck this case in float64
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCheck:
+    name: str
+    cases: Callable[[torch.device, torch.dtype], Sequence[Case]]  # (device, dtype) -> cases
+    dtypes: Sequence[torch.dtype] = ALL_DTYPES
+
+
+@dataclasses.dataclass
+class Row:
+    block: str
+    device: str
+    backend: str
+    dtype: str
+    check: str  # "parity" or "gradcheck"
+    cases: int
+    max_rel_error: float  # NaN where the check has no error measure
+    status: str  # "PASS", "FAIL" or "SKIP"
+    note: str = ""
+
+
+def _away_from_zero(shape, dtype, device, generator):
+    """Random values with |x| >= 0.1: finite differences stay off ReLU's kink."""
+    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    return (x + 0.1 * x.sign()).to(device=device, dtype=dtype)
+
+
+def _relu_cases(device, dtype):
+    generator = torch.Generator().manual_seed(0)
+
+    def ours(x):
+        return torchblocks.functional.relu(x)
+
+    def ours_inplace(x):
+        return torchblocks.functional.relu(x * 1, inplace=True)
+
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, -1.0])
+    wide = _away_from_zero((12, 33), dtype, device, generator)
+    return [
+        Case("empty", ours, F.relu, [_away_from_zero((0, 5), dtype, device, generator)]),
+        Case("one element", ours, F.relu, [_away_from_zero((1,), dtype, device, generator)]),
+        Case("odd 3-D", ours, F.relu, [_away_from_zero((3, 5, 17), dtype, device, generator)]),
+        Case("transposed", ours, F.relu, [wide.t()]),
+        Case("strided slice", ours, F.relu, [wide[1::2, ::3]]),
+        Case("in place", ours_inplace, F.relu, [_away_from_zero((257,), dtype, device, generator)]),
+        Case("nan and inf", ours, F.relu, [special.to(device=device, dtype=dtype)], gradcheck=False),
+    ]
+
+
+BLOCKS = [
+    BlockCheck("relu", _relu_cases),
+]
+
+
+def targets(device: str = "all", backends: str = "all"):
+    """The (device, backend) pairs this process can run."""
+    found = [("cpu", "reference")]
+    if backend.INTERPRETER and backend.TRITON_AVAILABLE:
+        found.append(("cpu", "triton"))
+    if torch.cuda.is_available():
+        found.append(("cuda", "reference"))
+        if backend.TRITON_AVAILABLE:
+            found.append(("cuda", "triton"))
+    return [(d, b) for d, b in found if device in ("all", d) and backends in ("all", b)]
+
+
+def _fresh(inputs):
+    return [
+        t.detach().clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in inputs
+    ]
+
+
+def _parity_error(case: Case) -> float:
+    """Largest relative error of the output and of each input gradient."""
+    ours_inputs, native_inputs = _fresh(case.inputs), _fresh(case.inputs)
+    ours_out, native_out = case.ours(*ours_inputs), case.native(*native_inputs)
+    errors = [relative_error(ours_out, native_out)]
+    if native_out.requires_grad:
+        grad_output = torch.randn(native_out.shape, generator=torch.Generator().manual_seed(1))
+        grad_output = grad_output.to(native_out.device, native_out.dtype)
+        ours_out.backward(grad_output)
+        native_out.backward(grad_output)
+        for ours_in, native_in in zip(ours_inputs, native_inputs):
+            if isinstance(native_in, torch.Tensor) and native_in.grad is not None:
+                errors.append(relative_error(ours_in.grad, native_in.grad))
+    return max(errors)
+
+
+def _gradcheck(case: Case) -> bool:
+    inputs = _fresh(case.inputs)
+    return torch.autograd.gradcheck(case.ours, inputs, raise_exception=False)
+
+
+def run_block(block: BlockCheck, device: str, backend_name: str):
+    """The rows of one block on one target: parity per dtype, then gradcheck."""
+    rows = []
+    with torchblocks.use_backend(backend_name):
+        for dtype in block.dtypes:
+            dtype_name = str(dtype).replace("torch.", "")
+            if dtype == torch.bfloat16 and device == "cpu" and backend_name == "triton":
+                rows.append(Row(block.name, device, backend_name, dtype_name, "parity", 0, float("nan"), "SKIP",
+                                "the Triton interpreter computes bfloat16 wrongly"))
+                continue
+            cases = block.cases(torch.device(device), dtype)
+            errors = [_parity_error(case) for case in cases]
+            worst = max(errors)
+            status = "PASS" if worst <= tolerance(dtype) else "FAIL"
+            note = "" if status == "PASS" else "worst: " + cases[errors.index(worst)].label
+            rows.append(Row(block.name, device, backend_name, dtype_name, "parity", len(cases), worst, status, note))
+        cases = [c for c in block.cases(torch.device(device), torch.float64) if c.gradcheck]
+        failed = [c.label for c in cases if not _gradcheck(c)]
+        rows.append(Row(block.name, device, backend_name, "float64", "gradcheck", len(cases), float("nan"),
+                        "FAIL" if failed else "PASS", ", ".join(failed)))
+    return rows
+
+
+def run(device: str = "all", backends: str = "all", blocks: Sequence[BlockCheck] = None):
+    """Every row for every block on every available target."""
+    return [
+        row
+        for block in (BLOCKS if blocks is None else blocks)
+        for target_device, backend_name in targets(device, backends)
+        for row in run_block(block, target_device, backend_name)
+    ]
+
+
+def format_table(rows) -> str:
+    """The rows as an aligned text table."""
+    header = ("block", "device", "backend", "dtype", "check", "cases", "max rel err", "result", "note")
+    body = [
+        (r.block, r.device, r.backend, r.dtype, r.check, str(r.cases),
+         "-" if r.max_rel_error != r.max_rel_error else f"{r.max_rel_error:.2e}", r.status, r.note)
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""The ``torchblocks`` command line (also ``python -m torchblocks``)."""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+
+def _check(args) -> int:
+    from torchblocks import backend, check
+
+    rows = check.run(args.device, args.backend)
+    wants_interpreted = args.interpreter and args.device in ("all", "cpu") and args.backend in ("all", "triton")
+    if wants_interpreted and not backend.INTERPRETER:
+        # The interpreter must be chosen before triton defines any kernel:
+        # run the Triton-on-CPU rows in a child process that starts with it.
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "rows.json")
+            command = [sys.executable, "-m", "torchblocks", "check", "--device", "cpu", "--backend", "triton",
+                       "--json", path, "--quiet"]
+            child = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"})
+            if not os.path.exists(path):
+                print(f"torchblocks check: the interpreter run failed (exit status {child.returncode})", file=sys.stderr)
+                return 1
+            with open(path) as f:
+                rows += [check.Row(**row) for row in json.load(f)]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(row) for row in rows], f)
+    failed = [row for row in rows if row.status == "FAIL"]
+    if not args.quiet:
+        print(check.format_table(rows))
+        print(f"\n{len(rows) - len(failed)} of {len(rows)} checks passed or skipped, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``torchblocks`` command; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="torchblocks", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="gradcheck and parity of every block against native PyTorch")
+    check.add_argument("--device", choices=("all", "cpu", "cuda"), default="all", help="devices to check on")
+    check.add_argument("--backend", choices=("all", "reference", "triton"), default="all", help="backends to check")
+    check.add_argument("--interpreter", action="store_true",
+                       help="also run the Triton kernels on the CPU under the Triton interpreter (slow, small shapes)")
+    check.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
+    check.add_argument("--quiet", action="store_true", help="print no table; the exit status still tells")
+    check.set_defaults(run=_check)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
