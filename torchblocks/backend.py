@@ -16,7 +16,16 @@ BACKENDS = ("auto", "triton", "reference")
 # The Triton interpreter is chosen when triton's kernels are defined, which
 # happens when torchblocks.kernels is first imported; read it once, here.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
+def _triton_importable() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken install, or sys.modules["triton"] = None
+        return False
+
+
+TRITON_AVAILABLE = _triton_importable()
 
 _backend = "auto"
 

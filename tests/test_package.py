@@ -1,0 +1,25 @@
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_installs_kernels_as_torchblocks_kernels(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("torchblocks-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names}
+    assert all(top == "torchblocks" or top.endswith(".dist-info") for top in top_level), top_level
+    assert "torchblocks/kernels/relu.py" in names
+    assert "torchblocks/kernels/_launch.py" in names
+    metadata = next(n for n in names if n.endswith("METADATA"))
+    requirements = [
+        line for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines() if line.startswith("Requires-Dist")
+    ]
+    assert "Requires-Dist: torch>=2.4" in requirements
+    assert any(line.startswith("Requires-Dist: triton") and "x86_64" in line for line in requirements)
