@@ -7,6 +7,7 @@ twin. See ``torchblocks.functional`` and ``torchblocks.nn``.
 
 from torchblocks import functional, nn
 from torchblocks.backend import get_backend, set_backend, use_backend
+from torchblocks.nn import patch
 
-__all__ = ["functional", "nn", "get_backend", "set_backend", "use_backend"]
+__all__ = ["functional", "nn", "get_backend", "patch", "set_backend", "use_backend"]
 __version__ = "0.1.0"

@@ -19,3 +19,37 @@ def require_real(fn: str, name: str, tensor: torch.Tensor) -> None:
 def require_bool(fn: str, name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+
+
+def require_floating(fn: str, name: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {tensor.dtype}")
+
+
+def require_like(fn: str, name: str, tensor: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
+    """``tensor`` has the dtype and device of ``reference``."""
+    if tensor.dtype != reference.dtype:
+        raise TypeError(
+            f"{fn}: {name} must have the dtype of {reference_name} ({reference.dtype}), got {tensor.dtype}"
+        )
+    if tensor.device != reference.device:
+        raise ValueError(
+            f"{fn}: {name} must be on the device of {reference_name} ({reference.device}), got {tensor.device}"
+        )
+
+
+def require_choice(fn: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{fn}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def autocast_like_native(*tensors):
+    """Cast like autocast casts a native matmul's arguments: where autocast is
+    on for their device, floating tensors other than float64 go to its dtype."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
+    )

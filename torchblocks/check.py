@@ -28,7 +28,7 @@ class Case:
     ours: Callable
     native: Callable
     inputs: Sequence[torch.Tensor]
-    gradcheck: bool = True  # also gradcheck this case in float64
+    gradcheck: bool = True  # also gradcheck this case in float64 (keep those small: one pass per input element)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +79,36 @@ def _relu_cases(device, dtype):
     ]
 
 
+def _dense_cases(device, dtype):
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    def ours(activation):
+        return lambda x, w, b=None: torchblocks.functional.dense(x, w, b, activation=activation)
+
+    def native(activation):
+        return lambda x, w, b=None: F.relu(F.linear(x, w, b)) if activation else F.linear(x, w, b)
+
+    cases = []
+    for activation in (None, "relu"):
+        name = activation or "linear"
+        cases += [
+            Case(f"{name} 1x1x1", ours(activation), native(activation), [randn(1, 1), randn(1, 1), randn(1)]),
+            Case(f"{name} 37x45x70", ours(activation), native(activation), [randn(37, 70), randn(45, 70), randn(45)],
+                 gradcheck=False),
+            Case(f"{name} 3-D input, no bias", ours(activation), native(activation), [randn(2, 3, 5), randn(4, 5)]),
+            Case(f"{name} transposed x and W", ours(activation), native(activation),
+                 [randn(6, 4).t(), randn(6, 3).t(), randn(3)]),
+            Case(f"{name} empty batch", ours(activation), native(activation), [randn(0, 8), randn(5, 8), randn(5)]),
+        ]
+    return cases
+
+
 BLOCKS = [
     BlockCheck("relu", _relu_cases),
+    BlockCheck("dense", _dense_cases),
 ]
 
 
