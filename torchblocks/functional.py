@@ -4,6 +4,7 @@ Each checks its arguments first, then hands over to the autograd Function of
 its block in ``torchblocks._ops``.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -71,7 +72,8 @@ def dense(
             raise ValueError(
                 f"dense: bias must have shape (out_features,) = ({out_features},), got {tuple(bias.shape)}"
             )
-    output = DenseFunction.apply(input.reshape(-1, in_features), weight, bias, activation == "relu")
+    rows = math.prod(input.shape[:-1])  # not -1: ambiguous when in_features is 0
+    output = DenseFunction.apply(input.reshape(rows, in_features), weight, bias, activation == "relu")
     return output.reshape(*input.shape[:-1], out_features)
 
 
