@@ -53,3 +53,38 @@ def autocast_like_native(*tensors):
     return tuple(
         t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
     )
+
+
+def autocast_to_float32(*tensors):
+    """Cast like autocast casts the arguments of a native loss (its float32
+    list): where autocast is on, lower-precision floating tensors go to float32."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    return tuple(
+        t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors
+    )
+
+
+def require_probability(fn: str, name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{fn}: {name} must be a number in [0, 1], got {value!r}")
+
+
+def require_int(fn: str, name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
+
+
+def require_class_indices(fn: str, target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """On the CPU, raise IndexError (as native does) for a class index outside
+    [0, classes) that is not ignore_index. Elsewhere this would cost a host
+    sync: the kernels give such rows a NaN loss instead."""
+    if target.device.type != "cpu" or target.numel() == 0:
+        return
+    bad = target[(target != ignore_index) & ((target < 0) | (target >= classes))]
+    if bad.numel():
+        raise IndexError(
+            f"{fn}: Target {bad[0].item()} is out of bounds: class indices must be in [0, {classes}) "
+            f"or equal ignore_index ({ignore_index})"
+        )

@@ -9,19 +9,26 @@ from typing import Optional
 
 import torch
 
+from torchblocks._ops.cross_entropy import REDUCTIONS, CrossEntropyFunction, ProbabilityCrossEntropyFunction
 from torchblocks._ops.dense import DenseFunction
 from torchblocks._ops.relu import ReLUFunction
 from torchblocks._validate import (
     autocast_like_native,
+    autocast_to_float32,
     require_bool,
     require_choice,
+    require_class_indices,
     require_floating,
+    require_int,
     require_like,
+    require_probability,
     require_real,
     require_tensor,
 )
 
-__all__ = ["dense", "relu"]
+__all__ = ["dense", "relu", "softmax_cross_entropy"]
+
+INDEX_DTYPES = (torch.int64, torch.uint8)
 
 ACTIVATIONS = (None, "relu")
 
@@ -98,3 +105,112 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     require_real("relu", "input", input)
     require_bool("relu", "inplace", inplace)
     return ReLUFunction.apply(input, inplace)
+
+
+def _check_loss_options(fn, ignore_index, reduction, label_smoothing):
+    require_int(fn, "ignore_index", ignore_index)
+    require_choice(fn, "reduction", reduction, REDUCTIONS)
+    require_probability(fn, "label_smoothing", label_smoothing)
+
+
+def _rows(tensor: torch.Tensor, class_dim_last: bool) -> torch.Tensor:
+    """(C) -> (1, C); (N, C, d1, ...) -> (N * d1 * ..., C): the class dim last."""
+    if tensor.dim() == 1:
+        return tensor.unsqueeze(0)
+    moved = tensor.movedim(1, -1) if not class_dim_last else tensor
+    return moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
+
+
+def softmax_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """Cross-entropy of the softmax of ``input`` against ``target``; twin of
+    ``F.cross_entropy``, with its exact semantics.
+
+    Args:
+        input: logits ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``, floating point.
+        target: class indices (int64 or uint8) of shape ``()``, ``(N)`` or
+            ``(N, d1, ...)``; or class probabilities of ``input``'s shape.
+        weight: ``(C,)`` class weights, or None.
+        ignore_index: a class index whose rows count for nothing (index targets).
+        reduction: ``"none"`` (shape of target without the class dim),
+            ``"mean"`` (weighted: divided by the sum of the target weights of
+            the rows not ignored; NaN when all are) or ``"sum"``.
+        label_smoothing: in [0, 1], mixing the target with the uniform one.
+        inplace_backward: write the gradient into ``input``'s storage during
+            the forward pass, so no second ``(N, C)`` buffer is ever held;
+            ``input`` then no longer holds the logits. Only for logits that
+            nothing else needs: another op that saved them for its backward
+            makes that backward raise (autograd's version counter), never
+            return a wrong gradient. ``input`` must be computed by another op
+            (a leaf's storage is never overwritten).
+
+    Returns:
+        The loss: a scalar, or per element with ``reduction="none"``. On the
+        CPU an out-of-range class index raises IndexError; on CUDA (no host
+        sync) that element's loss and gradient are NaN.
+
+    Example::
+
+        >>> logits = torch.randn(128, 10, requires_grad=True)
+        >>> labels = torch.randint(10, (128,))
+        >>> loss = torchblocks.functional.softmax_cross_entropy(logits, labels)
+        >>> loss.backward()  # logits.grad = (softmax(logits) - onehot(labels)) / 128
+    """
+    fn = "softmax_cross_entropy"
+    require_tensor(fn, "input", input)
+    require_tensor(fn, "target", target)
+    if weight is not None:
+        require_tensor(fn, "weight", weight)
+    _check_loss_options(fn, ignore_index, reduction, label_smoothing)
+    require_bool(fn, "inplace_backward", inplace_backward)
+    input, weight = autocast_to_float32(input, weight)
+    require_floating(fn, "input", input)
+    if input.dim() == 0:
+        raise ValueError(f"{fn}: input must have a class dimension, (C), (N, C) or (N, C, d1, ...), got a scalar")
+    classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if weight is not None:
+        require_like(fn, "weight", weight, "input", input)
+        if weight.shape != (classes,):
+            raise ValueError(f"{fn}: weight must have shape (C,) = ({classes},), got {tuple(weight.shape)}")
+    if target.device != input.device:
+        raise ValueError(f"{fn}: target must be on the device of input ({input.device}), got {target.device}")
+    if target.is_floating_point():
+        if target.shape != input.shape:
+            raise ValueError(
+                f"{fn}: target of class probabilities must have the shape of input {tuple(input.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+        loss = ProbabilityCrossEntropyFunction.apply(
+            _rows(input, False), _rows(target.to(input.dtype), False), weight, reduction, float(label_smoothing)
+        )
+        return loss.reshape(target.shape[:1] + target.shape[2:] if input.dim() > 1 else ()) if reduction == "none" else loss
+    if target.dtype not in INDEX_DTYPES:
+        raise TypeError(
+            f"{fn}: target must hold class indices (int64 or uint8) or class probabilities (floating point), "
+            f"got dtype {target.dtype}"
+        )
+    expected_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
+    if target.shape != expected_shape:
+        raise ValueError(
+            f"{fn}: target of class indices must have shape {tuple(expected_shape)} for input of shape "
+            f"{tuple(input.shape)}, got {tuple(target.shape)}"
+        )
+    require_class_indices(fn, target, classes, ignore_index)
+    if inplace_backward and input.requires_grad and input.grad_fn is None:
+        raise ValueError(
+            f"{fn}: inplace_backward=True overwrites input with its gradient, so input must be computed by "
+            "another op; got a leaf tensor that requires grad"
+        )
+    loss = CrossEntropyFunction.apply(
+        _rows(input, False), target.reshape(-1), weight, ignore_index, reduction, float(label_smoothing),
+        inplace_backward,
+    )
+    return loss.reshape(target.shape) if reduction == "none" else loss

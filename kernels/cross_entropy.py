@@ -1,0 +1,211 @@
+"""Softmax cross-entropy over rows of logits x (R, C), class-index targets y.
+
+Per row i, with lse = log sum_c exp(x_c), log p_c = x_c - lse, class weights w
+(all 1 without weights), W = sum_c w_c and smoothing eps:
+    loss_i = (1 - eps) * w_y * (lse - x_y) - (eps / C) * sum_c w_c * log p_c
+    dloss_i/dx_c = p_c * ((1 - eps) * w_y + (eps / C) * W) - (eps / C) * w_c - (1 - eps) * w_y * 1[c = y]
+Rows whose target is ignore_index have loss 0 and gradient 0. A target out of
+[0, C) reads nothing out of bounds: its loss and gradient are NaN.
+
+The log-sum-exp is online (running max and running sum, one read of the row)
+in chunks of BLOCK_C classes, so rows of any length work; everything is
+accumulated in float32 (float64 for float64 logits).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# Widest chunk of a row one program holds at once.
+MAX_BLOCK_C = 4096
+
+
+@triton.jit
+def _row_gradient(
+    logits_row_ptr, grad_row_ptr, weight_ptr,
+    stride_col, grad_stride_col, C, y, lse, w_y, weight_total, scale, valid, label_smoothing,
+    HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Write scale * dloss_i/dx for one row (the formula at the top of the file)."""
+    coef = (1 - label_smoothing) * w_y + label_smoothing / C * weight_total
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = cols < C
+        x = tl.load(logits_row_ptr + cols * stride_col, mask=mask, other=0.0).to(ACC_DTYPE)
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC_DTYPE)
+        else:
+            w = tl.full((BLOCK_C,), 1.0, ACC_DTYPE)
+        p = tl.exp(x - lse)
+        grad = p * coef - label_smoothing / C * w - tl.where(cols == y, (1 - label_smoothing) * w_y, 0.0)
+        grad = tl.where(valid, grad * scale, 0.0)
+        tl.store(grad_row_ptr + cols * grad_stride_col, grad.to(grad_row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def cross_entropy_forward_kernel(
+    # pointers
+    logits_ptr,  # *T, x (R, C)
+    target_ptr,  # *int64 or *uint8, y (R,)
+    weight_ptr,  # *T, w (C,) class weights; read only if HAS_WEIGHT
+    constants_ptr,  # *ACC, (2,) label smoothing eps and W = sum_c w_c, in the accumulation dtype
+    loss_ptr,  # *ACC, (R,) loss_i, written
+    lse_ptr,  # *ACC, (R,) log-sum-exp of each row, written
+    row_weight_ptr,  # *ACC, (R,) w_y, 0 where ignored: the weighted mean's divisor, written
+    grad_ptr,  # *T, (R, C) dloss_i/dx, written only if WRITE_GRAD; may be logits_ptr itself
+    # dimensions
+    C,  # classes per row
+    stride_row, stride_col,  # x[i, c] at logits_ptr + i * stride_row + c * stride_col
+    grad_stride_row, grad_stride_col,  # the same for the gradient
+    ignore_index,  # target value whose row is skipped
+    # meta-parameters
+    HAS_WEIGHT: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,  # also write the unscaled gradient (in place when grad_ptr is logits_ptr)
+    ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
+    BLOCK_C: tl.constexpr,  # classes per chunk
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits_row_ptr = logits_ptr + row * stride_row
+    y = tl.load(target_ptr + row).to(tl.int64)
+    valid = y != ignore_index
+    in_range = (y >= 0) & (y < C)
+
+    # online log-sum-exp: running max m, running sum d of exp(x - m)
+    m = tl.full((), -float("inf"), ACC_DTYPE)
+    d = tl.zeros((), ACC_DTYPE)
+    for start in range(0, C, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        x = tl.load(logits_row_ptr + cols * stride_col, mask=cols < C, other=-float("inf")).to(ACC_DTYPE)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # a chunk (or a row so far) of only -inf adds nothing, rather than exp(-inf + inf) = NaN
+        d = d * tl.where(m == m_new, 1.0, tl.exp(m - m_new)) + tl.sum(tl.where(x == -float("inf"), 0.0, tl.exp(x - m_new)), axis=0)
+        m = m_new
+    lse = m + tl.log(d)
+
+    x_y = tl.load(logits_row_ptr + y * stride_col, mask=in_range, other=float("nan")).to(ACC_DTYPE)
+    label_smoothing = tl.load(constants_ptr)
+    weight_total = tl.load(constants_ptr + 1)
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + y, mask=in_range, other=float("nan")).to(ACC_DTYPE)
+    else:
+        w_y = tl.where(in_range, 1.0, float("nan")).to(ACC_DTYPE)
+    loss = (1 - label_smoothing) * w_y * (lse - x_y)
+    if label_smoothing > 0:
+        # -(eps / C) * sum_c w_c * (x_c - lse), summed in that order as native does
+        smooth = tl.zeros((), ACC_DTYPE)
+        for start in range(0, C, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C)
+            mask = cols < C
+            x = tl.load(logits_row_ptr + cols * stride_col, mask=mask, other=0.0).to(ACC_DTYPE)
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC_DTYPE)
+            else:
+                w = tl.full((BLOCK_C,), 1.0, ACC_DTYPE)
+            smooth += tl.sum(tl.where(mask, w * (x - lse), 0.0), axis=0)
+        loss -= label_smoothing / C * smooth
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    tl.store(lse_ptr + row, lse)
+    tl.store(row_weight_ptr + row, tl.where(valid, w_y, 0.0))
+    if WRITE_GRAD:
+        _row_gradient(logits_row_ptr, grad_ptr + row * grad_stride_row, weight_ptr, stride_col, grad_stride_col,
+                      C, y, lse, w_y, weight_total, 1.0, valid, label_smoothing,
+                      HAS_WEIGHT=HAS_WEIGHT, ACC_DTYPE=ACC_DTYPE, BLOCK_C=BLOCK_C)
+
+
+@triton.jit
+def cross_entropy_backward_kernel(
+    # pointers
+    logits_ptr,  # *T, x (R, C)
+    target_ptr,  # *int64 or *uint8, y (R,)
+    weight_ptr,  # *T, w (C,); read only if HAS_WEIGHT
+    constants_ptr,  # *ACC, (2,) eps and W, as in the forward kernel
+    lse_ptr,  # *ACC, (R,) saved by the forward kernel
+    scale_ptr,  # *ACC, (R,) dL/dloss_i: the reduction's factor times the incoming gradient
+    grad_ptr,  # *T, (R, C) dL/dx, written
+    # dimensions
+    C,
+    stride_row, stride_col,
+    grad_stride_row, grad_stride_col,
+    ignore_index,
+    # meta-parameters
+    HAS_WEIGHT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(target_ptr + row).to(tl.int64)
+    in_range = (y >= 0) & (y < C)
+    label_smoothing = tl.load(constants_ptr)
+    weight_total = tl.load(constants_ptr + 1)
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + y, mask=in_range, other=float("nan")).to(ACC_DTYPE)
+    else:
+        w_y = tl.where(in_range, 1.0, float("nan")).to(ACC_DTYPE)
+    _row_gradient(logits_ptr + row * stride_row, grad_ptr + row * grad_stride_row, weight_ptr, stride_col,
+                  grad_stride_col, C, y, tl.load(lse_ptr + row), w_y, weight_total, tl.load(scale_ptr + row),
+                  y != ignore_index, label_smoothing,
+                  HAS_WEIGHT=HAS_WEIGHT, ACC_DTYPE=ACC_DTYPE, BLOCK_C=BLOCK_C)
+
+
+def _launch_meta(logits: torch.Tensor) -> dict:
+    block_c = min(triton.next_power_of_2(max(logits.shape[1], 1)), MAX_BLOCK_C)
+    return {
+        "ACC_DTYPE": tl.float64 if logits.dtype == torch.float64 else tl.float32,
+        "BLOCK_C": block_c,
+        "num_warps": 4 if block_c <= 1024 else 8,
+    }
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _constants(logits, weight, label_smoothing):
+    """(eps, W) in the accumulation dtype: Triton would pass a Python float
+    as float32, short of float64 logits' precision. No host sync."""
+    constants = torch.full((2,), label_smoothing, dtype=accumulation_dtype(logits.dtype), device=logits.device)
+    if weight is not None:
+        constants[1] = weight.sum(dtype=constants.dtype)
+    else:
+        constants[1] = logits.shape[1]
+    return constants
+
+
+def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, grad=None):
+    """Per-row loss, log-sum-exp and target weight of ``logits`` (R, C) against
+    class indices ``target`` (R,). When ``grad`` (R, C) is given (it may be
+    ``logits`` itself), the unscaled dloss_i/dx is written into it too.
+    Returns ``(loss, lse, row_weight)``, each (R,), in the accumulation dtype."""
+    rows, classes = logits.shape
+    acc = accumulation_dtype(logits.dtype)
+    loss, lse, row_weight = (torch.empty(rows, dtype=acc, device=logits.device) for _ in range(3))
+    if rows == 0:
+        return loss, lse, row_weight
+    cross_entropy_forward_kernel[(rows,)](
+        logits, target, weight if weight is not None else logits, _constants(logits, weight, label_smoothing),
+        loss, lse, row_weight, grad if grad is not None else logits,
+        classes, logits.stride(0), logits.stride(1),
+        *(grad.stride() if grad is not None else (0, 0)),
+        ignore_index,
+        HAS_WEIGHT=weight is not None, WRITE_GRAD=grad is not None, **_launch_meta(logits),
+    )
+    return loss, lse, row_weight
+
+
+def cross_entropy_backward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
+    """dL/dx (R, C) from the saved ``logits``, ``lse`` and the per-row
+    ``row_scale`` = dL/dloss_i."""
+    rows, classes = logits.shape
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if rows == 0:
+        return grad
+    # the scale of a reduced loss arrives expanded (stride 0): give each row its own
+    row_scale = row_scale.to(accumulation_dtype(logits.dtype)).expand(rows).contiguous()
+    cross_entropy_backward_kernel[(rows,)](
+        logits, target, weight if weight is not None else logits, _constants(logits, weight, label_smoothing),
+        lse, row_scale, grad,
+        classes, logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
+        ignore_index,
+        HAS_WEIGHT=weight is not None, **_launch_meta(logits),
+    )
+    return grad

@@ -1,0 +1,193 @@
+"""Softmax cross-entropy over rows of logits x (R, C).
+
+Class-index targets y, class weights w (1 without), W = sum_c w_c, smoothing eps:
+    loss_i = (1 - eps) * w_y * (lse_i - x_y) - (eps / C) * sum_c w_c * log p_c
+Backward (p = softmax(x), s_i = dL/dloss_i):
+    dL/dx_c = s_i * (p_c * ((1 - eps) * w_y + (eps / C) * W) - (eps / C) * w_c - (1 - eps) * w_y * 1[c = y])
+
+Class-probability targets t, smoothed t' = (1 - eps) * t + eps / C:
+    loss_i = -sum_c w_c * t'_c * log p_c
+Backward:
+    dL/dx_c = s_i * (p_c * sum_c' w_c' * t'_c' - w_c * t'_c),   dL/dt_c = -s_i * (1 - eps) * w_c * log p_c
+
+Reductions: "none" keeps loss_i; "sum" adds them; "mean" divides the sum by
+sum_i w_y over rows not ignored (index targets) or by R (probability targets).
+"""
+
+from typing import Optional
+
+import torch
+
+from torchblocks import backend
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def _accumulation_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _target_weight(target, weight, classes, acc):
+    """(index, w_y): targets clamped to a valid class for gathering, and the
+    weight of each row's target class, NaN where the target is out of range."""
+    in_range = (target >= 0) & (target < classes)
+    index = torch.where(in_range, target, 0).long()
+    w_y = weight.to(acc)[index] if weight is not None else torch.ones(index.shape, dtype=acc, device=index.device)
+    return index, torch.where(in_range, w_y, float("nan"))
+
+
+def _reference_forward(logits, target, weight, ignore_index, label_smoothing):
+    acc = _accumulation_dtype(logits.dtype)
+    x = logits.to(acc)
+    classes = x.shape[1]
+    lse = torch.logsumexp(x, dim=1)
+    index, w_y = _target_weight(target, weight, classes, acc)
+    loss = (1 - label_smoothing) * w_y * (lse - x.gather(1, index[:, None]).squeeze(1))
+    if label_smoothing > 0:
+        w = weight.to(acc) if weight is not None else 1.0
+        loss = loss - label_smoothing / classes * ((x - lse[:, None]) * w).sum(dim=1)
+    valid = target != ignore_index
+    return torch.where(valid, loss, 0.0), lse, torch.where(valid, w_y, 0.0)
+
+
+def _reference_gradient(logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
+    acc = _accumulation_dtype(logits.dtype)
+    classes = logits.shape[1]
+    index, w_y = _target_weight(target, weight, classes, acc)
+    w = weight.to(acc) if weight is not None else torch.ones(classes, dtype=acc, device=logits.device)
+    coef = (1 - label_smoothing) * w_y + label_smoothing / classes * w.sum()
+    grad = torch.exp(logits.to(acc) - lse[:, None]) * coef[:, None] - label_smoothing / classes * w
+    grad.scatter_add_(1, index[:, None], -(1 - label_smoothing) * w_y[:, None])
+    valid = (target != ignore_index)[:, None]
+    return torch.where(valid, grad * row_scale.to(acc)[:, None], 0.0).to(logits.dtype)
+
+
+@torch.library.custom_op("torchblocks::cross_entropy_forward", mutates_args=())
+def cross_entropy_forward(
+    logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_i, lse_i, w_y or 0 where ignored), each (R,)."""
+    if backend.use_triton(logits):
+        from torchblocks.kernels import cross_entropy as kernels
+
+        return kernels.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing)
+    return _reference_forward(logits, target, weight, ignore_index, label_smoothing)
+
+
+@torch.library.custom_op("torchblocks::cross_entropy_forward_grad_", mutates_args=("logits",))
+def cross_entropy_forward_grad_(
+    logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As cross_entropy_forward, and overwrites ``logits`` with dloss_i/dx."""
+    if backend.use_triton(logits):
+        from torchblocks.kernels import cross_entropy as kernels
+
+        return kernels.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, grad=logits)
+    loss, lse, row_weight = _reference_forward(logits, target, weight, ignore_index, label_smoothing)
+    ones = torch.ones_like(lse)
+    logits.copy_(_reference_gradient(logits, target, weight, lse, ones, ignore_index, label_smoothing))
+    return loss, lse, row_weight
+
+
+@cross_entropy_forward.register_fake
+@cross_entropy_forward_grad_.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing):
+    acc = _accumulation_dtype(logits.dtype)
+    return tuple(logits.new_empty(logits.shape[0], dtype=acc) for _ in range(3))
+
+
+@torch.library.custom_op("torchblocks::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward(
+    logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], lse: torch.Tensor,
+    row_scale: torch.Tensor, ignore_index: int, label_smoothing: float,
+) -> torch.Tensor:
+    """dL/dx (R, C) given s_i = ``row_scale``."""
+    if backend.use_triton(logits):
+        from torchblocks.kernels import cross_entropy as kernels
+
+        return kernels.cross_entropy_backward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing)
+    return _reference_gradient(logits, target, weight, lse, row_scale, ignore_index, label_smoothing)
+
+
+@cross_entropy_backward.register_fake
+def _(logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def reduce_rows(loss, divisor, reduction, dtype):
+    """The reduction of the per-row losses, in ``dtype``."""
+    if reduction == "none":
+        return loss.to(dtype)
+    total = loss.sum()
+    return (total / divisor if reduction == "mean" else total).to(dtype)
+
+
+def row_scale(grad_output, divisor, reduction, rows):
+    """s_i = dL/dloss_i for every row, from the incoming gradient."""
+    if reduction == "none":
+        return grad_output
+    scale = grad_output / divisor if reduction == "mean" else grad_output
+    return scale.expand(rows)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Index targets. With ``inplace_backward`` the forward writes dloss_i/dx
+    into the logits' storage (autograd's version counter sees the write) and
+    the backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, inplace_backward):
+        in_place = inplace_backward and ctx.needs_input_grad[0]
+        forward = torch.ops.torchblocks.cross_entropy_forward_grad_ if in_place else torch.ops.torchblocks.cross_entropy_forward
+        loss, lse, row_weight = forward(logits, target, weight, ignore_index, label_smoothing)
+        divisor = row_weight.sum()
+        ctx.options = (ignore_index, reduction, label_smoothing, in_place)
+        ctx.save_for_backward(logits, target, weight, lse, divisor)
+        return reduce_rows(loss, divisor, reduction, logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, target, weight, lse, divisor = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, in_place = ctx.options
+        scale = row_scale(grad_output, divisor, reduction, logits.shape[0])
+        if in_place:  # logits now hold dloss_i/dx
+            grad_logits = logits.mul_(scale.to(logits.dtype)[:, None])
+        else:
+            grad_logits = torch.ops.torchblocks.cross_entropy_backward(
+                logits, target, weight, lse, scale, ignore_index, label_smoothing
+            )
+        return grad_logits, None, None, None, None, None, None
+
+
+class ProbabilityCrossEntropyFunction(torch.autograd.Function):
+    """Class-probability targets, in plain PyTorch ops on every backend."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, reduction, label_smoothing):
+        acc = _accumulation_dtype(logits.dtype)
+        classes = logits.shape[1]
+        log_p = logits.to(acc) - torch.logsumexp(logits.to(acc), dim=1, keepdim=True)
+        weighted_target = target.to(acc) * (1 - label_smoothing) + label_smoothing / classes
+        if weight is not None:
+            weighted_target = weighted_target * weight.to(acc)
+        loss = -(log_p * weighted_target).sum(dim=1)
+        ctx.options = (reduction, label_smoothing)
+        ctx.save_for_backward(log_p, weighted_target, weight)
+        return reduce_rows(loss, loss.new_tensor(float(logits.shape[0])), reduction, logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        log_p, weighted_target, weight = ctx.saved_tensors
+        reduction, label_smoothing = ctx.options
+        rows = log_p.shape[0]
+        scale = row_scale(grad_output.to(log_p.dtype), float(rows), reduction, rows)[:, None]
+        grad_logits = grad_target = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = (scale * (log_p.exp() * weighted_target.sum(dim=1, keepdim=True) - weighted_target))
+            grad_logits = grad_logits.to(grad_output.dtype)
+        if ctx.needs_input_grad[1]:
+            w = weight.to(log_p.dtype) if weight is not None else 1.0
+            grad_target = (-scale * (1 - label_smoothing) * w * log_p).to(grad_output.dtype)
+        return grad_logits, grad_target, None, None, None
