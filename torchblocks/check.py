@@ -106,9 +106,58 @@ def _dense_cases(device, dtype):
     return cases
 
 
+def _cross_entropy_cases(device, dtype):
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return (3 * torch.randn(shape, generator=generator, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+    def labels(classes, *shape):
+        return torch.randint(classes, shape, generator=generator).to(device)
+
+    def pair(**options):  # class weights go in options: native has no gradient for them
+        return (lambda x, t: torchblocks.functional.softmax_cross_entropy(x, t, **options),
+                lambda x, t: F.cross_entropy(x, t, **options))
+
+    ignored = labels(5, 6)
+    ignored[2] = -100
+    probabilities = torch.rand((4, 5), generator=generator).softmax(dim=1).to(device=device, dtype=dtype)
+    extreme = torch.tensor([[1e4, -1e4, 0.0], [3e38, -3e38, 1.0], [-float("inf"), 0.0, 1.0]]).to(device, dtype)
+    return [
+        Case("(N, C) mean", *pair(), [randn(6, 5), labels(5, 6)]),
+        Case("(C) input", *pair(reduction="sum"), [randn(5), labels(5)]),
+        Case("(N, C, d) none", *pair(reduction="none"), [randn(2, 4, 3), labels(4, 2, 3)]),
+        Case("weighted, ignored, smoothed", *pair(weight=randn(5).abs(), label_smoothing=0.2), [randn(6, 5), ignored]),
+        Case("probability targets", *pair(weight=randn(5).abs(), label_smoothing=0.1), [randn(4, 5), probabilities]),
+        Case("extreme and -inf logits", *pair(reduction="none"), [extreme, labels(3, 3)], gradcheck=False),
+    ]
+
+
+def _dense_cross_entropy_cases(device, dtype):
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    target = torch.randint(7, (9,), generator=generator).to(device)
+    target[4] = -100
+
+    def pair(**options):
+        return (lambda x, w, b=None: torchblocks.functional.dense_cross_entropy(x, w, target, b, chunk_rows=4, **options),
+                lambda x, w, b=None: F.cross_entropy(F.linear(x, w, b), target, **options))
+
+    return [
+        Case("mean, 3 chunks", *pair(), [randn(9, 5), randn(7, 5), randn(7)]),
+        Case("sum, smoothed, no bias", *pair(reduction="sum", label_smoothing=0.1), [randn(9, 5), randn(7, 5)]),
+        Case("none", *pair(reduction="none"), [randn(9, 5), randn(7, 5), randn(7)]),
+    ]
+
+
 BLOCKS = [
     BlockCheck("relu", _relu_cases),
     BlockCheck("dense", _dense_cases),
+    BlockCheck("cross_entropy", _cross_entropy_cases),
+    BlockCheck("dense_cross_entropy", _dense_cross_entropy_cases),
 ]
 
 

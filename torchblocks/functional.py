@@ -11,6 +11,7 @@ import torch
 
 from torchblocks._ops.cross_entropy import REDUCTIONS, CrossEntropyFunction, ProbabilityCrossEntropyFunction
 from torchblocks._ops.dense import DenseFunction
+from torchblocks._ops.dense_cross_entropy import DenseCrossEntropyFunction, default_chunk_rows
 from torchblocks._ops.relu import ReLUFunction
 from torchblocks._validate import (
     autocast_like_native,
@@ -26,7 +27,7 @@ from torchblocks._validate import (
     require_tensor,
 )
 
-__all__ = ["dense", "relu", "softmax_cross_entropy"]
+__all__ = ["dense", "dense_cross_entropy", "relu", "softmax_cross_entropy"]
 
 INDEX_DTYPES = (torch.int64, torch.uint8)
 
@@ -150,7 +151,8 @@ def softmax_cross_entropy(
             nothing else needs: another op that saved them for its backward
             makes that backward raise (autograd's version counter), never
             return a wrong gradient. ``input`` must be computed by another op
-            (a leaf's storage is never overwritten).
+            (a leaf's storage is never overwritten), and the backward runs
+            once: a second one through a retained graph raises.
 
     Returns:
         The loss: a scalar, or per element with ``reduction="none"``. On the
@@ -214,3 +216,83 @@ def softmax_cross_entropy(
         inplace_backward,
     )
     return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def dense_cross_entropy(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    chunk_rows: Optional[int] = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(input, weight, bias), target, ...)``, fused:
+    computed over chunks of rows, so the ``(N, C)`` logits are never all in
+    memory at once; the gradients of ``input``, ``weight`` and ``bias`` are
+    accumulated chunk by chunk.
+
+    Args:
+        input: ``(*, in_features)``, floating point.
+        weight: ``(C, in_features)``, the classifier as ``nn.Linear`` stores it.
+        target: class indices (int64 or uint8) of shape ``(*)``.
+        bias: ``(C,)`` or None.
+        ignore_index, reduction, label_smoothing: as in ``softmax_cross_entropy``.
+        chunk_rows: rows per chunk; by default about ``N * in_features / C``,
+            so a chunk's logits are about the size of ``input``.
+
+    Returns:
+        The loss: a scalar, or ``(*)`` with ``reduction="none"``.
+
+    Example::
+
+        >>> hidden = torch.randn(8192, 4096, requires_grad=True)
+        >>> classifier = torch.randn(128_000, 4096, requires_grad=True)
+        >>> labels = torch.randint(128_000, (8192,))
+        >>> loss = torchblocks.functional.dense_cross_entropy(hidden, classifier, labels)
+    """
+    fn = "dense_cross_entropy"
+    require_tensor(fn, "input", input)
+    require_tensor(fn, "weight", weight)
+    require_tensor(fn, "target", target)
+    if bias is not None:
+        require_tensor(fn, "bias", bias)
+    _check_loss_options(fn, ignore_index, reduction, label_smoothing)
+    autocast = torch.is_autocast_enabled(input.device.type)
+    input, weight, bias = autocast_like_native(input, weight, bias)
+    require_floating(fn, "input", input)
+    require_like(fn, "weight", weight, "input", input)
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: weight must be 2-D (C, in_features), got shape {tuple(weight.shape)}")
+    classes, in_features = weight.shape
+    if input.dim() == 0 or input.shape[-1] != in_features:
+        raise ValueError(
+            f"{fn}: input's last dimension must be in_features = weight.shape[1] = {in_features}, "
+            f"got input of shape {tuple(input.shape)}"
+        )
+    if bias is not None:
+        require_like(fn, "bias", bias, "input", input)
+        if bias.shape != (classes,):
+            raise ValueError(f"{fn}: bias must have shape (C,) = ({classes},), got {tuple(bias.shape)}")
+    if target.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{fn}: target must hold class indices (int64 or uint8), got dtype {target.dtype}")
+    if target.shape != input.shape[:-1]:
+        raise ValueError(
+            f"{fn}: target must have shape {tuple(input.shape[:-1])} for input of shape {tuple(input.shape)}, "
+            f"got {tuple(target.shape)}"
+        )
+    if target.device != input.device:
+        raise ValueError(f"{fn}: target must be on the device of input ({input.device}), got {target.device}")
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1):
+        raise ValueError(f"{fn}: chunk_rows must be a positive int or None, got {chunk_rows!r}")
+    require_class_indices(fn, target, classes, ignore_index)
+    rows = math.prod(input.shape[:-1])
+    loss = DenseCrossEntropyFunction.apply(
+        input.reshape(rows, in_features), weight, bias, target.reshape(rows), ignore_index, reduction,
+        float(label_smoothing), chunk_rows or default_chunk_rows(rows, in_features, classes),
+    )
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    return loss.float() if autocast else loss  # native computes the loss in float32 under autocast

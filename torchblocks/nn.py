@@ -10,7 +10,7 @@ from torch import nn
 from torchblocks import functional as F
 from torchblocks._validate import require_choice
 
-__all__ = ["Dense", "ReLU", "patch"]
+__all__ = ["Dense", "DenseCrossEntropy", "ReLU", "SoftmaxCrossEntropy", "patch"]
 
 
 class Dense(nn.Module):
@@ -97,6 +97,91 @@ class ReLU(nn.Module):
         return "inplace=True" if self.inplace else ""
 
 
+class SoftmaxCrossEntropy(nn.Module):
+    """Cross-entropy of the softmax of the input; the twin of
+    ``nn.CrossEntropyLoss`` (its deprecated ``size_average``/``reduce``
+    aside). ``weight`` is a buffer, as there, so state dicts match.
+
+    Args:
+        weight: ``(C,)`` class weights, or None.
+        ignore_index, reduction, label_smoothing: as in
+            ``torchblocks.functional.softmax_cross_entropy``.
+
+    Shape: input ``(C)``, ``(N, C)`` or ``(N, C, d1, ...)``; target class
+    indices ``()``, ``(N)``, ``(N, d1, ...)`` or probabilities of input's
+    shape; output a scalar, or the target's shape with ``reduction="none"``.
+
+    Example::
+
+        >>> loss_fn = torchblocks.nn.SoftmaxCrossEntropy(label_smoothing=0.1)
+        >>> loss = loss_fn(torch.randn(128, 10), torch.randint(10, (128,)))
+    """
+
+    def __init__(self, weight: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        F._check_loss_options("SoftmaxCrossEntropy", ignore_index, reduction, label_smoothing)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.softmax_cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
+                                       self.label_smoothing)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
+
+
+class DenseCrossEntropy(nn.Module):
+    """A Dense classifier head and its cross-entropy loss in one, for large
+    class counts: ``forward(input, target)`` returns the loss, never holding
+    all ``(N, C)`` logits (``torchblocks.functional.dense_cross_entropy``).
+    ``weight (num_classes, in_features)`` and ``bias`` are initialised and
+    stored as in ``nn.Linear(in_features, num_classes)``.
+
+    Args:
+        in_features: size of each input row.
+        num_classes: C.
+        bias: learn an additive bias.
+        ignore_index, reduction, label_smoothing: as in ``SoftmaxCrossEntropy``.
+
+    Shape: input ``(*, in_features)``, target ``(*)`` class indices; output a
+    scalar, or ``(*)`` with ``reduction="none"``.
+
+    Example::
+
+        >>> head = torchblocks.nn.DenseCrossEntropy(4096, 128_000)
+        >>> loss = head(torch.randn(512, 4096), torch.randint(128_000, (512,)))
+    """
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        F._check_loss_options("DenseCrossEntropy", ignore_index, reduction, label_smoothing)
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty((num_classes, in_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(num_classes, **factory))
+        else:
+            self.register_parameter("bias", None)
+        Dense.reset_parameters(self)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.dense_cross_entropy(input, self.weight, target, self.bias, self.ignore_index, self.reduction,
+                                     self.label_smoothing)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
+                f"reduction={self.reduction!r}")
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
@@ -112,6 +197,9 @@ def _replacement(module: nn.Module) -> Optional[nn.Module]:
         return Dense.from_linear(module)
     if type(module) is nn.ReLU:
         return ReLU(inplace=module.inplace).train(module.training)
+    if type(module) is nn.CrossEntropyLoss:
+        return SoftmaxCrossEntropy(module.weight, module.ignore_index, module.reduction,
+                                   module.label_smoothing).train(module.training)
     return None
 
 
@@ -122,7 +210,8 @@ def _fusable(first: nn.Module, second: nn.Module) -> bool:
 def patch(model: nn.Module) -> nn.Module:
     """Swap torchblocks blocks into ``model``, in place and recursively.
 
-    Every ``nn.Linear`` becomes a ``Dense`` and every ``nn.ReLU`` a ``ReLU``,
+    Every ``nn.Linear`` becomes a ``Dense``, every ``nn.ReLU`` a ``ReLU`` and
+    every ``nn.CrossEntropyLoss`` a ``SoftmaxCrossEntropy``,
     keeping the very same ``Parameter`` objects (an optimizer built before
     the patch still trains the model) and every hyperparameter. Inside an
     ``nn.Sequential``, an ``nn.Linear`` directly followed by an ``nn.ReLU``
@@ -134,8 +223,8 @@ def patch(model: nn.Module) -> nn.Module:
         model: any module.
 
     Returns:
-        ``model`` (patched), or its replacement if ``model`` itself is an
-        ``nn.Linear`` or ``nn.ReLU``.
+        ``model`` (patched), or its replacement if ``model`` itself is one of
+        the replaced types.
 
     Example::
 

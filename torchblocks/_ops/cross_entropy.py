@@ -27,6 +27,14 @@ def _accumulation_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _log_sum_exp(x):
+    """max + log sum exp(x - max) over dim 1, spelled out: torch.logsumexp
+    returns inf for a row holding +inf, where native log_softmax gives NaN
+    (inf - inf), and the kernels do as native does."""
+    row_max = x.amax(dim=1, keepdim=True)
+    return (row_max + torch.exp(x - row_max).sum(dim=1, keepdim=True).log()).squeeze(1)
+
+
 def _target_weight(target, weight, classes, acc):
     """(index, w_y): targets clamped to a valid class for gathering, and the
     weight of each row's target class, NaN where the target is out of range."""
@@ -40,7 +48,7 @@ def _reference_forward(logits, target, weight, ignore_index, label_smoothing):
     acc = _accumulation_dtype(logits.dtype)
     x = logits.to(acc)
     classes = x.shape[1]
-    lse = torch.logsumexp(x, dim=1)
+    lse = _log_sum_exp(x)
     index, w_y = _target_weight(target, weight, classes, acc)
     loss = (1 - label_smoothing) * w_y * (lse - x.gather(1, index[:, None]).squeeze(1))
     if label_smoothing > 0:
@@ -168,7 +176,7 @@ class ProbabilityCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, target, weight, reduction, label_smoothing):
         acc = _accumulation_dtype(logits.dtype)
         classes = logits.shape[1]
-        log_p = logits.to(acc) - torch.logsumexp(logits.to(acc), dim=1, keepdim=True)
+        log_p = logits.to(acc) - _log_sum_exp(logits.to(acc))[:, None]
         weighted_target = target.to(acc) * (1 - label_smoothing) + label_smoothing / classes
         if weight is not None:
             weighted_target = weighted_target * weight.to(acc)

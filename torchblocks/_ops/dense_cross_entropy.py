@@ -1,0 +1,114 @@
+"""Dense + softmax cross-entropy head: the loss of z = x @ W^T + b against class
+indices y, computed over chunks of rows so the (R, C) logits z are never all
+in memory at once.
+
+Per chunk of rows, with g = dloss_i/dz from the cross-entropy kernel (written
+over the chunk's logits) scaled by s_i = dL/dloss_i:
+    dL/dx = g @ W,    dL/dW += g^T @ x,    dL/db += sum over rows of g
+For "mean" and "sum" every s_i is one scalar, so the forward computes the
+gradients with s_i = 1 and the backward only scales them; for "none" the
+backward recomputes them with its per-row s_i.
+"""
+
+from typing import Optional
+
+import torch
+
+from torchblocks._ops import cross_entropy as _cross_entropy  # noqa: F401  (registers its ops)
+from torchblocks._ops import dense as _dense  # noqa: F401  (registers its ops)
+from torchblocks._ops.cross_entropy import reduce_rows
+
+
+def default_chunk_rows(rows: int, in_features: int, classes: int) -> int:
+    """Rows per chunk such that a chunk's logits hold about as many elements
+    as the input: (R * K / C) rows of C classes."""
+    return max(1, min(rows, -(-rows * max(in_features, 1) // max(classes, 1))))
+
+
+@torch.library.custom_op("torchblocks::dense_cross_entropy", mutates_args=())
+def dense_cross_entropy(
+    input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
+    ignore_index: int, label_smoothing: float, chunk_rows: int, row_scale: Optional[torch.Tensor],
+    compute_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_i, w_y, dL/dx, dL/dW, dL/db); the three gradients are empty
+    unless ``compute_grads``, dL/db also without ``bias``. s_i = ``row_scale``,
+    or 1 when None."""
+    ops = torch.ops.torchblocks
+    rows = input.shape[0]
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    loss = input.new_empty(rows, dtype=acc)
+    row_weight = input.new_empty(rows, dtype=acc)
+    grad_input = torch.empty_like(input) if compute_grads else input.new_empty(0)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if compute_grads else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if compute_grads and bias is not None else None
+    for start in range(0, rows, chunk_rows):
+        chunk = slice(start, start + chunk_rows)
+        x, y = input[chunk], target[chunk]
+        logits = ops.dense(x, weight, bias, False)
+        if not compute_grads:
+            loss[chunk], _, row_weight[chunk] = ops.cross_entropy_forward(logits, y, None, ignore_index, label_smoothing)
+            continue
+        loss[chunk], _, row_weight[chunk] = ops.cross_entropy_forward_grad_(logits, y, None, ignore_index, label_smoothing)
+        grad_logits = logits if row_scale is None else logits.mul_(row_scale[chunk, None].to(logits.dtype))
+        grad_input[chunk] = ops.matmul(grad_logits, weight)
+        if grad_bias is not None:
+            chunk_grad_weight, chunk_grad_bias = ops.matmul_row_sum(grad_logits.t(), x)
+            grad_bias += chunk_grad_bias
+        else:
+            chunk_grad_weight = ops.matmul(grad_logits.t(), x)
+        grad_weight += chunk_grad_weight
+    return (
+        loss, row_weight, grad_input,
+        grad_weight.to(weight.dtype) if grad_weight is not None else weight.new_empty(0),
+        grad_bias.to(weight.dtype) if grad_bias is not None else weight.new_empty(0),
+    )
+
+
+@dense_cross_entropy.register_fake
+def _(input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, row_scale, compute_grads):
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    rows = input.shape[0]
+    return (
+        input.new_empty(rows, dtype=acc), input.new_empty(rows, dtype=acc),
+        torch.empty_like(input) if compute_grads else input.new_empty(0),
+        torch.empty_like(weight) if compute_grads else weight.new_empty(0),
+        weight.new_empty(weight.shape[0]) if compute_grads and bias is not None else weight.new_empty(0),
+    )
+
+
+class DenseCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_rows):
+        grads_now = any(ctx.needs_input_grad[:3]) and reduction != "none"
+        loss, row_weight, grad_input, grad_weight, grad_bias = torch.ops.torchblocks.dense_cross_entropy(
+            input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, None, grads_now
+        )
+        divisor = row_weight.sum()
+        ctx.options = (ignore_index, reduction, label_smoothing, chunk_rows)
+        if grads_now:
+            ctx.save_for_backward(grad_input, grad_weight, grad_bias if bias is not None else None, divisor)
+        else:
+            ctx.save_for_backward(input, weight, bias, target)
+        return reduce_rows(loss, divisor, reduction, input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ignore_index, reduction, label_smoothing, chunk_rows = ctx.options
+        if reduction == "none":
+            input, weight, bias, target = ctx.saved_tensors
+            _, _, grad_input, grad_weight, grad_bias = torch.ops.torchblocks.dense_cross_entropy(
+                input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, grad_output, True
+            )
+            grad_bias = grad_bias if bias is not None else None
+        else:
+            grad_input, grad_weight, grad_bias, divisor = ctx.saved_tensors
+            scale = grad_output / divisor if reduction == "mean" else grad_output
+            # out of place: a retained graph may run this backward again
+            grad_input, grad_weight = grad_input * scale, grad_weight * scale
+            grad_bias = grad_bias * scale if grad_bias is not None else None
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        return (
+            grad_input if needs_input else None, grad_weight if needs_weight else None,
+            grad_bias if needs_bias else None, None, None, None, None, None,
+        )
