@@ -74,3 +74,16 @@ def write_csv(path, rows, env):
             writer.writerow({**row, **env})
 
 
+
+
+def peak_memory_mb(fn, device: str):
+    """Peak memory allocated by one call of ``fn`` above what was allocated
+    before it, in MB; None on the CPU, where torch keeps no such counter."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20

@@ -4,7 +4,8 @@ Per row i, with lse = log sum_c exp(x_c), log p_c = x_c - lse, class weights w
 (all 1 without weights), W = sum_c w_c and smoothing eps:
     loss_i = (1 - eps) * w_y * (lse - x_y) - (eps / C) * sum_c w_c * log p_c
     dloss_i/dx_c = p_c * ((1 - eps) * w_y + (eps / C) * W) - (eps / C) * w_c - (1 - eps) * w_y * 1[c = y]
-Rows whose target is ignore_index have loss 0 and gradient 0. A target out of
+Rows whose target is ignore_index have loss 0 and gradient 0 (NaN where the
+row holds NaN, as native). A target out of
 [0, C) reads nothing out of bounds: its loss and gradient are NaN.
 
 The log-sum-exp is online (running max and running sum, one read of the row)
@@ -26,7 +27,11 @@ def _row_gradient(
     stride_col, grad_stride_col, C, y, lse, w_y, weight_total, scale, valid, label_smoothing,
     HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Write scale * dloss_i/dx for one row (the formula at the top of the file)."""
+    """Write scale * dloss_i/dx for one row (the formula at the top of the
+    file). An ignored row gets the factor 0 and w_y = 0, not a select: a NaN
+    row stays NaN (native's 0 - p * 0) and a 0/0 mean scale never reaches it."""
+    factor = tl.where(valid, scale, 0.0)
+    w_y = tl.where(valid, w_y, 0.0)
     coef = (1 - label_smoothing) * w_y + label_smoothing / C * weight_total
     for start in range(0, C, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
@@ -37,8 +42,7 @@ def _row_gradient(
         else:
             w = tl.full((BLOCK_C,), 1.0, ACC_DTYPE)
         p = tl.exp(x - lse)
-        grad = p * coef - label_smoothing / C * w - tl.where(cols == y, (1 - label_smoothing) * w_y, 0.0)
-        grad = tl.where(valid, grad * scale, 0.0)
+        grad = (p * coef - label_smoothing / C * w - tl.where(cols == y, (1 - label_smoothing) * w_y, 0.0)) * factor
         tl.store(grad_row_ptr + cols * grad_stride_col, grad.to(grad_row_ptr.dtype.element_ty), mask=mask)
 
 

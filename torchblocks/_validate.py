@@ -79,7 +79,9 @@ def require_int(fn: str, name: str, value) -> None:
 def require_class_indices(fn: str, target: torch.Tensor, classes: int, ignore_index: int) -> None:
     """On the CPU, raise IndexError (as native does) for a class index outside
     [0, classes) that is not ignore_index. Elsewhere this would cost a host
-    sync: the kernels give such rows a NaN loss instead."""
+    sync: the kernels give such rows a NaN loss instead. Called inside the
+    custom ops, which run eagerly under torch.compile too (the check depends
+    on the data), before any kernel launches."""
     if target.device.type != "cpu" or target.numel() == 0:
         return
     bad = target[(target != ignore_index) & ((target < 0) | (target >= classes))]

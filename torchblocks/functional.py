@@ -18,7 +18,6 @@ from torchblocks._validate import (
     autocast_to_float32,
     require_bool,
     require_choice,
-    require_class_indices,
     require_floating,
     require_int,
     require_like,
@@ -205,7 +204,6 @@ def softmax_cross_entropy(
             f"{fn}: target of class indices must have shape {tuple(expected_shape)} for input of shape "
             f"{tuple(input.shape)}, got {tuple(target.shape)}"
         )
-    require_class_indices(fn, target, classes, ignore_index)
     if inplace_backward and input.requires_grad and input.grad_fn is None:
         raise ValueError(
             f"{fn}: inplace_backward=True overwrites input with its gradient, so input must be computed by "
@@ -287,7 +285,6 @@ def dense_cross_entropy(
         raise ValueError(f"{fn}: target must be on the device of input ({input.device}), got {target.device}")
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1):
         raise ValueError(f"{fn}: chunk_rows must be a positive int or None, got {chunk_rows!r}")
-    require_class_indices(fn, target, classes, ignore_index)
     rows = math.prod(input.shape[:-1])
     loss = DenseCrossEntropyFunction.apply(
         input.reshape(rows, in_features), weight, bias, target.reshape(rows), ignore_index, reduction,

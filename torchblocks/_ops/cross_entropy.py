@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
+from torchblocks._validate import require_class_indices
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -32,7 +33,7 @@ def _log_sum_exp(x):
     returns inf for a row holding +inf, where native log_softmax gives NaN
     (inf - inf), and the kernels do as native does."""
     row_max = x.amax(dim=1, keepdim=True)
-    return (row_max + torch.exp(x - row_max).sum(dim=1, keepdim=True).log()).squeeze(1)
+    return (row_max + torch.sub(x, row_max).exp_().sum(dim=1, keepdim=True).log()).squeeze(1)
 
 
 def _target_weight(target, weight, classes, acc):
@@ -58,16 +59,28 @@ def _reference_forward(logits, target, weight, ignore_index, label_smoothing):
     return torch.where(valid, loss, 0.0), lse, torch.where(valid, w_y, 0.0)
 
 
-def _reference_gradient(logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
+def _reference_gradient(logits, target, weight, lse, row_scale, ignore_index, label_smoothing, out=None):
+    """The backward formula at the top, in place on one (R, C) buffer: ``out``
+    (it may be ``logits``) when it has the accumulation dtype, else a new one.
+    Ignored rows get the row factor 0 (so a NaN row stays NaN, as native's
+    0 - p * 0)."""
     acc = _accumulation_dtype(logits.dtype)
     classes = logits.shape[1]
+    valid = target != ignore_index
     index, w_y = _target_weight(target, weight, classes, acc)
-    w = weight.to(acc) if weight is not None else torch.ones(classes, dtype=acc, device=logits.device)
-    coef = (1 - label_smoothing) * w_y + label_smoothing / classes * w.sum()
-    grad = torch.exp(logits.to(acc) - lse[:, None]) * coef[:, None] - label_smoothing / classes * w
-    grad.scatter_add_(1, index[:, None], -(1 - label_smoothing) * w_y[:, None])
-    valid = (target != ignore_index)[:, None]
-    return torch.where(valid, grad * row_scale.to(acc)[:, None], 0.0).to(logits.dtype)
+    w_y = torch.where(valid, w_y, 0.0)
+    factor = torch.where(valid, row_scale.to(acc), 0.0)
+    weight_total = weight.to(acc).sum() if weight is not None else classes
+    in_out = out is not None and out.dtype == acc
+    grad = torch.sub(logits.to(acc), lse[:, None], out=out if in_out else None).exp_()
+    grad.mul_((((1 - label_smoothing) * w_y + label_smoothing / classes * weight_total) * factor)[:, None])
+    if label_smoothing > 0:
+        if weight is not None:
+            grad.addr_(factor, weight.to(acc), alpha=-label_smoothing / classes)
+        else:
+            grad.sub_(factor[:, None] * (label_smoothing / classes))
+    grad.scatter_add_(1, index[:, None], (-(1 - label_smoothing) * w_y * factor)[:, None])
+    return grad.to(logits.dtype)
 
 
 @torch.library.custom_op("torchblocks::cross_entropy_forward", mutates_args=())
@@ -76,6 +89,7 @@ def cross_entropy_forward(
     label_smoothing: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss_i, lse_i, w_y or 0 where ignored), each (R,)."""
+    require_class_indices("softmax_cross_entropy", target, logits.shape[1], ignore_index)
     if backend.use_triton(logits):
         from torchblocks.kernels import cross_entropy as kernels
 
@@ -89,13 +103,16 @@ def cross_entropy_forward_grad_(
     label_smoothing: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As cross_entropy_forward, and overwrites ``logits`` with dloss_i/dx."""
+    require_class_indices("softmax_cross_entropy", target, logits.shape[1], ignore_index)
     if backend.use_triton(logits):
         from torchblocks.kernels import cross_entropy as kernels
 
         return kernels.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, grad=logits)
     loss, lse, row_weight = _reference_forward(logits, target, weight, ignore_index, label_smoothing)
     ones = torch.ones_like(lse)
-    logits.copy_(_reference_gradient(logits, target, weight, lse, ones, ignore_index, label_smoothing))
+    grad = _reference_gradient(logits, target, weight, lse, ones, ignore_index, label_smoothing, out=logits)
+    if grad is not logits:  # half logits: the gradient was computed in float32
+        logits.copy_(grad)
     return loss, lse, row_weight
 
 
@@ -160,7 +177,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         logits, target, weight, lse, divisor = ctx.saved_tensors
         ignore_index, reduction, label_smoothing, in_place = ctx.options
         scale = row_scale(grad_output, divisor, reduction, logits.shape[0])
-        if in_place:  # logits now hold dloss_i/dx
+        if in_place:  # logits now hold dloss_i/dx; ignored rows stay 0 even if the mean is 0/0
+            scale = torch.where(target != ignore_index, scale, 0.0)
             grad_logits = logits.mul_(scale.to(logits.dtype)[:, None])
         else:
             grad_logits = torch.ops.torchblocks.cross_entropy_backward(

@@ -17,12 +17,17 @@ import torch
 from torchblocks._ops import cross_entropy as _cross_entropy  # noqa: F401  (registers its ops)
 from torchblocks._ops import dense as _dense  # noqa: F401  (registers its ops)
 from torchblocks._ops.cross_entropy import reduce_rows
+from torchblocks._validate import require_class_indices
+
+
+# Fewer rows per chunk make the GEMMs skinny and re-accumulate dW once per chunk.
+MIN_CHUNK_ROWS = 128
 
 
 def default_chunk_rows(rows: int, in_features: int, classes: int) -> int:
     """Rows per chunk such that a chunk's logits hold about as many elements
-    as the input: (R * K / C) rows of C classes."""
-    return max(1, min(rows, -(-rows * max(in_features, 1) // max(classes, 1))))
+    as the input, (R * K / C) rows of C classes, but at least MIN_CHUNK_ROWS."""
+    return max(1, min(rows, max(MIN_CHUNK_ROWS, -(-rows * max(in_features, 1) // max(classes, 1)))))
 
 
 @torch.library.custom_op("torchblocks::dense_cross_entropy", mutates_args=())
@@ -34,6 +39,7 @@ def dense_cross_entropy(
     """(loss_i, w_y, dL/dx, dL/dW, dL/db); the three gradients are empty
     unless ``compute_grads``, dL/db also without ``bias``. s_i = ``row_scale``,
     or 1 when None."""
+    require_class_indices("dense_cross_entropy", target, weight.shape[0], ignore_index)
     ops = torch.ops.torchblocks
     rows = input.shape[0]
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -103,7 +109,9 @@ class DenseCrossEntropyFunction(torch.autograd.Function):
             grad_bias = grad_bias if bias is not None else None
         else:
             grad_input, grad_weight, grad_bias, divisor = ctx.saved_tensors
-            scale = grad_output / divisor if reduction == "mean" else grad_output
+            # the divisor counts the rows not ignored; when it is 0 every gradient
+            # row is 0 and stays 0, as in native (not 0 * inf)
+            scale = grad_output / divisor.clamp(min=1) if reduction == "mean" else grad_output
             # out of place: a retained graph may run this backward again
             grad_input, grad_weight = grad_input * scale, grad_weight * scale
             grad_bias = grad_bias * scale if grad_bias is not None else None

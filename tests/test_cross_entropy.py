@@ -1,0 +1,292 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchblocks
+from torchblocks.testing import assert_close
+
+FORMS = {"(C)": ((7,), ()), "(N, C)": ((6, 7), (6,)), "(N, C, d1, d2)": ((2, 7, 3, 2), (2, 3, 2))}
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", seed=0, scale=3.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=generator, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+
+def index_target(shape, classes, device, ignore=False, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.randint(classes, shape, generator=generator)
+    if ignore and target.dim():
+        target.view(-1)[::3] = -100
+    return target.to(device)
+
+
+def probability_target(shape, device, dtype, seed=2):
+    return randn(*shape, dtype=dtype, device=device, seed=seed).softmax(dim=1 if len(shape) > 1 else 0)
+
+
+def check_against_native(x, target, **options):
+    """The loss, and the gradients of the logits (and of probability targets), against F.cross_entropy."""
+    differentiable_target = target.is_floating_point()
+    ours_x, native_x = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    ours_t = target.detach().clone().requires_grad_(differentiable_target)
+    native_t = target.detach().clone().requires_grad_(differentiable_target)
+    inplace = options.pop("inplace_backward", False)
+    ours = torchblocks.functional.softmax_cross_entropy(ours_x * 1 if inplace else ours_x, ours_t,
+                                                        inplace_backward=inplace, **options)
+    native = F.cross_entropy(native_x, native_t, **options)
+    assert ours.shape == native.shape and ours.dtype == native.dtype
+    assert_close(ours, native, what="loss")
+    grad_output = randn(*native.shape, dtype=native.dtype, device=native.device, seed=9, scale=1.0)
+    ours.backward(grad_output)
+    native.backward(grad_output)
+    assert_close(ours_x.grad, native_x.grad, what="grad of input")
+    if differentiable_target:
+        assert_close(ours_t.grad, native_t.grad, what="grad of target")
+
+
+INDEX_OPTIONS = list(itertools.product(["none", "mean", "sum"], [False, True], [False, True], [0.0, 0.25]))
+PROBABILITY_OPTIONS = list(itertools.product(["none", "mean", "sum"], [False, True], [0.0, 0.25]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("reduction, weighted, ignore, smoothing", INDEX_OPTIONS,
+                         ids=lambda v: str(v))
+def test_parity_index_targets(target, form, dtype, reduction, weighted, ignore, smoothing):
+    input_shape, target_shape = FORMS[form]
+    classes = input_shape[0] if len(input_shape) == 1 else input_shape[1]
+    options = {"reduction": reduction, "label_smoothing": smoothing}
+    if weighted:
+        options["weight"] = randn(classes, dtype=dtype, device=target.device, seed=3).abs()
+    check_against_native(randn(*input_shape, dtype=dtype, device=target.device),
+                         index_target(target_shape, classes, target.device, ignore), **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("reduction, weighted, smoothing", PROBABILITY_OPTIONS, ids=lambda v: str(v))
+def test_parity_probability_targets(target, form, dtype, reduction, weighted, smoothing):
+    input_shape, _ = FORMS[form]
+    classes = input_shape[0] if len(input_shape) == 1 else input_shape[1]
+    options = {"reduction": reduction, "label_smoothing": smoothing}
+    if weighted:
+        options["weight"] = randn(classes, dtype=dtype, device=target.device, seed=3).abs()
+    check_against_native(randn(*input_shape, dtype=dtype, device=target.device),
+                         probability_target(input_shape, target.device, dtype), **options)
+
+
+@pytest.mark.parametrize("classes", [1, 2, 4099], ids=lambda c: f"C={c}")
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_row_lengths(target, classes, smoothing):
+    # 4099 is longer than one chunk of the kernel (MAX_BLOCK_C = 4096)
+    check_against_native(randn(3, classes, device=target.device), index_target((3,), classes, target.device),
+                         label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_extreme_and_non_finite_logits(target, dtype, smoothing):
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([
+        [1e4, -1e4, 0.0], [-1e4, 1e4, 2.0], [3e38, -3e38, 1.0], [-3e38, 3e38, 0.0],
+        [-inf, 0.0, 1.0], [-inf, -inf, 1.0], [-inf, -inf, -inf], [inf, 0.0, 1.0], [nan, 0.0, 1.0],
+    ], dtype=dtype, device=target.device)
+    labels = torch.tensor([0, 0, 1, 1, 0, 2, 1, 2, 1], device=target.device)
+    check_against_native(x, labels, reduction="none", label_smoothing=smoothing)
+    check_against_native(x, torch.full_like(labels, -100), reduction="sum", label_smoothing=smoothing)  # NaN rows ignored
+    finite_rows = x[:6]
+    check_against_native(finite_rows, labels[:6], label_smoothing=smoothing)
+
+
+def test_first_and_last_class_and_uint8_targets(target):
+    x = randn(4, 9, device=target.device)
+    check_against_native(x, torch.tensor([0, 8, 0, 8], device=target.device))
+    check_against_native(x, torch.tensor([0, 8, 3, 8], dtype=torch.uint8, device=target.device))
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace_backward"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_targets_ignored(target, reduction, inplace):
+    check_against_native(randn(3, 4, device=target.device), torch.full((3,), -100, device=target.device),
+                         reduction=reduction, label_smoothing=0.1, inplace_backward=inplace)
+    check_against_native(randn(3, 4, device=target.device), torch.full((3,), 2, device=target.device),
+                         ignore_index=2, reduction=reduction, weight=torch.rand(4, device=target.device))
+
+
+def test_empty_batch(target):
+    check_against_native(randn(0, 4, device=target.device), torch.zeros(0, dtype=torch.long, device=target.device))
+    check_against_native(randn(0, 4, device=target.device), torch.zeros(0, dtype=torch.long, device=target.device),
+                         reduction="sum")
+
+
+@pytest.mark.parametrize("kind", ["index", "probability"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(target, kind, reduction):
+    x = randn(4, 5, dtype=torch.float64, device=target.device).requires_grad_()
+    weight = randn(5, dtype=torch.float64, device=target.device, seed=3).abs()
+    if kind == "index":
+        labels = torch.tensor([1, -100, 4, 0], device=target.device)
+        inputs = (x,)
+        fn = lambda x: torchblocks.functional.softmax_cross_entropy(  # noqa: E731
+            x, labels, weight, reduction=reduction, label_smoothing=0.2)
+    else:
+        probabilities = probability_target((4, 5), target.device, torch.float64).requires_grad_()
+        inputs = (x, probabilities)
+        fn = lambda x, t: torchblocks.functional.softmax_cross_entropy(  # noqa: E731
+            x, t, weight, reduction=reduction, label_smoothing=0.2)
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_inplace_backward_matches_and_reuses_the_logits_storage(target, reduction):
+    x = randn(5, 6, device=target.device)
+    labels = index_target((5,), 6, target.device, ignore=True)
+    check_against_native(x, labels, reduction=reduction, label_smoothing=0.1, inplace_backward=True)
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1
+    torchblocks.functional.softmax_cross_entropy(logits, labels, reduction=reduction, inplace_backward=True)
+    expected = torch.softmax(x, dim=1) - F.one_hot(labels.clamp(min=0), 6) * (labels != -100)[:, None]
+    expected = expected * (labels != -100)[:, None]
+    assert_close(logits.detach(), expected, what="logits storage after the forward pass (the gradient)")
+
+
+def test_inplace_backward_misuse_is_caught_not_wrong(target):
+    x = randn(4, 5, device=target.device).requires_grad_()
+    labels = index_target((4,), 5, target.device)
+    logits = x.exp()  # exp saves its output for its own backward
+    loss = torchblocks.functional.softmax_cross_entropy(logits, labels, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with pytest.raises(ValueError, match="inplace_backward=True overwrites input with its gradient"):
+        torchblocks.functional.softmax_cross_entropy(x, labels, inplace_backward=True)
+    twice = torchblocks.functional.softmax_cross_entropy(x * 1, labels, inplace_backward=True)
+    twice.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        twice.backward()
+
+
+def test_out_of_range_index_without_a_host_check_gives_nan(target):
+    # what a CUDA tensor meets below the CPU-only check: no host sync, no
+    # out-of-bounds read, a NaN loss and gradient for the row
+    if target.backend == "triton":
+        from torchblocks.kernels.cross_entropy import cross_entropy_backward as backward
+        from torchblocks.kernels.cross_entropy import cross_entropy_forward as forward
+    else:
+        from torchblocks._ops.cross_entropy import _reference_forward as forward
+        from torchblocks._ops.cross_entropy import _reference_gradient as backward
+    logits = randn(3, 4, device=target.device)
+    labels = torch.tensor([1, 4, -7], device=target.device)
+    loss, lse, _ = forward(logits, labels, None, -100, 0.0)
+    assert loss[0].isfinite() and loss[1:].isnan().all()
+    grad = backward(logits, labels, None, lse, torch.ones(3, device=target.device), -100, 0.0)
+    assert grad[0].isfinite().all() and grad[1:].isnan().all()
+
+
+def test_out_of_range_index_on_the_cpu_raises_index_error():
+    with pytest.raises(IndexError, match="Target 7 is out of bounds"):
+        torchblocks.functional.softmax_cross_entropy(torch.randn(3, 5), torch.tensor([0, 7, 1]))
+    with pytest.raises(IndexError, match="Target -2 is out of bounds"):
+        torchblocks.functional.softmax_cross_entropy(torch.randn(3, 5), torch.tensor([0, -2, 1]))
+
+
+def escape(message):
+    return "".join("\\" + c if c in "()[]." else c for c in message)
+
+
+@pytest.mark.parametrize("args, kwargs, error, message", [
+    ((torch.randn(4, 5), torch.zeros(3, dtype=torch.long)), {}, ValueError,
+     "softmax_cross_entropy: target of class indices must have shape (4,) for input of shape (4, 5), got (3,)"),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.int32)), {}, TypeError,
+     "softmax_cross_entropy: target must hold class indices (int64 or uint8) or class probabilities "
+     "(floating point), got dtype torch.int32"),
+    ((torch.randn(4, 5), torch.rand(4, 6)), {}, ValueError,
+     "softmax_cross_entropy: target of class probabilities must have the shape of input (4, 5), got (4, 6)"),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"weight": torch.rand(4)}, ValueError,
+     "softmax_cross_entropy: weight must have shape (C,) = (5,), got (4,)"),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"weight": torch.rand(5, dtype=torch.float64)}, TypeError,
+     "softmax_cross_entropy: weight must have the dtype of input (torch.float32), got torch.float64"),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"reduction": "avg"}, ValueError,
+     "softmax_cross_entropy: reduction must be one of 'none', 'mean', 'sum', got 'avg'"),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"label_smoothing": 1.5}, ValueError,
+     "softmax_cross_entropy: label_smoothing must be a number in [0, 1], got 1.5"),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"label_smoothing": -0.1}, ValueError,
+     "softmax_cross_entropy: label_smoothing must be a number in [0, 1], got -0.1"),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"ignore_index": 1.0}, TypeError,
+     "softmax_cross_entropy: ignore_index must be an int, got float"),
+    ((torch.ones(4, 5, dtype=torch.long), torch.zeros(4, dtype=torch.long)), {}, TypeError,
+     "softmax_cross_entropy: input must be a floating-point tensor, got dtype torch.int64"),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long, device="meta")), {}, ValueError,
+     "softmax_cross_entropy: target must be on the device of input (cpu), got meta"),
+    ((torch.tensor(1.0), torch.tensor(0)), {}, ValueError,
+     "softmax_cross_entropy: input must have a class dimension, (C), (N, C) or (N, C, d1, ...), got a scalar"),
+])
+def test_bad_input(args, kwargs, error, message):
+    with pytest.raises(error, match=escape(message)):
+        torchblocks.functional.softmax_cross_entropy(*args, **kwargs)
+
+
+def test_torch_compile_fullgraph_matches_eager(target):
+    torch.manual_seed(0)
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(torchblocks.nn.Dense(8, 16, activation="relu"), torchblocks.nn.Dense(16, 5))
+            self.loss = torchblocks.nn.SoftmaxCrossEntropy(label_smoothing=0.1)
+
+        def forward(self, x, labels):
+            return self.loss(self.body(x), labels)
+
+    model = Classifier().to(target.device)
+    x, labels = randn(6, 8, device=target.device), index_target((6,), 5, target.device, ignore=True)
+    eager = model(x, labels)
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)(x, labels)
+    compiled.backward()
+    assert_close(compiled, eager)
+    for param, expected in zip(model.parameters(), eager_grads):
+        assert_close(param.grad, expected, what="parameter gradient")
+
+
+def test_autocast_computes_in_float32_like_native():
+    x = torch.randn(4, 5, dtype=torch.bfloat16)
+    labels = torch.tensor([0, 1, 2, 3])
+    with torch.autocast("cpu"):
+        ours = torchblocks.functional.softmax_cross_entropy(x, labels)
+        native = F.cross_entropy(x, labels)
+    assert ours.dtype == native.dtype
+    assert_close(ours, native)
+
+
+def test_module_matches_cross_entropy_loss_and_its_state_dict():
+    weight = torch.rand(5)
+    native = nn.CrossEntropyLoss(weight=weight, ignore_index=2, reduction="sum", label_smoothing=0.1)
+    ours = torchblocks.nn.SoftmaxCrossEntropy(weight=weight, ignore_index=2, reduction="sum", label_smoothing=0.1)
+    x, labels = torch.randn(6, 5), torch.tensor([0, 2, 4, 1, 2, 3])
+    assert_close(ours(x, labels), native(x, labels))
+    ours.load_state_dict(native.state_dict())
+    native.load_state_dict(ours.state_dict())
+    assert repr(torchblocks.nn.SoftmaxCrossEntropy()) == (
+        "SoftmaxCrossEntropy(ignore_index=-100, reduction='mean', label_smoothing=0.0)"
+    )
+    with pytest.raises(ValueError, match="SoftmaxCrossEntropy: reduction must be one of"):
+        torchblocks.nn.SoftmaxCrossEntropy(reduction="avg")
+
+
+def test_patch_replaces_cross_entropy_loss_keeping_its_options():
+    model = nn.ModuleDict({"head": nn.Linear(4, 3), "loss": nn.CrossEntropyLoss(weight=torch.rand(3), ignore_index=1,
+                                                                               label_smoothing=0.2)})
+    native_loss = model["loss"]
+    x, labels = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 2])
+    expected = native_loss(model["head"](x), labels)
+    torchblocks.patch(model)
+    assert isinstance(model["loss"], torchblocks.nn.SoftmaxCrossEntropy)
+    assert model["loss"].weight is native_loss.weight and model["loss"].label_smoothing == 0.2
+    assert_close(model["loss"](model["head"](x), labels), expected)

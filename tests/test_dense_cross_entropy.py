@@ -1,0 +1,162 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchblocks
+from torchblocks.testing import assert_close
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def labels(shape, classes, device, seed=1):
+    target = torch.randint(classes, shape, generator=torch.Generator().manual_seed(seed))
+    target.view(-1)[::5] = -100
+    return target.to(device)
+
+
+def check_against_unfused(x, w, b, target, **options):
+    """Loss and the gradients of x, W and b against F.cross_entropy(F.linear(...))."""
+    ours_args = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    native_args = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    ours = torchblocks.functional.dense_cross_entropy(ours_args[0], ours_args[1], target, ours_args[2], **options)
+    options.pop("chunk_rows", None)
+    logits = F.linear(*native_args)  # classes last: flatten the rows for the native loss
+    native = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), **options)
+    native = native.reshape(target.shape) if options.get("reduction") == "none" else native
+    assert ours.shape == native.shape and ours.dtype == native.dtype
+    assert_close(ours, native, what="loss")
+    grad_output = randn(*native.shape, dtype=native.dtype, device=native.device, seed=9)
+    ours.backward(grad_output)
+    native.backward(grad_output)
+    for name, a, b in zip(("input", "weight", "bias"), ours_args, native_args):
+        if b is not None:
+            assert_close(a.grad, b.grad, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("chunk_rows", [None, 1, 4, 16, 64], ids=lambda c: f"chunk={c}")
+@pytest.mark.parametrize("reduction, bias, smoothing", list(itertools.product(["mean", "sum", "none"], [True, False],
+                                                                              [0.0, 0.2])), ids=str)
+def test_equals_the_unfused_pair(target, chunk_rows, dtype, reduction, bias, smoothing):
+    N, K, C = 37, 9, 23  # 37 rows: no chunk size above divides it
+    x, w = randn(N, K, dtype=dtype, device=target.device), randn(C, K, dtype=dtype, device=target.device, seed=2)
+    b = randn(C, dtype=dtype, device=target.device, seed=3) if bias else None
+    check_against_unfused(x, w, b, labels((N,), C, target.device), reduction=reduction, label_smoothing=smoothing,
+                          chunk_rows=chunk_rows)
+
+
+def test_leading_dimensions_and_ignore_index(target):
+    x = randn(3, 5, 8, device=target.device)
+    check_against_unfused(x, randn(11, 8, device=target.device, seed=2), randn(11, device=target.device, seed=3),
+                          labels((3, 5), 11, target.device), reduction="none", chunk_rows=4)
+    check_against_unfused(x, randn(11, 8, device=target.device, seed=2), None,
+                          torch.full((3, 5), 3, device=target.device), ignore_index=3)
+
+
+def test_only_some_inputs_need_gradients(target):
+    x = randn(9, 4, device=target.device)
+    w = randn(6, 4, device=target.device, seed=2).requires_grad_()
+    loss = torchblocks.functional.dense_cross_entropy(x, w, labels((9,), 6, target.device), chunk_rows=2)
+    loss.backward()
+    native_w = w.detach().clone().requires_grad_()
+    F.cross_entropy(F.linear(x, native_w), labels((9,), 6, target.device)).backward()
+    assert x.grad is None
+    assert_close(w.grad, native_w.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(target, reduction):
+    x = randn(7, 3, dtype=torch.float64, device=target.device).requires_grad_()
+    w = randn(5, 3, dtype=torch.float64, device=target.device, seed=2).requires_grad_()
+    b = randn(5, dtype=torch.float64, device=target.device, seed=3).requires_grad_()
+    y = labels((7,), 5, target.device)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: torchblocks.functional.dense_cross_entropy(
+            x, w, y, b, reduction=reduction, label_smoothing=0.1, chunk_rows=3),
+        (x, w, b),
+    )
+
+
+def test_never_holds_all_logits(monkeypatch):
+    # the reference Dense computes each chunk's logits with addmm: record their shapes
+    logits_shapes = []
+    addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: logits_shapes.append(addmm(*a, **k).shape) or addmm(*a, **k))
+    N, K, C = 64, 8, 100
+    x, w, b = randn(N, K).requires_grad_(), randn(C, K, seed=2).requires_grad_(), randn(C, seed=3).requires_grad_()
+    with torchblocks.use_backend("reference"):
+        torchblocks.functional.dense_cross_entropy(x, w, labels((N,), C, "cpu"), b, chunk_rows=16).backward()
+    assert logits_shapes == [(16, C)] * 4
+
+
+def test_default_chunks_are_about_the_size_of_the_input():
+    from torchblocks._ops.dense_cross_entropy import default_chunk_rows
+
+    assert default_chunk_rows(8192, 4096, 131072) == 256  # 256 x 128k logits = 8192 x 4096 inputs
+    assert default_chunk_rows(1024, 256, 32768) == 128  # not 8: skinny GEMMs cost more than they save
+    assert default_chunk_rows(10, 512, 10) == 10
+    assert default_chunk_rows(0, 5, 7) == 1
+
+
+def test_out_of_range_index_on_the_cpu_raises_index_error():
+    with pytest.raises(IndexError, match="dense_cross_entropy: Target 6 is out of bounds"):
+        torchblocks.functional.dense_cross_entropy(randn(3, 4), randn(6, 4), torch.tensor([0, 6, 1]))
+
+
+def escape(message):
+    return "".join("\\" + c if c in "()[]." else c for c in message)
+
+
+@pytest.mark.parametrize("args, kwargs, error, message", [
+    ((randn(4, 5), randn(3, 6), torch.zeros(4, dtype=torch.long)), {}, ValueError,
+     "dense_cross_entropy: input's last dimension must be in_features = weight.shape[1] = 6, got input of shape (4, 5)"),
+    ((randn(4, 6), randn(3, 6), torch.zeros(5, dtype=torch.long)), {}, ValueError,
+     "dense_cross_entropy: target must have shape (4,) for input of shape (4, 6), got (5,)"),
+    ((randn(4, 6), randn(3, 6), torch.zeros(4)), {}, TypeError,
+     "dense_cross_entropy: target must hold class indices (int64 or uint8), got dtype torch.float32"),
+    ((randn(4, 6), randn(3, 6), torch.zeros(4, dtype=torch.long), randn(4)), {}, ValueError,
+     "dense_cross_entropy: bias must have shape (C,) = (3,), got (4,)"),
+    ((randn(4, 6), randn(3, 6, dtype=torch.float64), torch.zeros(4, dtype=torch.long)), {}, TypeError,
+     "dense_cross_entropy: weight must have the dtype of input (torch.float32), got torch.float64"),
+    ((randn(4, 6), randn(3, 6), torch.zeros(4, dtype=torch.long)), {"reduction": "mean ", "label_smoothing": 0.0},
+     ValueError, "dense_cross_entropy: reduction must be one of 'none', 'mean', 'sum', got 'mean '"),
+    ((randn(4, 6), randn(3, 6), torch.zeros(4, dtype=torch.long)), {"label_smoothing": 2}, ValueError,
+     "dense_cross_entropy: label_smoothing must be a number in [0, 1], got 2"),
+    ((randn(4, 6), randn(3, 6), torch.zeros(4, dtype=torch.long)), {"chunk_rows": 0}, ValueError,
+     "dense_cross_entropy: chunk_rows must be a positive int or None, got 0"),
+])
+def test_bad_input(args, kwargs, error, message):
+    with pytest.raises(error, match=escape(message)):
+        torchblocks.functional.dense_cross_entropy(*args, **kwargs)
+
+
+def test_module_initialises_like_linear_and_matches():
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(6, 9)
+    torch.manual_seed(4)
+    head = torchblocks.nn.DenseCrossEntropy(6, 9, label_smoothing=0.1)
+    assert torch.equal(head.weight, linear.weight) and torch.equal(head.bias, linear.bias)
+    x, y = randn(5, 6), torch.tensor([0, 8, 3, 3, 1])
+    assert_close(head(x, y), F.cross_entropy(linear(x), y, label_smoothing=0.1))
+    assert repr(head) == "DenseCrossEntropy(in_features=6, num_classes=9, bias=True, reduction='mean')"
+
+
+def test_torch_compile_fullgraph_matches_eager(target):
+    torch.manual_seed(0)
+    head = torchblocks.nn.DenseCrossEntropy(8, 13).to(target.device)
+    x, y = randn(10, 8, device=target.device), labels((10,), 13, target.device)
+    eager = head(x, y)
+    eager.backward()
+    expected = [p.grad.clone() for p in head.parameters()]
+    head.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(head, fullgraph=True)(x, y)
+    compiled.backward()
+    assert_close(compiled, eager)
+    for param, grad in zip(head.parameters(), expected):
+        assert_close(param.grad, grad)
