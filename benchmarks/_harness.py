@@ -59,6 +59,19 @@ def environment(device: str) -> dict:
     }
 
 
+def print_header(env: dict, **settings):
+    """One line: the environment and the run's settings."""
+    print(" | ".join(f"{k}: {v}" for k, v in {**env, **settings}.items() if v != ""))
+
+
+def report(rows, env: dict, csv_path=None):
+    """The rows as a table on stdout, and as CSV (with the environment on
+    every row) when ``csv_path`` is given."""
+    print_table(rows, list(rows[0].keys()))
+    if csv_path:
+        write_csv(csv_path, rows, env)
+
+
 def print_table(rows, columns):
     widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in columns]
     print("  ".join(str(c).rjust(w) for c, w in zip(columns, widths)))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import torchblocks
-from _harness import environment, peak_memory_mb, print_table, time_ms, write_csv
+from _harness import environment, peak_memory_mb, print_header, report, time_ms
 
 
 def loss_sizes(max_classes):
@@ -65,7 +65,7 @@ def main():
     args = parser.parse_args()
     dtype, device = getattr(torch, args.dtype), args.device
     env = environment(device)
-    print(" | ".join(f"{k}: {v}" for k, v in env.items() if v), f"| dtype: {args.dtype}")
+    print_header(env, dtype=args.dtype)
     compiled_loss = torch.compile(F.cross_entropy)
     rows = []
     if not args.head:
@@ -109,9 +109,7 @@ def main():
             }
             rows.append(row(f"{n}x{hidden}x{classes}", providers, device, {}))
             classes *= 2
-    print_table(rows, list(rows[0].keys()))
-    if args.csv:
-        write_csv(args.csv, rows, env)
+    report(rows, env, args.csv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import torchblocks
-from _harness import environment, print_table, time_ms, write_csv
+from _harness import environment, print_header, report, time_ms
 
 
 def native_dense(x, w, b):
@@ -54,8 +54,7 @@ def main():
     dtype = getattr(torch, args.dtype)
 
     env = environment(args.device)
-    print(" | ".join(f"{k}: {v}" for k, v in env.items() if v), f"| dtype: {args.dtype}",
-          f"| tf32: {torch.backends.cuda.matmul.allow_tf32}")
+    print_header(env, dtype=args.dtype, tf32=torch.backends.cuda.matmul.allow_tf32)
     compiled_dense = torch.compile(native_dense)
     providers = {"torchblocks": ours_dense, "torch": native_dense, "compiled": compiled_dense}
     rows = []
@@ -81,9 +80,7 @@ def main():
                 "torchblocks TFLOP/s": f"{flops / times['torchblocks'] / 1e9:.2f}",
                 "torch TFLOP/s": f"{flops / times['torch'] / 1e9:.2f}",
             })
-    print_table(rows, list(rows[0].keys()))
-    if args.csv:
-        write_csv(args.csv, rows, env)
+    report(rows, env, args.csv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import torchblocks
-from _harness import copy_bandwidth_gbs, environment, print_table, time_ms, write_csv
+from _harness import copy_bandwidth_gbs, environment, print_header, report, time_ms
 
 TENSORS_MOVED = 5  # x, y forward; dy, y, dx backward
 
@@ -34,7 +34,7 @@ def main():
     args = parser.parse_args()
 
     env = environment(args.device)
-    print(" | ".join(f"{k}: {v}" for k, v in env.items() if v))
+    print_header(env)
     rows = []
     megabytes = 1
     while megabytes <= args.max_mb:
@@ -57,9 +57,7 @@ def main():
         })
         del x, grad_output
         megabytes *= 4
-    print_table(rows, list(rows[0].keys()))
-    if args.csv:
-        write_csv(args.csv, rows, env)
+    report(rows, env, args.csv)
 
 
 if __name__ == "__main__":

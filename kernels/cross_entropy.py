@@ -22,6 +22,23 @@ MAX_BLOCK_C = 4096
 
 
 @triton.jit
+def _class_weights(weight_ptr, cols, mask, HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """w_c for a chunk of classes: the class weights, or 1 without them."""
+    if HAS_WEIGHT:
+        return tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC_DTYPE)
+    return tl.full((BLOCK_C,), 1.0, ACC_DTYPE)
+
+
+@triton.jit
+def _target_weight(weight_ptr, y, C, HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """w_y, NaN when y is out of [0, C): nothing is read out of bounds."""
+    in_range = (y >= 0) & (y < C)
+    if HAS_WEIGHT:
+        return tl.load(weight_ptr + y, mask=in_range, other=float("nan")).to(ACC_DTYPE)
+    return tl.where(in_range, 1.0, float("nan")).to(ACC_DTYPE)
+
+
+@triton.jit
 def _row_gradient(
     logits_row_ptr, grad_row_ptr, weight_ptr,
     stride_col, grad_stride_col, C, y, lse, w_y, weight_total, scale, valid, label_smoothing,
@@ -37,10 +54,7 @@ def _row_gradient(
         cols = start + tl.arange(0, BLOCK_C)
         mask = cols < C
         x = tl.load(logits_row_ptr + cols * stride_col, mask=mask, other=0.0).to(ACC_DTYPE)
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC_DTYPE)
-        else:
-            w = tl.full((BLOCK_C,), 1.0, ACC_DTYPE)
+        w = _class_weights(weight_ptr, cols, mask, HAS_WEIGHT, ACC_DTYPE, BLOCK_C)
         p = tl.exp(x - lse)
         grad = (p * coef - label_smoothing / C * w - tl.where(cols == y, (1 - label_smoothing) * w_y, 0.0)) * factor
         tl.store(grad_row_ptr + cols * grad_stride_col, grad.to(grad_row_ptr.dtype.element_ty), mask=mask)
@@ -89,10 +103,7 @@ def cross_entropy_forward_kernel(
     x_y = tl.load(logits_row_ptr + y * stride_col, mask=in_range, other=float("nan")).to(ACC_DTYPE)
     label_smoothing = tl.load(constants_ptr)
     weight_total = tl.load(constants_ptr + 1)
-    if HAS_WEIGHT:
-        w_y = tl.load(weight_ptr + y, mask=in_range, other=float("nan")).to(ACC_DTYPE)
-    else:
-        w_y = tl.where(in_range, 1.0, float("nan")).to(ACC_DTYPE)
+    w_y = _target_weight(weight_ptr, y, C, HAS_WEIGHT, ACC_DTYPE)
     loss = (1 - label_smoothing) * w_y * (lse - x_y)
     if label_smoothing > 0:
         # -(eps / C) * sum_c w_c * (x_c - lse), summed in that order as native does
@@ -101,10 +112,7 @@ def cross_entropy_forward_kernel(
             cols = start + tl.arange(0, BLOCK_C)
             mask = cols < C
             x = tl.load(logits_row_ptr + cols * stride_col, mask=mask, other=0.0).to(ACC_DTYPE)
-            if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC_DTYPE)
-            else:
-                w = tl.full((BLOCK_C,), 1.0, ACC_DTYPE)
+            w = _class_weights(weight_ptr, cols, mask, HAS_WEIGHT, ACC_DTYPE, BLOCK_C)
             smooth += tl.sum(tl.where(mask, w * (x - lse), 0.0), axis=0)
         loss -= label_smoothing / C * smooth
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
@@ -138,13 +146,9 @@ def cross_entropy_backward_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(target_ptr + row).to(tl.int64)
-    in_range = (y >= 0) & (y < C)
     label_smoothing = tl.load(constants_ptr)
     weight_total = tl.load(constants_ptr + 1)
-    if HAS_WEIGHT:
-        w_y = tl.load(weight_ptr + y, mask=in_range, other=float("nan")).to(ACC_DTYPE)
-    else:
-        w_y = tl.where(in_range, 1.0, float("nan")).to(ACC_DTYPE)
+    w_y = _target_weight(weight_ptr, y, C, HAS_WEIGHT, ACC_DTYPE)
     _row_gradient(logits_ptr + row * stride_row, grad_ptr + row * grad_stride_row, weight_ptr, stride_col,
                   grad_stride_col, C, y, tl.load(lse_ptr + row), w_y, weight_total, tl.load(scale_ptr + row),
                   y != ignore_index, label_smoothing,

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,10 +177,6 @@ def test_autocast_gives_the_native_dtype(target):
     assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
 
 
-def escape(message):
-    return "".join("\\" + c if c in "()[]." else c for c in message)
-
-
 @pytest.mark.parametrize("args, kwargs, error, message", [
     ((randn(4, 5), randn(3, 6)), {}, ValueError,
      "dense: input's last dimension must be in_features = weight.shape[1] = 6, got input of shape (4, 5)"),
@@ -199,7 +197,7 @@ def escape(message):
     ((randn(4, 6), [[1.0] * 6]), {}, TypeError, "dense: weight must be a torch.Tensor, got list"),
 ])
 def test_bad_input(args, kwargs, error, message):
-    with pytest.raises(error, match=escape(message)):
+    with pytest.raises(error, match=re.escape(message)):
         torchblocks.functional.dense(*args, **kwargs)
 
 

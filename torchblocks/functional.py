@@ -33,6 +33,26 @@ INDEX_DTYPES = (torch.int64, torch.uint8)
 ACTIVATIONS = (None, "relu")
 
 
+def _check_linear(fn, input, weight, bias, outputs_name):
+    """Checks shared by the layers that compute input @ weight^T + bias, whose
+    weight is (``outputs_name``, in_features); returns that shape."""
+    require_floating(fn, "input", input)
+    require_like(fn, "weight", weight, "input", input)
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: weight must be 2-D ({outputs_name}, in_features), got shape {tuple(weight.shape)}")
+    outputs, in_features = weight.shape
+    if input.dim() == 0 or input.shape[-1] != in_features:
+        raise ValueError(
+            f"{fn}: input's last dimension must be in_features = weight.shape[1] = {in_features}, "
+            f"got input of shape {tuple(input.shape)}"
+        )
+    if bias is not None:
+        require_like(fn, "bias", bias, "input", input)
+        if bias.shape != (outputs,):
+            raise ValueError(f"{fn}: bias must have shape ({outputs_name},) = ({outputs},), got {tuple(bias.shape)}")
+    return outputs, in_features
+
+
 def dense(
     input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, activation: Optional[str] = None
 ) -> torch.Tensor:
@@ -63,22 +83,7 @@ def dense(
         require_tensor("dense", "bias", bias)
     require_choice("dense", "activation", activation, ACTIVATIONS)
     input, weight, bias = autocast_like_native(input, weight, bias)
-    require_floating("dense", "input", input)
-    require_like("dense", "weight", weight, "input", input)
-    if weight.dim() != 2:
-        raise ValueError(f"dense: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
-    if input.dim() == 0 or input.shape[-1] != in_features:
-        raise ValueError(
-            f"dense: input's last dimension must be in_features = weight.shape[1] = {in_features}, "
-            f"got input of shape {tuple(input.shape)}"
-        )
-    if bias is not None:
-        require_like("dense", "bias", bias, "input", input)
-        if bias.shape != (out_features,):
-            raise ValueError(
-                f"dense: bias must have shape (out_features,) = ({out_features},), got {tuple(bias.shape)}"
-            )
+    out_features, in_features = _check_linear("dense", input, weight, bias, "out_features")
     rows = math.prod(input.shape[:-1])  # not -1: ambiguous when in_features is 0
     output = DenseFunction.apply(input.reshape(rows, in_features), weight, bias, activation == "relu")
     return output.reshape(*input.shape[:-1], out_features)
@@ -260,20 +265,7 @@ def dense_cross_entropy(
     _check_loss_options(fn, ignore_index, reduction, label_smoothing)
     autocast = torch.is_autocast_enabled(input.device.type)
     input, weight, bias = autocast_like_native(input, weight, bias)
-    require_floating(fn, "input", input)
-    require_like(fn, "weight", weight, "input", input)
-    if weight.dim() != 2:
-        raise ValueError(f"{fn}: weight must be 2-D (C, in_features), got shape {tuple(weight.shape)}")
-    classes, in_features = weight.shape
-    if input.dim() == 0 or input.shape[-1] != in_features:
-        raise ValueError(
-            f"{fn}: input's last dimension must be in_features = weight.shape[1] = {in_features}, "
-            f"got input of shape {tuple(input.shape)}"
-        )
-    if bias is not None:
-        require_like(fn, "bias", bias, "input", input)
-        if bias.shape != (classes,):
-            raise ValueError(f"{fn}: bias must have shape (C,) = ({classes},), got {tuple(bias.shape)}")
+    classes, in_features = _check_linear(fn, input, weight, bias, "C")
     if target.dtype not in INDEX_DTYPES:
         raise TypeError(f"{fn}: target must hold class indices (int64 or uint8), got dtype {target.dtype}")
     if target.shape != input.shape[:-1]:

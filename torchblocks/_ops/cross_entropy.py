@@ -83,18 +83,29 @@ def _reference_gradient(logits, target, weight, lse, row_scale, ignore_index, la
     return grad.to(logits.dtype)
 
 
+def _forward(logits, target, weight, ignore_index, label_smoothing, write_grad):
+    require_class_indices("softmax_cross_entropy", target, logits.shape[1], ignore_index)
+    if backend.use_triton(logits):
+        from torchblocks.kernels import cross_entropy as kernels
+
+        grad = logits if write_grad else None
+        return kernels.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, grad=grad)
+    loss, lse, row_weight = _reference_forward(logits, target, weight, ignore_index, label_smoothing)
+    if write_grad:
+        ones = torch.ones_like(lse)
+        grad = _reference_gradient(logits, target, weight, lse, ones, ignore_index, label_smoothing, out=logits)
+        if grad is not logits:  # half logits: the gradient was computed in float32
+            logits.copy_(grad)
+    return loss, lse, row_weight
+
+
 @torch.library.custom_op("torchblocks::cross_entropy_forward", mutates_args=())
 def cross_entropy_forward(
     logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
     label_smoothing: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss_i, lse_i, w_y or 0 where ignored), each (R,)."""
-    require_class_indices("softmax_cross_entropy", target, logits.shape[1], ignore_index)
-    if backend.use_triton(logits):
-        from torchblocks.kernels import cross_entropy as kernels
-
-        return kernels.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing)
-    return _reference_forward(logits, target, weight, ignore_index, label_smoothing)
+    return _forward(logits, target, weight, ignore_index, label_smoothing, write_grad=False)
 
 
 @torch.library.custom_op("torchblocks::cross_entropy_forward_grad_", mutates_args=("logits",))
@@ -103,17 +114,7 @@ def cross_entropy_forward_grad_(
     label_smoothing: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As cross_entropy_forward, and overwrites ``logits`` with dloss_i/dx."""
-    require_class_indices("softmax_cross_entropy", target, logits.shape[1], ignore_index)
-    if backend.use_triton(logits):
-        from torchblocks.kernels import cross_entropy as kernels
-
-        return kernels.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, grad=logits)
-    loss, lse, row_weight = _reference_forward(logits, target, weight, ignore_index, label_smoothing)
-    ones = torch.ones_like(lse)
-    grad = _reference_gradient(logits, target, weight, lse, ones, ignore_index, label_smoothing, out=logits)
-    if grad is not logits:  # half logits: the gradient was computed in float32
-        logits.copy_(grad)
-    return loss, lse, row_weight
+    return _forward(logits, target, weight, ignore_index, label_smoothing, write_grad=True)
 
 
 @cross_entropy_forward.register_fake
