@@ -3,7 +3,6 @@ host-side description of a strided layout that ``strided_offsets`` reads."""
 
 import torch
 import triton
-import triton.language as tl
 
 # One block of an elementwise kernel: 1024 elements, 4 warps (8 per thread in
 # a warp-wide 128-bit access for float32). Shared by every elementwise kernel.

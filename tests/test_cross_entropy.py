@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchblocks
+from helpers import assert_compiled_matches_eager
 from torchblocks.testing import assert_close
 
 FORMS = {"(C)": ((7,), ()), "(N, C)": ((6, 7), (6,)), "(N, C, d1, d2)": ((2, 7, 3, 2), (2, 3, 2))}
@@ -238,18 +239,8 @@ def test_torch_compile_fullgraph_matches_eager(target):
         def forward(self, x, labels):
             return self.loss(self.body(x), labels)
 
-    model = Classifier().to(target.device)
-    x, labels = randn(6, 8, device=target.device), index_target((6,), 5, target.device, ignore=True)
-    eager = model(x, labels)
-    eager.backward()
-    eager_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)(x, labels)
-    compiled.backward()
-    assert_close(compiled, eager)
-    for param, expected in zip(model.parameters(), eager_grads):
-        assert_close(param.grad, expected, what="parameter gradient")
+    inputs = [randn(6, 8, device=target.device), index_target((6,), 5, target.device, ignore=True)]
+    assert_compiled_matches_eager(Classifier().to(target.device), inputs)
 
 
 def test_autocast_computes_in_float32_like_native():

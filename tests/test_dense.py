@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchblocks
+from helpers import assert_compiled_matches_eager
 from torchblocks.testing import assert_close
 
 SIZES = [(1, 1, 1), (1, 17, 3), (7, 1, 33), (33, 65, 17), (130, 10, 200), (257, 33, 300)]  # M, N, K
@@ -150,17 +151,7 @@ def test_torch_compile_fullgraph_matches_eager(target):
         torchblocks.nn.Dense(12, 16, activation="relu"), torchblocks.nn.Dense(16, 8), torchblocks.nn.ReLU(),
         torchblocks.nn.Dense(8, 3, bias=False),
     ).to(target.device)
-    x = randn(5, 12, device=target.device)
-    eager = model(x)
-    eager.square().sum().backward()
-    eager_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)(x)
-    compiled.square().sum().backward()
-    assert_close(compiled, eager)
-    for param, expected in zip(model.parameters(), eager_grads):
-        assert_close(param.grad, expected, what="parameter gradient")
+    assert_compiled_matches_eager(model, [randn(5, 12, device=target.device)], reduce=lambda y: y.square().sum())
 
 
 def test_autocast_gives_the_native_dtype(target):

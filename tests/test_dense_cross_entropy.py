@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import torchblocks
+from helpers import assert_compiled_matches_eager
 from torchblocks.testing import assert_close
 
 
@@ -146,14 +147,4 @@ def test_module_initialises_like_linear_and_matches():
 def test_torch_compile_fullgraph_matches_eager(target):
     torch.manual_seed(0)
     head = torchblocks.nn.DenseCrossEntropy(8, 13).to(target.device)
-    x, y = randn(10, 8, device=target.device), labels((10,), 13, target.device)
-    eager = head(x, y)
-    eager.backward()
-    expected = [p.grad.clone() for p in head.parameters()]
-    head.zero_grad()
-    torch._dynamo.reset()
-    compiled = torch.compile(head, fullgraph=True)(x, y)
-    compiled.backward()
-    assert_close(compiled, eager)
-    for param, grad in zip(head.parameters(), expected):
-        assert_close(param.grad, grad)
+    assert_compiled_matches_eager(head, [randn(10, 8, device=target.device), labels((10,), 13, target.device)])

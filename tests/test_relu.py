@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import torchblocks
 from torchblocks import backend
+from helpers import assert_compiled_matches_eager
 from torchblocks.testing import assert_close
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -131,17 +132,7 @@ def test_torch_compile_fullgraph_matches_eager(target, inplace):
     model = torch.nn.Sequential(
         torch.nn.Linear(8, 16), torchblocks.nn.ReLU(inplace=inplace), torch.nn.Linear(16, 4), torchblocks.nn.ReLU()
     ).to(target.device)
-    x = make_input((5, 8), torch.float32, target.device)
-    eager_out = model(x)
-    eager_out.sum().backward()
-    eager_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    torch._dynamo.reset()
-    compiled_out = torch.compile(model, fullgraph=True)(x)
-    compiled_out.sum().backward()
-    assert_close(compiled_out, eager_out)
-    for param, expected in zip(model.parameters(), eager_grads):
-        assert_close(param.grad, expected, what="parameter gradient")
+    assert_compiled_matches_eager(model, [make_input((5, 8), torch.float32, target.device)])
 
 
 def test_module():
