@@ -3,6 +3,7 @@ host-side description of a strided layout that ``strided_offsets`` reads."""
 
 import torch
 import triton
+import triton.language as tl  # noqa: F401  (triton requires it in the module of every @triton.jit function)
 
 # One block of an elementwise kernel: 1024 elements, 4 warps (8 per thread in
 # a warp-wide 128-bit access for float32). Shared by every elementwise kernel.
