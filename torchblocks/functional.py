@@ -118,11 +118,11 @@ def _check_loss_options(fn, ignore_index, reduction, label_smoothing):
     require_probability(fn, "label_smoothing", label_smoothing)
 
 
-def _rows(tensor: torch.Tensor, class_dim_last: bool) -> torch.Tensor:
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
     """(C) -> (1, C); (N, C, d1, ...) -> (N * d1 * ..., C): the class dim last."""
     if tensor.dim() == 1:
         return tensor.unsqueeze(0)
-    moved = tensor.movedim(1, -1) if not class_dim_last else tensor
+    moved = tensor.movedim(1, -1)
     return moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
 
 
@@ -195,7 +195,7 @@ def softmax_cross_entropy(
                 f"got {tuple(target.shape)}"
             )
         loss = ProbabilityCrossEntropyFunction.apply(
-            _rows(input, False), _rows(target.to(input.dtype), False), weight, reduction, float(label_smoothing)
+            _rows(input), _rows(target.to(input.dtype)), weight, reduction, float(label_smoothing)
         )
         return loss.reshape(target.shape[:1] + target.shape[2:] if input.dim() > 1 else ()) if reduction == "none" else loss
     if target.dtype not in INDEX_DTYPES:
@@ -215,7 +215,7 @@ def softmax_cross_entropy(
             "another op; got a leaf tensor that requires grad"
         )
     loss = CrossEntropyFunction.apply(
-        _rows(input, False), target.reshape(-1), weight, ignore_index, reduction, float(label_smoothing),
+        _rows(input), target.reshape(-1), weight, ignore_index, reduction, float(label_smoothing),
         inplace_backward,
     )
     return loss.reshape(target.shape) if reduction == "none" else loss

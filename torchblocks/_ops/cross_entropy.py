@@ -24,7 +24,8 @@ from torchblocks._validate import require_class_indices
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def _accumulation_dtype(dtype):
+def accumulation_dtype(dtype):
+    """float32 sums for float16/bfloat16/float32 inputs, float64 for float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -46,7 +47,7 @@ def _target_weight(target, weight, classes, acc):
 
 
 def _reference_forward(logits, target, weight, ignore_index, label_smoothing):
-    acc = _accumulation_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     x = logits.to(acc)
     classes = x.shape[1]
     lse = _log_sum_exp(x)
@@ -64,7 +65,7 @@ def _reference_gradient(logits, target, weight, lse, row_scale, ignore_index, la
     (it may be ``logits``) when it has the accumulation dtype, else a new one.
     Ignored rows get the row factor 0 (so a NaN row stays NaN, as native's
     0 - p * 0)."""
-    acc = _accumulation_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     classes = logits.shape[1]
     valid = target != ignore_index
     index, w_y = _target_weight(target, weight, classes, acc)
@@ -83,8 +84,9 @@ def _reference_gradient(logits, target, weight, lse, row_scale, ignore_index, la
     return grad.to(logits.dtype)
 
 
-def _forward(logits, target, weight, ignore_index, label_smoothing, write_grad):
-    require_class_indices("softmax_cross_entropy", target, logits.shape[1], ignore_index)
+def forward_rows(logits, target, weight, ignore_index, label_smoothing, write_grad):
+    """The forward ops' body, on targets already checked: (loss_i, lse_i, w_y),
+    and with ``write_grad`` dloss_i/dx written over ``logits``."""
     if backend.use_triton(logits):
         from torchblocks.kernels import cross_entropy as kernels
 
@@ -105,7 +107,8 @@ def cross_entropy_forward(
     label_smoothing: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss_i, lse_i, w_y or 0 where ignored), each (R,)."""
-    return _forward(logits, target, weight, ignore_index, label_smoothing, write_grad=False)
+    require_class_indices("softmax_cross_entropy", target, logits.shape[1], ignore_index)
+    return forward_rows(logits, target, weight, ignore_index, label_smoothing, write_grad=False)
 
 
 @torch.library.custom_op("torchblocks::cross_entropy_forward_grad_", mutates_args=("logits",))
@@ -114,13 +117,14 @@ def cross_entropy_forward_grad_(
     label_smoothing: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As cross_entropy_forward, and overwrites ``logits`` with dloss_i/dx."""
-    return _forward(logits, target, weight, ignore_index, label_smoothing, write_grad=True)
+    require_class_indices("softmax_cross_entropy", target, logits.shape[1], ignore_index)
+    return forward_rows(logits, target, weight, ignore_index, label_smoothing, write_grad=True)
 
 
 @cross_entropy_forward.register_fake
 @cross_entropy_forward_grad_.register_fake
 def _(logits, target, weight, ignore_index, label_smoothing):
-    acc = _accumulation_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     return tuple(logits.new_empty(logits.shape[0], dtype=acc) for _ in range(3))
 
 
@@ -193,7 +197,7 @@ class ProbabilityCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, reduction, label_smoothing):
-        acc = _accumulation_dtype(logits.dtype)
+        acc = accumulation_dtype(logits.dtype)
         classes = logits.shape[1]
         log_p = logits.to(acc) - _log_sum_exp(logits.to(acc))[:, None]
         weighted_target = target.to(acc) * (1 - label_smoothing) + label_smoothing / classes

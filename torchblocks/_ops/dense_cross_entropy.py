@@ -14,9 +14,8 @@ from typing import Optional
 
 import torch
 
-from torchblocks._ops import cross_entropy as _cross_entropy  # noqa: F401  (registers its ops)
 from torchblocks._ops import dense as _dense  # noqa: F401  (registers its ops)
-from torchblocks._ops.cross_entropy import reduce_rows
+from torchblocks._ops.cross_entropy import accumulation_dtype, forward_rows, reduce_rows
 from torchblocks._validate import require_class_indices
 
 
@@ -42,7 +41,7 @@ def dense_cross_entropy(
     require_class_indices("dense_cross_entropy", target, weight.shape[0], ignore_index)
     ops = torch.ops.torchblocks
     rows = input.shape[0]
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(input.dtype)
     loss = input.new_empty(rows, dtype=acc)
     row_weight = input.new_empty(rows, dtype=acc)
     grad_input = torch.empty_like(input) if compute_grads else input.new_empty(0)
@@ -52,10 +51,10 @@ def dense_cross_entropy(
         chunk = slice(start, start + chunk_rows)
         x, y = input[chunk], target[chunk]
         logits = ops.dense(x, weight, bias, False)
+        # targets were checked once above: the unchecked body, not the ops
+        loss[chunk], _, row_weight[chunk] = forward_rows(logits, y, None, ignore_index, label_smoothing, compute_grads)
         if not compute_grads:
-            loss[chunk], _, row_weight[chunk] = ops.cross_entropy_forward(logits, y, None, ignore_index, label_smoothing)
             continue
-        loss[chunk], _, row_weight[chunk] = ops.cross_entropy_forward_grad_(logits, y, None, ignore_index, label_smoothing)
         grad_logits = logits if row_scale is None else logits.mul_(row_scale[chunk, None].to(logits.dtype))
         grad_input[chunk] = ops.matmul(grad_logits, weight)
         if grad_bias is not None:
@@ -73,7 +72,7 @@ def dense_cross_entropy(
 
 @dense_cross_entropy.register_fake
 def _(input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, row_scale, compute_grads):
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(input.dtype)
     rows = input.shape[0]
     return (
         input.new_empty(rows, dtype=acc), input.new_empty(rows, dtype=acc),
