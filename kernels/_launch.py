@@ -1,14 +1,33 @@
-"""What every elementwise launcher shares: block sizes, the grid, and the
+"""What the launchers share: block sizes, the grid, dtype tables, and the
 host-side description of a strided layout that ``strided_offsets`` reads."""
 
 import torch
 import triton
-import triton.language as tl  # noqa: F401  (triton requires it in the module of every @triton.jit function)
+import triton.language as tl
 
 # One block of an elementwise kernel: 1024 elements, 4 warps (8 per thread in
 # a warp-wide 128-bit access for float32). Shared by every elementwise kernel.
 ELEMENTWISE_BLOCK = 1024
 ELEMENTWISE_WARPS = 4
+
+# torch dtype -> Triton dtype, for the dtypes the kernels take.
+TRITON_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 math for float16/bfloat16/float32 tensors, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def triton_accumulation_dtype(dtype: torch.dtype):
+    """``accumulation_dtype`` as a Triton dtype, for an ``ACC_DTYPE`` meta-parameter."""
+    return TRITON_DTYPES[accumulation_dtype(dtype)]
+
 
 # The strided path addresses up to this many (collapsed) dimensions.
 MAX_STRIDED_RANK = 4

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import accumulation_dtype, triton_accumulation_dtype
+
 # Widest chunk of a row one program holds at once.
 MAX_BLOCK_C = 4096
 
@@ -158,14 +160,10 @@ def cross_entropy_backward_kernel(
 def _launch_meta(logits: torch.Tensor) -> dict:
     block_c = min(triton.next_power_of_2(max(logits.shape[1], 1)), MAX_BLOCK_C)
     return {
-        "ACC_DTYPE": tl.float64 if logits.dtype == torch.float64 else tl.float32,
+        "ACC_DTYPE": triton_accumulation_dtype(logits.dtype),
         "BLOCK_C": block_c,
         "num_warps": 4 if block_c <= 1024 else 8,
     }
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _constants(logits, weight, label_smoothing):

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import triton_accumulation_dtype
+
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -138,6 +140,6 @@ def dense_matmul(a, b, bias=None, relu=False, row_sum=False):
         RELU=relu,
         ROW_SUM=row_sum,
         INPUT_PRECISION=_input_precision(a.dtype, a.device),
-        ACC_DTYPE=tl.float64 if a.dtype == torch.float64 else tl.float32,
+        ACC_DTYPE=triton_accumulation_dtype(a.dtype),
     )
     return (c, row_sums) if row_sum else c
