@@ -1,0 +1,255 @@
+"""Optimizer steps over many tensors in one launch each.
+
+One launch updates every tensor of a list that shares a device and dtype.
+The tensors are cut into chunks of BLOCK elements; program i updates chunk i,
+which belongs to tensor ``chunk_tensor[i]``. The host passes one table per
+launch, made of
+    pointers   (ROLES, T) int64: the data pointer of each role (parameter,
+               gradient, each state tensor) of each of the T tensors;
+    scalars    float64: per-tensor rows (S, T), then the group's constants.
+Each element of every tensor is read once and written once; the math runs in
+float32 (float64 for float64 tensors) and is stored back in the tensors' dtype.
+The learning rate and every other hyperparameter are data in the table, never
+compile-time constants: a scheduler changing them costs no recompilation.
+
+The update rules are those of torchblocks.optim (each written out in its
+optimizer's docstring); the order of operations follows torch.optim's.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, TRITON_DTYPES, accumulation_dtype
+
+
+@triton.jit
+def _chunk(chunk_tensor_ptr, first_chunk_ptr, numel_ptr, BLOCK: tl.constexpr):
+    """(tensor index t, element offsets, in-bounds mask) of this program's chunk."""
+    chunk = tl.program_id(0)
+    t = tl.load(chunk_tensor_ptr + chunk)
+    offsets = (chunk - tl.load(first_chunk_ptr + t)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return t, offsets, offsets < tl.load(numel_ptr + t)
+
+
+@triton.jit
+def _pointer(pointers_ptr, role, t, T, DTYPE: tl.constexpr):
+    """The data pointer of tensor t in role ``role``, typed as DTYPE."""
+    return tl.load(pointers_ptr + role * T + t).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _load_param_and_grad(pointers_ptr, numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
+                         DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's chunk of a parameter p and its gradient g (negated under
+    MAXIMIZE), in ACC_DTYPE: (t, offsets, mask, p pointer, p, g)."""
+    t, offsets, mask = _chunk(chunk_tensor_ptr, first_chunk_ptr, numel_ptr, BLOCK)
+    param_ptr = _pointer(pointers_ptr, 0, t, T, DTYPE)
+    param = tl.load(param_ptr + offsets, mask=mask).to(ACC_DTYPE)
+    grad = tl.load(_pointer(pointers_ptr, 1, t, T, DTYPE) + offsets, mask=mask).to(ACC_DTYPE)
+    if MAXIMIZE:
+        grad = -grad
+    return t, offsets, mask, param_ptr, param, grad
+
+
+@triton.jit
+def _sqrt(x):
+    """Correctly rounded square root (tl.sqrt is approximate in float32)."""
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    return tl.sqrt(x)
+
+
+@triton.jit
+def _div(a, b):
+    """Correctly rounded division (``/`` is approximate in float32)."""
+    if a.dtype == tl.float32:
+        return tl.div_rn(a, b)
+    return a / b
+
+
+@triton.jit
+def sgd_kernel(
+    pointers_ptr,  # (3, T): param, grad, momentum_buffer (unused without MOMENTUM)
+    scalars_ptr,  # (T,) 1.0 where the momentum buffer is new this step, then lr, weight_decay, momentum, 1 - dampening
+    numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
+    DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t, offsets, mask, param_ptr, param, grad = _load_param_and_grad(
+        pointers_ptr, numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T, DTYPE, ACC_DTYPE, MAXIMIZE, BLOCK)
+    lr = tl.load(scalars_ptr + T).to(ACC_DTYPE)
+    if WEIGHT_DECAY:
+        grad += tl.load(scalars_ptr + T + 1).to(ACC_DTYPE) * param
+    if MOMENTUM:
+        buffer_ptr = _pointer(pointers_ptr, 2, t, T, DTYPE)
+        momentum = tl.load(scalars_ptr + T + 2).to(ACC_DTYPE)
+        if tl.load(scalars_ptr + t) != 0:
+            buffer = grad
+        else:
+            buffer = tl.load(buffer_ptr + offsets, mask=mask).to(ACC_DTYPE)
+            buffer = momentum * buffer + tl.load(scalars_ptr + T + 3).to(ACC_DTYPE) * grad
+        tl.store(buffer_ptr + offsets, buffer.to(DTYPE), mask=mask)
+        if NESTEROV:
+            grad += momentum * buffer
+        else:
+            grad = buffer
+    tl.store(param_ptr + offsets, (param - lr * grad).to(DTYPE), mask=mask)
+
+
+@triton.jit
+def rmsprop_kernel(
+    pointers_ptr,  # (5, T): param, grad, square_avg, grad_avg (CENTERED), momentum_buffer (MOMENTUM)
+    scalars_ptr,  # lr, alpha, 1 - alpha, eps, weight_decay, momentum
+    numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
+    DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, MAXIMIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t, offsets, mask, param_ptr, param, grad = _load_param_and_grad(
+        pointers_ptr, numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T, DTYPE, ACC_DTYPE, MAXIMIZE, BLOCK)
+    square_avg_ptr = _pointer(pointers_ptr, 2, t, T, DTYPE)
+    lr = tl.load(scalars_ptr).to(ACC_DTYPE)
+    alpha = tl.load(scalars_ptr + 1).to(ACC_DTYPE)
+    one_minus_alpha = tl.load(scalars_ptr + 2).to(ACC_DTYPE)
+    eps = tl.load(scalars_ptr + 3).to(ACC_DTYPE)
+    if WEIGHT_DECAY:
+        grad += tl.load(scalars_ptr + 4).to(ACC_DTYPE) * param
+    square_avg = tl.load(square_avg_ptr + offsets, mask=mask).to(ACC_DTYPE)
+    square_avg = alpha * square_avg + one_minus_alpha * grad * grad
+    tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE), mask=mask)
+    if CENTERED:
+        grad_avg_ptr = _pointer(pointers_ptr, 3, t, T, DTYPE)
+        grad_avg = tl.load(grad_avg_ptr + offsets, mask=mask).to(ACC_DTYPE)
+        grad_avg += one_minus_alpha * (grad - grad_avg)
+        tl.store(grad_avg_ptr + offsets, grad_avg.to(DTYPE), mask=mask)
+        denom = _sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        denom = _sqrt(square_avg) + eps
+    if MOMENTUM:
+        buffer_ptr = _pointer(pointers_ptr, 4, t, T, DTYPE)
+        buffer = tl.load(buffer_ptr + offsets, mask=mask).to(ACC_DTYPE)
+        buffer = tl.load(scalars_ptr + 5).to(ACC_DTYPE) * buffer + _div(grad, denom)
+        tl.store(buffer_ptr + offsets, buffer.to(DTYPE), mask=mask)
+        param -= lr * buffer
+    else:
+        param -= lr * _div(grad, denom)
+    tl.store(param_ptr + offsets, param.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def adam_kernel(
+    pointers_ptr,  # (5, T): param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (AMSGRAD)
+    scalars_ptr,  # (2, T) lr / (1 - beta1^t) and sqrt(1 - beta2^t), then 1 - lr * wd, wd, 1 - beta1, beta2, 1 - beta2, eps
+    numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
+    DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t, offsets, mask, param_ptr, param, grad = _load_param_and_grad(
+        pointers_ptr, numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T, DTYPE, ACC_DTYPE, MAXIMIZE, BLOCK)
+    exp_avg_ptr = _pointer(pointers_ptr, 2, t, T, DTYPE)
+    exp_avg_sq_ptr = _pointer(pointers_ptr, 3, t, T, DTYPE)
+    step_size = tl.load(scalars_ptr + t).to(ACC_DTYPE)
+    bias_correction2_sqrt = tl.load(scalars_ptr + T + t).to(ACC_DTYPE)
+    one_minus_beta1 = tl.load(scalars_ptr + 2 * T + 2).to(ACC_DTYPE)
+    beta2 = tl.load(scalars_ptr + 2 * T + 3).to(ACC_DTYPE)
+    one_minus_beta2 = tl.load(scalars_ptr + 2 * T + 4).to(ACC_DTYPE)
+    eps = tl.load(scalars_ptr + 2 * T + 5).to(ACC_DTYPE)
+    if WEIGHT_DECAY:
+        if DECOUPLED:
+            param *= tl.load(scalars_ptr + 2 * T).to(ACC_DTYPE)
+        else:
+            grad += tl.load(scalars_ptr + 2 * T + 1).to(ACC_DTYPE) * param
+    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(ACC_DTYPE)
+    exp_avg += one_minus_beta1 * (grad - exp_avg)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(ACC_DTYPE)
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * grad * grad
+    tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE), mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=mask)
+    if AMSGRAD:
+        max_exp_avg_sq_ptr = _pointer(pointers_ptr, 4, t, T, DTYPE)
+        exp_avg_sq = tl.maximum(tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(ACC_DTYPE), exp_avg_sq)
+        tl.store(max_exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=mask)
+    denom = _div(_sqrt(exp_avg_sq), bias_correction2_sqrt) + eps
+    tl.store(param_ptr + offsets, (param - step_size * _div(exp_avg, denom)).to(DTYPE), mask=mask)
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_table(numels: tuple, device: torch.device):
+    """(numel, first chunk) per tensor as int64 (2, T), and the tensor of each
+    chunk as int32, on ``device``. Cached: a model's sizes do not change
+    between steps, only its pointers may."""
+    numel = torch.tensor(numels, dtype=torch.int64)
+    chunks = (numel + ELEMENTWISE_BLOCK - 1) // ELEMENTWISE_BLOCK
+    first_chunk = torch.cumsum(chunks, 0) - chunks
+    chunk_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), chunks)
+    return torch.stack([numel, first_chunk]).to(device), chunk_tensor.to(device)
+
+
+def multi_tensor_launch(kernel, roles, per_tensor_scalars, group_scalars, **meta):
+    """Launch ``kernel`` once over T tensors.
+
+    Args:
+        roles: lists of T tensors each (parameters, gradients, state), all on
+            one device with one dtype; the i-th tensor of every list dense and
+            laid out like the i-th parameter, so one flat offset serves all.
+            An empty list stands for a role the kernel's flags leave unread.
+        per_tensor_scalars: lists of T floats each, the kernel's per-tensor rows.
+        group_scalars: floats shared by every tensor (lr, betas, ...).
+        meta: the kernel's constexpr flags.
+    """
+    params = roles[0]
+    if not params:
+        return
+    device, dtype = params[0].device, params[0].dtype
+    pointers = torch.tensor([tensor.data_ptr() for role in roles for tensor in (role or params)], dtype=torch.int64)
+    scalars = torch.tensor([x for row in per_tensor_scalars for x in row] + list(group_scalars), dtype=torch.float64)
+    table = torch.cat([pointers, scalars.view(torch.int64)]).to(device, non_blocking=True)
+    (numel, first_chunk), chunk_tensor = _chunk_table(tuple(p.numel() for p in params), device)
+    if chunk_tensor.numel() == 0:
+        return
+    kernel[(chunk_tensor.numel(),)](
+        table, table[pointers.numel():].view(torch.float64),
+        numel, first_chunk, chunk_tensor, len(params),
+        DTYPE=TRITON_DTYPES[dtype], ACC_DTYPE=TRITON_DTYPES[accumulation_dtype(dtype)],
+        BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS, **meta,
+    )
+
+
+def sgd_step(params, grads, momentum_buffers, new_buffer, *, lr, weight_decay, momentum, dampening, nesterov,
+             maximize):
+    """SGD on lists of same-device, same-dtype tensors, in one launch.
+    ``new_buffer[i]`` is True where momentum_buffers[i] is uninitialised this step."""
+    multi_tensor_launch(
+        sgd_kernel, [params, grads, momentum_buffers], [[float(new) for new in new_buffer]],
+        [lr, weight_decay, momentum, 1 - dampening],
+        WEIGHT_DECAY=weight_decay != 0, MOMENTUM=momentum != 0, NESTEROV=nesterov, MAXIMIZE=maximize,
+    )
+
+
+def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha, eps, weight_decay, momentum,
+                 centered, maximize):
+    """RMSprop on lists of same-device, same-dtype tensors, in one launch."""
+    multi_tensor_launch(
+        rmsprop_kernel, [params, grads, square_avgs, grad_avgs, momentum_buffers], [],
+        [lr, alpha, 1 - alpha, eps, weight_decay, momentum],
+        WEIGHT_DECAY=weight_decay != 0, MOMENTUM=momentum > 0, CENTERED=centered, MAXIMIZE=maximize,
+    )
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+              decoupled_weight_decay, amsgrad, maximize):
+    """Adam (AdamW with ``decoupled_weight_decay``) on lists of same-device,
+    same-dtype tensors, in one launch. ``steps[i]``: tensor i's step count t,
+    already advanced; its bias corrections are computed here in float64."""
+    step_sizes = [lr / (1 - beta1**step) for step in steps]
+    bias_corrections2_sqrt = [(1 - beta2**step) ** 0.5 for step in steps]
+    multi_tensor_launch(
+        adam_kernel, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], [step_sizes, bias_corrections2_sqrt],
+        [1 - lr * weight_decay, weight_decay, 1 - beta1, beta2, 1 - beta2, eps],
+        WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+    )

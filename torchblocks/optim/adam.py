@@ -1,0 +1,133 @@
+"""Adam and AdamW, as torch.optim.Adam and torch.optim.AdamW. AdamW is Adam
+with decoupled weight decay: one update rule, one flag."""
+
+import torch
+
+from torchblocks.optim._multi_tensor import (
+    MultiTensorOptimizer,
+    check_hyperparameter,
+    check_implementation_flags,
+    check_learning_rate,
+    scalar_dtype,
+)
+
+
+class Adam(MultiTensorOptimizer):
+    r"""Adam, a drop-in for ``torch.optim.Adam``: the same arguments, defaults,
+    update and state (``step``, ``exp_avg``, ``exp_avg_sq``, and
+    ``max_exp_avg_sq`` with amsgrad).
+
+    Update, for each parameter p with gradient g at step t (m, v, v_max start at 0)::
+
+        g <- -g                                     if maximize
+        p <- p * (1 - lr * weight_decay)            if decoupled_weight_decay (AdamW)
+        g <- g + weight_decay * p                   otherwise, if weight_decay != 0
+        m <- m + (1 - beta1) * (g - m)
+        v <- beta2 * v + (1 - beta2) * g^2
+        v_max <- max(v_max, v); v <- v_max          if amsgrad
+        p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    Args:
+        params: an iterable of parameters, named parameters or param-group dicts.
+        lr: learning rate (float or one-element tensor), default 1e-3.
+        betas: (beta1, beta2), the decay rates of m and v, default (0.9, 0.999).
+        eps: added to the denominator, default 1e-8.
+        weight_decay: default 0 (1e-2 for AdamW).
+        amsgrad: divide by the running maximum of v.
+        maximize: ascend the objective instead.
+        decoupled_weight_decay: decay the parameters directly (AdamW).
+        foreach, fused: accepted for drop-in use and kept in the state dict; the
+            step is always torchblocks' multi-tensor step, chosen by the backend.
+        capturable, differentiable: must be False.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 2)
+        >>> optimizer = torchblocks.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> optimizer.step()
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False):
+        check_learning_rate(lr)
+        check_hyperparameter(0.0 <= eps, "epsilon value", eps, "eps >= 0")
+        for index, beta in enumerate(betas):
+            check_hyperparameter(0.0 <= beta < 1.0, f"beta parameter at index {index}", beta, "0 <= beta < 1")
+        check_hyperparameter(0.0 <= weight_decay, "weight_decay value", weight_decay, "weight_decay >= 0")
+        check_implementation_flags(type(self).__name__, capturable, differentiable)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults)
+
+    def _update(self, group, params):
+        amsgrad = group["amsgrad"]
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.zeros((), dtype=scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                if amsgrad:
+                    state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        steps = self._advance_steps(params)
+        states = [self.state[p] for p in params]
+        beta1, beta2 = (float(beta) for beta in group["betas"])
+        self._apply(
+            adam_reference, "adam_step",
+            [params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+             [s["max_exp_avg_sq"] for s in states] if amsgrad else []],
+            [steps],
+            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad, maximize=group["maximize"],
+        )
+
+
+class AdamW(Adam):
+    r"""AdamW, a drop-in for ``torch.optim.AdamW``: Adam (its docstring has the
+    update) with ``decoupled_weight_decay=True`` and weight_decay 1e-2 by default.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 2)
+        >>> optimizer = torchblocks.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> optimizer.step()
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # a state dict saved by Adam loads as AdamW, as torch.optim.AdamW does
+            group["decoupled_weight_decay"] = True
+
+
+def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
+                   weight_decay, decoupled_weight_decay, amsgrad, maximize):
+    """The Adam update (the class docstring) with ``torch._foreach_*`` ops, on
+    lists of same-device, same-dtype tensors. ``steps[i]``: tensor i's step
+    count t, already advanced."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+        else:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    if amsgrad:
+        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+        exp_avg_sqs = max_exp_avg_sqs
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, [(1 - beta2**step) ** 0.5 for step in steps])
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1**step) for step in steps])

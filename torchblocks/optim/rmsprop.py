@@ -1,0 +1,113 @@
+"""RMSprop, as torch.optim.RMSprop."""
+
+import torch
+
+from torchblocks.optim._multi_tensor import (
+    MultiTensorOptimizer,
+    check_hyperparameter,
+    check_implementation_flags,
+    check_learning_rate,
+    scalar_dtype,
+)
+
+
+class RMSprop(MultiTensorOptimizer):
+    r"""RMSprop, a drop-in for ``torch.optim.RMSprop``: the same arguments,
+    defaults, update and state (``step``, ``square_avg``, ``grad_avg`` when
+    centered, ``momentum_buffer`` when momentum > 0).
+
+    Update, for each parameter p with gradient g (v, a, b start at 0)::
+
+        g <- -g                                  if maximize
+        g <- g + weight_decay * p                if weight_decay != 0
+        v <- alpha * v + (1 - alpha) * g^2
+        if centered:
+            a <- a + (1 - alpha) * (g - a)
+            d <- sqrt(v - a^2) + eps
+        else:
+            d <- sqrt(v) + eps
+        if momentum > 0:
+            b <- momentum * b + g / d
+            p <- p - lr * b
+        else:
+            p <- p - lr * g / d
+
+    Args:
+        params: an iterable of parameters, named parameters or param-group dicts.
+        lr: learning rate (float or one-element tensor), default 1e-2.
+        alpha: smoothing constant of v (Keras's ``rho``), default 0.99.
+        eps: added to the denominator, default 1e-8.
+        weight_decay, momentum: as above, default 0.
+        centered: divide by the estimated variance instead of the raw second moment.
+        maximize: ascend the objective instead.
+        foreach: accepted for drop-in use and kept in the state dict; the step is
+            always torchblocks' multi-tensor step, chosen by the backend.
+        capturable, differentiable: must be False.
+
+    Example::
+
+        >>> model = torch.nn.Linear(784, 10)
+        >>> optimizer = torchblocks.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
+        >>> model(torch.rand(128, 784)).square().mean().backward()
+        >>> optimizer.step()
+    """
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
+                 capturable=False, foreach=None, maximize=False, differentiable=False):
+        check_learning_rate(lr)
+        check_hyperparameter(0.0 <= eps, "epsilon value", eps, "eps >= 0")
+        check_hyperparameter(0.0 <= momentum, "momentum value", momentum, "momentum >= 0")
+        check_hyperparameter(0.0 <= weight_decay, "weight_decay value", weight_decay, "weight_decay >= 0")
+        check_hyperparameter(0.0 <= alpha, "alpha value", alpha, "alpha >= 0")
+        check_implementation_flags("RMSprop", capturable, differentiable)
+        defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
+                        capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable)
+        super().__init__(params, defaults)
+
+    def _update(self, group, params):
+        momentum, centered = group["momentum"], group["centered"]
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.zeros((), dtype=scalar_dtype())
+                state["square_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                if momentum > 0:
+                    state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                if centered:
+                    state["grad_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self._advance_steps(params)
+        states = [self.state[p] for p in params]
+        self._apply(
+            rmsprop_reference, "rmsprop_step",
+            [params, [p.grad for p in params], [s["square_avg"] for s in states],
+             [s["grad_avg"] for s in states] if centered else [],
+             [s["momentum_buffer"] for s in states] if momentum > 0 else []],
+            [],
+            lr=float(group["lr"]), alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+            momentum=momentum, centered=centered, maximize=group["maximize"],
+        )
+
+
+def rmsprop_reference(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha, eps, weight_decay,
+                      momentum, centered, maximize):
+    """The RMSprop update (the class docstring) with ``torch._foreach_*`` ops,
+    on lists of same-device, same-dtype tensors."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_mul_(square_avgs, alpha)
+    torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
+    if centered:
+        torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
+        denom = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1)
+        torch._foreach_sqrt_(denom)
+    else:
+        denom = torch._foreach_sqrt(square_avgs)
+    torch._foreach_add_(denom, eps)
+    if momentum > 0:
+        torch._foreach_mul_(momentum_buffers, momentum)
+        torch._foreach_addcdiv_(momentum_buffers, grads, denom)
+        torch._foreach_add_(params, momentum_buffers, alpha=-lr)
+    else:
+        torch._foreach_addcdiv_(params, grads, denom, value=-lr)

@@ -1,0 +1,97 @@
+"""Stochastic gradient descent, with momentum, as torch.optim.SGD."""
+
+import torch
+
+from torchblocks.optim._multi_tensor import (
+    MultiTensorOptimizer,
+    check_hyperparameter,
+    check_implementation_flags,
+    check_learning_rate,
+)
+
+
+class SGD(MultiTensorOptimizer):
+    r"""Stochastic gradient descent (optionally with momentum), a drop-in for
+    ``torch.optim.SGD``: the same arguments, defaults, update and state
+    (``momentum_buffer``, only when ``momentum != 0``).
+
+    Update, for each parameter p with gradient g at step t::
+
+        g <- -g                              if maximize
+        g <- g + weight_decay * p            if weight_decay != 0
+        if momentum != 0:
+            b <- g                           at t = 1
+            b <- momentum * b + (1 - dampening) * g    otherwise
+            g <- g + momentum * b            if nesterov, else g <- b
+        p <- p - lr * g
+
+    Args:
+        params: an iterable of parameters, named parameters or param-group dicts.
+        lr: learning rate (float or one-element tensor), default 1e-3.
+        momentum, dampening, weight_decay: as above, default 0.
+        nesterov: Nesterov momentum (needs momentum > 0 and dampening == 0).
+        maximize: ascend the objective instead.
+        foreach, fused: accepted for drop-in use and kept in the state dict; the
+            step is always torchblocks' multi-tensor step, chosen by the backend.
+        differentiable: must be False.
+
+    Example::
+
+        >>> model = torch.nn.Linear(4, 2)
+        >>> optimizer = torchblocks.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> optimizer.step()
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *, maximize=False,
+                 foreach=None, differentiable=False, fused=None):
+        check_learning_rate(lr)
+        check_hyperparameter(0.0 <= momentum, "momentum value", momentum, "momentum >= 0")
+        check_hyperparameter(0.0 <= weight_decay, "weight_decay value", weight_decay, "weight_decay >= 0")
+        check_hyperparameter(not nesterov or (momentum > 0 and dampening == 0), "nesterov",
+                             f"{nesterov} with momentum={momentum}, dampening={dampening}",
+                             "Nesterov momentum to have momentum > 0 and dampening == 0")
+        check_implementation_flags("SGD", capturable=False, differentiable=differentiable)
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults)
+
+    def _update(self, group, params):
+        new_buffer = [False] * len(params)
+        buffers = []
+        if group["momentum"] != 0:
+            for i, param in enumerate(params):
+                state = self.state[param]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
+                    new_buffer[i] = True
+                buffers.append(state["momentum_buffer"])
+        self._apply(
+            sgd_reference, "sgd_step", [params, [p.grad for p in params], buffers], [new_buffer],
+            lr=float(group["lr"]), weight_decay=group["weight_decay"], momentum=group["momentum"],
+            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+        )
+
+
+def sgd_reference(params, grads, momentum_buffers, new_buffer, *, lr, weight_decay, momentum, dampening, nesterov,
+                  maximize):
+    """The SGD update (the class docstring) with ``torch._foreach_*`` ops, on
+    lists of same-device, same-dtype tensors. ``new_buffer[i]`` is True where
+    ``momentum_buffers[i]`` is uninitialised: it becomes the gradient."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if momentum != 0:
+        old = [i for i, new in enumerate(new_buffer) if not new]
+        for i in (i for i, new in enumerate(new_buffer) if new):
+            momentum_buffers[i].copy_(grads[i])
+        if old:
+            old_buffers = [momentum_buffers[i] for i in old]
+            torch._foreach_mul_(old_buffers, momentum)
+            torch._foreach_add_(old_buffers, [grads[i] for i in old], alpha=1 - dampening)
+        if nesterov:
+            grads = torch._foreach_add(grads, momentum_buffers, alpha=momentum)
+        else:
+            grads = momentum_buffers
+    torch._foreach_add_(params, grads, alpha=-lr)
