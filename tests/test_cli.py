@@ -27,6 +27,7 @@ def test_check_exits_1_on_a_failure(capsys, monkeypatch):
         return [check.Case("off by one", lambda t: t + 1, lambda t: t, [x])]
 
     monkeypatch.setattr(check, "BLOCKS", [check.BlockCheck("broken", wrong_cases)])
+    monkeypatch.setattr(check, "OPTIMIZERS", [])
     assert cli.main(["check", "--device", "cpu", "--backend", "reference"]) == 1
     table = capsys.readouterr().out
     assert "broken" in table and "FAIL" in table and "off by one" in table

@@ -1,11 +1,14 @@
-"""``torchblocks check``: every block against its native twin.
+"""``torchblocks check``: every block and optimizer against its native twin.
 
 For each entry of ``BLOCKS``, on every available (device, backend) target and
 each dtype: parity of the output and of every input gradient over the
-block's cases, then ``gradcheck`` in float64. A new block plugs in by adding
-one ``BlockCheck`` to ``BLOCKS``; the loop and the table are shared.
+block's cases, then ``gradcheck`` in float64. For each entry of
+``OPTIMIZERS``: the parameters of a small model after ``TRAJECTORY_STEPS``
+steps, against the twin's, for each option set. A new block or optimizer
+plugs in by adding one entry; the loops and the table are shared.
 """
 
+import copy
 import dataclasses
 from typing import Callable, Sequence
 
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import torchblocks
+import torchblocks.optim
 from torchblocks import backend
 from torchblocks.testing import relative_error, tolerance
 
@@ -161,6 +165,168 @@ BLOCKS = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimizerCheck:
+    ours: type
+    native: type
+    option_sets: Sequence[dict]  # constructor keyword arguments, one trajectory each
+    dtypes: Sequence[torch.dtype] = ALL_DTYPES
+
+    @property
+    def name(self) -> str:
+        return self.ours.__name__
+
+
+OPTIMIZERS = [
+    OptimizerCheck(torchblocks.optim.SGD, torch.optim.SGD, [
+        dict(lr=0.1),
+        dict(lr=0.1, momentum=0.9),
+        dict(lr=0.1, momentum=0.9, dampening=0.5),
+        dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+        dict(lr=0.05, weight_decay=0.1, maximize=True),
+        dict(lr=0.05, momentum=0.8, weight_decay=0.01, maximize=True),
+    ]),
+    OptimizerCheck(torchblocks.optim.RMSprop, torch.optim.RMSprop, [
+        dict(lr=0.01),
+        dict(lr=1e-3, alpha=0.9, eps=1e-7),  # the book's (Keras's) RMSprop
+        dict(lr=0.01, momentum=0.5),
+        dict(lr=0.01, centered=True),
+        dict(lr=0.01, alpha=0.9, eps=1e-4, momentum=0.5, centered=True, weight_decay=0.1, maximize=True),
+    ]),
+    OptimizerCheck(torchblocks.optim.Adam, torch.optim.Adam, [
+        dict(lr=0.01),
+        dict(lr=0.01, amsgrad=True),
+        dict(lr=0.01, weight_decay=0.1),
+        dict(lr=0.01, betas=(0.5, 0.9), eps=1e-6),
+        dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True),
+        dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    ]),
+    OptimizerCheck(torchblocks.optim.AdamW, torch.optim.AdamW, [
+        dict(lr=0.01),
+        dict(lr=0.01, weight_decay=0.1, amsgrad=True),
+        dict(lr=0.01, betas=(0.8, 0.99), maximize=True),
+    ]),
+]
+
+TRAJECTORY_STEPS = 30
+
+
+def small_model(device, dtype) -> torch.nn.Module:
+    """A two-layer network whose first weight (64 x 40) spans three kernel
+    chunks, plus a parameter ``unused`` that never gets a gradient."""
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) / 4)
+    model.unused = torch.nn.Parameter(torch.randn(3, generator=generator))
+    return model.to(device=device, dtype=dtype)
+
+
+def param_groups(model: torch.nn.Module, options: dict) -> list:
+    """Two groups: the first layer with ``options``; the rest at half the learning rate."""
+    return [{"params": list(model[0].parameters())},
+            {"params": [*model[2].parameters(), model.unused], "lr": options.get("lr", 1e-3) / 2}]
+
+
+def train(model, optimizer, steps: int, scheduler=None, scaler=None):
+    """``steps`` steps of mean squared error on fixed random data (more than
+    the model can interpolate: a fitted model's near-zero gradients would make
+    Adam's sign-like steps chaotic), or of its
+    negative when the optimizer maximizes (so that every trajectory converges
+    rather than amplifying rounding). Every third step the last bias has no
+    gradient (its step count falls behind); the loss goes through ``scaler``
+    when given. Returns the losses."""
+    generator = torch.Generator().manual_seed(1)
+    param = next(model.parameters())
+    x = torch.randn(256, 40, generator=generator).to(param.device, param.dtype)
+    y = torch.randn(256, 3, generator=generator).to(param.device, param.dtype)
+    sign = -1 if optimizer.defaults.get("maximize") else 1
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = sign * (model(x) - y).square().mean()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if step % 3 == 2:
+            model[2].bias.grad = None
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def flat_parameters(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def trajectory_error(check: OptimizerCheck, options: dict, device, dtype, steps: int = TRAJECTORY_STEPS) -> float:
+    """Relative error of the parameters after ``steps`` steps of ours against the twin's."""
+    model = small_model(device, dtype)
+    native_model = copy.deepcopy(model)
+    train(model, check.ours(param_groups(model, options), **options), steps)
+    train(native_model, check.native(param_groups(native_model, options), **options), steps)
+    return relative_error(flat_parameters(model), flat_parameters(native_model))
+
+
+def half_step_error(check: OptimizerCheck, options: dict, device, dtype) -> float:
+    """One step of ours on ``dtype`` (float16/bfloat16) parameters and state
+    against the twin's step in float32 on the same values, rounded to ``dtype``.
+
+    Half trajectories are not compared: with the state stored in 16 bits,
+    (1 - beta2) * g^2 underflows in float16 and a step divides by eps, after
+    which two correct implementations drift apart by orders of magnitude. One
+    step from a random mid-training state (loaded from the twin's state dict)
+    checks the math itself."""
+    generator = torch.Generator().manual_seed(2)
+    native_model = small_model(device, torch.float32)
+    native = check.native(param_groups(native_model, options), **options)
+    train(native_model, native, 1)  # creates the twin's state
+    with torch.no_grad():
+        for param in native_model.parameters():
+            param.copy_(param.to(dtype))
+        for state in native.state.values():
+            for key, value in state.items():
+                if key != "step":
+                    # in [0.01, 0.02): a centered RMSprop's v - a^2 stays positive
+                    value.copy_(((1 + torch.rand(value.shape, generator=generator)) / 100).to(device, dtype))
+    model = copy.deepcopy(native_model).to(dtype)
+    ours = check.ours(param_groups(model, options), **options)
+    ours.load_state_dict(native.state_dict())
+    train(model, ours, 1)
+    train(native_model, native, 1)
+    return relative_error(flat_parameters(model), flat_parameters(native_model).to(dtype))
+
+
+def run_optimizer(check: OptimizerCheck, device: str, backend_name: str):
+    """One row per dtype for one optimizer on one target: ``TRAJECTORY_STEPS``
+    steps in float32/float64, one step in float16/bfloat16."""
+    rows = []
+    with torchblocks.use_backend(backend_name):
+        for dtype in check.dtypes:
+            dtype_name = str(dtype).replace("torch.", "")
+            half = dtype in (torch.float16, torch.bfloat16)
+            name, steps = ("one step", 1) if half else ("trajectory", TRAJECTORY_STEPS)
+            if dtype == torch.bfloat16 and device == "cpu" and backend_name == "triton":
+                rows.append(Row(check.name, device, backend_name, dtype_name, name, 0, float("nan"), "SKIP",
+                                "the Triton interpreter computes bfloat16 wrongly"))
+                continue
+            target = torch.device(device)
+            errors = [half_step_error(check, options, target, dtype) if half
+                      else trajectory_error(check, options, target, dtype) for options in check.option_sets]
+            worst = max(errors)
+            status = "PASS" if worst <= tolerance(dtype) else "FAIL"
+            note = f"{steps} step{'s' if steps > 1 else ''}"
+            if status == "FAIL":
+                note += "; worst: " + ", ".join(f"{k}={v}" for k, v in check.option_sets[errors.index(worst)].items())
+            rows.append(Row(check.name, device, backend_name, dtype_name, name, len(errors), worst, status, note))
+    return rows
+
+
 def targets(device: str = "all", backends: str = "all"):
     """The (device, backend) pairs this process can run."""
     found = [("cpu", "reference")]
@@ -223,13 +389,11 @@ def run_block(block: BlockCheck, device: str, backend_name: str):
     return rows
 
 
-def run(device: str = "all", backends: str = "all", blocks: Sequence[BlockCheck] = None):
-    """Every row for every block on every available target."""
-    return [
-        row
-        for block in (BLOCKS if blocks is None else blocks)
-        for target_device, backend_name in targets(device, backends)
-        for row in run_block(block, target_device, backend_name)
+def run(device: str = "all", backends: str = "all"):
+    """Every row for every block and optimizer on every available target."""
+    found = targets(device, backends)
+    return [row for block in BLOCKS for target in found for row in run_block(block, *target)] + [
+        row for check in OPTIMIZERS for target in found for row in run_optimizer(check, *target)
     ]
 
 

@@ -1,0 +1,343 @@
+"""torchblocks.optim against torch.optim: trajectories, state dicts, schedulers,
+param groups, GradScaler, and bad input. The option sets and the small model
+are the ones ``torchblocks check`` uses (torchblocks.check.OPTIMIZERS)."""
+
+import copy
+
+import pytest
+import torch
+
+import torchblocks
+import torchblocks.optim
+from torchblocks import check
+from torchblocks.testing import assert_close, tolerance
+
+CASES = [
+    pytest.param(entry, options, id=f"{entry.name}-" + ",".join(f"{k}={v}" for k, v in options.items()))
+    for entry in check.OPTIMIZERS
+    for options in entry.option_sets
+]
+ENTRIES = {entry.name: entry for entry in check.OPTIMIZERS}
+TRAJECTORY_DTYPES = [torch.float32, torch.float64]
+
+
+def _pair(entry, options, device="cpu", dtype=torch.float32):
+    """(our model, our optimizer, native model, native optimizer), from one start."""
+    model = check.small_model(device, dtype)
+    native_model = copy.deepcopy(model)
+    return (model, entry.ours(check.param_groups(model, options), **options),
+            native_model, entry.native(check.param_groups(native_model, options), **options))
+
+
+def _assert_same_parameters(model, native_model, what="parameters"):
+    assert_close(check.flat_parameters(model), check.flat_parameters(native_model), what=what)
+
+
+@pytest.mark.parametrize("dtype", TRAJECTORY_DTYPES, ids=str)
+@pytest.mark.parametrize("entry, options", CASES)
+def test_trajectory_matches_twin(target, entry, options, dtype):
+    error = check.trajectory_error(entry, options, torch.device(target.device), dtype)
+    assert error <= tolerance(dtype), f"{check.TRAJECTORY_STEPS} steps: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("entry, options", CASES)
+def test_half_step_matches_twin_in_float32(target, entry, options, dtype):
+    target.skip_unsupported(dtype)
+    error = check.half_step_error(entry, options, torch.device(target.device), dtype)
+    assert error <= tolerance(dtype)
+
+
+@pytest.mark.parametrize("entry, options", CASES)
+def test_state_dict_round_trip_both_ways(target, entry, options):
+    """torch -> torchblocks -> torch mid-training, then on: the same as the twin
+    throughout (segments of multiples of 3 steps keep train()'s pattern)."""
+    straight_model = check.small_model(target.device, torch.float32)
+    model = copy.deepcopy(straight_model)
+    check.train(straight_model, entry.native(check.param_groups(straight_model, options), **options), 30)
+
+    native = entry.native(check.param_groups(model, options), **options)
+    check.train(model, native, 9)
+    ours = entry.ours(check.param_groups(model, options), **options)
+    ours.load_state_dict(native.state_dict())
+    check.train(model, ours, 9)
+    saved = ours.state_dict()
+    assert {k: sorted(v) for k, v in saved["state"].items()} == {
+        k: sorted(v) for k, v in native.state_dict()["state"].items()}
+    native_again = entry.native(check.param_groups(model, options), **options)
+    native_again.load_state_dict(saved)
+    check.train(model, native_again, 12)
+    _assert_same_parameters(model, straight_model)
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_state_dict_layout_matches_twin(name):
+    entry = ENTRIES[name]
+    options = entry.option_sets[-1]
+    model, ours, native_model, native = _pair(entry, options)
+    check.train(model, ours, 3)
+    check.train(native_model, native, 3)
+    ours_state, native_state = ours.state_dict(), native.state_dict()
+    assert ours_state["param_groups"] == native_state["param_groups"]
+    assert ours_state["state"].keys() == native_state["state"].keys()
+    for index, native_entry in native_state["state"].items():
+        for key, value in native_entry.items():
+            mine = ours_state["state"][index][key]
+            assert (mine.dtype, mine.device, mine.shape) == (value.dtype, value.device, value.shape), key
+            assert_close(mine, value, what=f"state {index} {key}")
+
+
+def _schedulers():
+    from torch.optim import lr_scheduler as s
+
+    return {
+        "LambdaLR": lambda o: s.LambdaLR(o, lambda epoch: 0.9**epoch),
+        "MultiplicativeLR": lambda o: s.MultiplicativeLR(o, lambda epoch: 0.95),
+        "StepLR": lambda o: s.StepLR(o, step_size=5, gamma=0.5),
+        "MultiStepLR": lambda o: s.MultiStepLR(o, milestones=[3, 8], gamma=0.3),
+        "ConstantLR": lambda o: s.ConstantLR(o, factor=0.5, total_iters=4),
+        "LinearLR": lambda o: s.LinearLR(o, start_factor=0.2, total_iters=10),
+        "ExponentialLR": lambda o: s.ExponentialLR(o, gamma=0.9),
+        "SequentialLR": lambda o: s.SequentialLR(
+            o, [s.ConstantLR(o, factor=0.1, total_iters=2), s.ExponentialLR(o, gamma=0.9)], milestones=[2]),
+        "PolynomialLR": lambda o: s.PolynomialLR(o, total_iters=15, power=2.0),
+        "CosineAnnealingLR": lambda o: s.CosineAnnealingLR(o, T_max=10),
+        "ChainedScheduler": lambda o: s.ChainedScheduler([s.ConstantLR(o, factor=0.5, total_iters=3),
+                                                          s.ExponentialLR(o, gamma=0.9)]),
+        "CyclicLR": lambda o: s.CyclicLR(o, base_lr=o.defaults["lr"] / 10, max_lr=o.defaults["lr"], step_size_up=4),
+        "CosineAnnealingWarmRestarts": lambda o: s.CosineAnnealingWarmRestarts(o, T_0=4),
+        "OneCycleLR": lambda o: s.OneCycleLR(o, max_lr=o.defaults["lr"], total_steps=20),
+        "ReduceLROnPlateau": lambda o: s.ReduceLROnPlateau(o, patience=0, factor=0.5),
+    }
+
+
+class _PlateauStepper:
+    """ReduceLROnPlateau steps on a metric: a rising one, so it acts."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.metric = scheduler, 0.0
+
+    def step(self):
+        self.metric += 1.0
+        self.scheduler.step(self.metric)
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam", "AdamW"])
+@pytest.mark.parametrize("scheduler_name", list(_schedulers()))
+def test_every_lr_scheduler(target, scheduler_name, name):
+    """The learning rate (and OneCycle's/Cyclic's momentum or betas) is read
+    from the group at each step."""
+    options = {"SGD": dict(lr=0.05, momentum=0.9), "RMSprop": dict(lr=0.005, momentum=0.5)}.get(name, dict(lr=0.02))
+    entry = ENTRIES[name]
+    if scheduler_name == "CyclicLR" and name in ("Adam", "AdamW"):
+        options = dict(options, betas=(0.9, 0.99))
+    model, ours, native_model, native = _pair(entry, options, target.device)
+    make = _schedulers()[scheduler_name]
+    schedulers = [make(ours), make(native)]
+    if scheduler_name == "ReduceLROnPlateau":
+        schedulers = [_PlateauStepper(s) for s in schedulers]
+    check.train(model, ours, 20, scheduler=schedulers[0])
+    check.train(native_model, native, 20, scheduler=schedulers[1])
+    assert [g["lr"] for g in ours.param_groups] == [g["lr"] for g in native.param_groups]
+    _assert_same_parameters(model, native_model)
+
+
+def test_add_param_group_and_zero_grad(target):
+    torch.manual_seed(0)
+    runs = []
+    for optim_module in (torchblocks.optim, torch.optim):
+        model = check.small_model(target.device, torch.float32)
+        optimizer = optim_module.Adam(model[0].parameters(), lr=0.01)
+        check.train(model, optimizer, 5)
+        optimizer.add_param_group({"params": list(model[2].parameters()), "lr": 0.02, "amsgrad": True})
+        check.train(model, optimizer, 5)
+        optimizer.zero_grad(set_to_none=False)
+        assert all(p.grad is not None and not p.grad.any() for p in model[0].parameters())
+        optimizer.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+        runs.append((model, optimizer))
+    (model, ours), (native_model, native) = runs
+    assert len(ours.state) == len(native.state)
+    _assert_same_parameters(model, native_model)
+
+
+def test_parameters_without_grad_are_skipped(target):
+    model = check.small_model(target.device, torch.float32)
+    optimizer = torchblocks.optim.SGD(check.param_groups(model, {}), lr=0.1, momentum=0.9)
+    before = model.unused.detach().clone()
+    check.train(model, optimizer, 3)
+    assert torch.equal(model.unused, before)
+    assert model.unused not in optimizer.state
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam", "AdamW"])
+def test_grad_scaler_unscales_and_skips_inf_steps(target, name):
+    entry = ENTRIES[name]
+    options = entry.option_sets[1]
+    model, ours, native_model, native = _pair(entry, options, target.device)
+    for run_model, optimizer in ((model, ours), (native_model, native)):
+        scaler = torch.amp.GradScaler(target.device, init_scale=2.0**10, growth_interval=3)
+        check.train(run_model, optimizer, 6, scaler=scaler)
+        optimizer.zero_grad()
+        before = check.flat_parameters(run_model).clone()
+        run_model(torch.full((1, 40), float("inf"), device=target.device)).sum().backward()
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # an inf gradient: the step is skipped
+        scaler.update()
+        assert torch.equal(check.flat_parameters(run_model), before)
+        assert scaler.get_scale() == scale / 2
+    _assert_same_parameters(model, native_model)
+
+
+def test_closure_is_called_and_its_loss_returned(target):
+    model = check.small_model(target.device, torch.float32)
+    optimizer = torchblocks.optim.RMSprop(model.parameters())
+    x = torch.randn(4, 40, device=target.device)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+
+
+def test_tensor_learning_rate(target):
+    model, ours, native_model, native = _pair(ENTRIES["Adam"], {}, target.device)
+    for group in (*ours.param_groups, *native.param_groups):
+        group["lr"] = torch.tensor(0.02)
+    check.train(model, ours, 10)
+    check.train(native_model, native, 10)
+    _assert_same_parameters(model, native_model)
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam"])
+def test_layouts_the_kernel_cannot_address_take_the_reference(target, name):
+    """A non-dense parameter and a gradient laid out unlike its parameter."""
+    entry = ENTRIES[name]
+    options = entry.option_sets[1]
+    params = []
+    for _ in range(2):
+        generator = torch.Generator().manual_seed(0)
+        base = torch.randn(6, 8, generator=generator).to(target.device)
+        params.append([torch.nn.Parameter(base[:, ::2]), torch.nn.Parameter(torch.randn(5, 7, generator=generator))])
+    ours, native = entry.ours(params[0], **options), entry.native(params[1], **options)
+    for step in range(5):
+        generator = torch.Generator().manual_seed(step)
+        grads = [torch.randn(6, 4, generator=generator), torch.randn(7, 5, generator=generator).t()]
+        for group_params, optimizer in ((params[0], ours), (params[1], native)):
+            for param, grad in zip(group_params, grads):
+                param.grad = grad.to(target.device)
+            optimizer.step()
+    for mine, theirs in zip(*params):
+        assert_close(mine, theirs)
+
+
+def test_empty_parameter(target):
+    param = torch.nn.Parameter(torch.empty(0, 3, device=target.device))
+    optimizer = torchblocks.optim.Adam([param, torch.nn.Parameter(torch.ones(2, device=target.device))])
+    param.grad = torch.empty_like(param)
+    optimizer.step()
+    assert optimizer.state[param]["step"].item() == 1
+
+
+def test_mixed_dtypes_in_one_group(target):
+    params = [torch.nn.Parameter(torch.ones(3, device=target.device, dtype=dtype))
+              for dtype in (torch.float32, torch.float64, torch.float32)]
+    native_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for group in (params, native_params):
+        for p in group:
+            p.grad = torch.full_like(p, 0.5)
+    torchblocks.optim.SGD(params, lr=0.1, momentum=0.9).step()
+    torch.optim.SGD(native_params, lr=0.1, momentum=0.9).step()
+    for mine, theirs in zip(params, native_params):
+        assert mine.dtype == theirs.dtype
+        assert_close(mine, theirs)
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam", "AdamW"])
+def test_sparse_gradient_is_an_error_naming_the_parameter(name):
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    optimizer = getattr(torchblocks.optim, name)(embedding.named_parameters())
+    embedding(torch.tensor([1, 2])).sum().backward()
+    before = embedding.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"sparse gradient.*|'weight'.*sparse"):
+        optimizer.step()
+    assert torch.equal(embedding.weight, before)
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam", "AdamW"])
+def test_complex_parameter_is_an_error_naming_the_parameter(name):
+    param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    optimizer = getattr(torchblocks.optim, name)([torch.nn.Parameter(torch.ones(2)), param])
+    param.grad = torch.ones_like(param)
+    with pytest.raises(RuntimeError, match=r"complex parameters: parameter 1 of param group 0, shape \(3,\)"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("SGD", dict(lr=-0.1), "Invalid learning rate: -0.1; expected lr >= 0"),
+    ("SGD", dict(momentum=-1), "Invalid momentum value"),
+    ("SGD", dict(weight_decay=-1e-4), "Invalid weight_decay value"),
+    ("SGD", dict(nesterov=True), "Nesterov momentum to have momentum > 0"),
+    ("SGD", dict(momentum=0.9, dampening=0.1, nesterov=True), "dampening == 0"),
+    ("SGD", dict(differentiable=True), "differentiable=True"),
+    ("RMSprop", dict(alpha=-0.5), "Invalid alpha value"),
+    ("RMSprop", dict(eps=-1e-8), "Invalid epsilon value"),
+    ("RMSprop", dict(momentum=-0.1), "Invalid momentum value"),
+    ("RMSprop", dict(capturable=True), "capturable=True"),
+    ("Adam", dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
+    ("Adam", dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1"),
+    ("Adam", dict(eps=-1.0), "Invalid epsilon value"),
+    ("Adam", dict(lr=torch.tensor([0.1, 0.2])), "Tensor lr must be 1-element"),
+    ("AdamW", dict(weight_decay=-0.01), "Invalid weight_decay value"),
+])
+def test_bad_hyperparameters_name_themselves(name, options, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        getattr(torchblocks.optim, name)([torch.nn.Parameter(torch.ones(2))], **options)
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam", "AdamW"])
+def test_defaults_match_twin(name):
+    param = torch.nn.Parameter(torch.ones(2))
+    ours, native = getattr(torchblocks.optim, name)([param]), getattr(torch.optim, name)([param])
+    assert ours.defaults == native.defaults
+    assert isinstance(ours, torch.optim.Optimizer)
+
+
+def test_adam_state_dict_loads_into_adamw_as_decoupled():
+    param = torch.nn.Parameter(torch.ones(2))
+    adamw = torchblocks.optim.AdamW([param])
+    adamw.load_state_dict(torchblocks.optim.Adam([param]).state_dict())
+    assert adamw.param_groups[0]["decoupled_weight_decay"] is True
+
+
+def test_reference_in_small_batches_matches_twin(monkeypatch):
+    """The reference splits long lists into cache-sized batches; batches of a
+    tensor or two give the same trajectories."""
+    from torchblocks.optim import _multi_tensor
+
+    monkeypatch.setattr(_multi_tensor, "REFERENCE_BATCH_ELEMENTS", 64)
+    with torchblocks.use_backend("reference"):
+        for entry in check.OPTIMIZERS:
+            error = check.trajectory_error(entry, entry.option_sets[-1], torch.device("cpu"), torch.float32)
+            assert error <= tolerance(torch.float32), entry.name
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam", "AdamW"])
+def test_one_launch_per_group_device_and_dtype(target, monkeypatch, name):
+    if target.backend != "triton":
+        pytest.skip("counts Triton launches")
+    from torchblocks.kernels import optim as kernels
+
+    launches = []
+    launch = kernels.multi_tensor_launch
+    monkeypatch.setattr(kernels, "multi_tensor_launch", lambda kernel, roles, *a, **k: (
+        launches.append(len(roles[0])), launch(kernel, roles, *a, **k)))
+    model = check.small_model(target.device, torch.float32)
+    optimizer = getattr(torchblocks.optim, name)(check.param_groups(model, {}))
+    check.train(model, optimizer, 1)
+    assert launches == [2, 2]  # group 0: weight and bias; group 1: weight and bias (unused has no grad)
