@@ -124,7 +124,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
 
             flat = [i for i in indices if shares_flat_layout(*(role[i] for role in roles if role))]
             _call(getattr(kernels, triton_name), flat, roles, per_tensor, options)
-            indices = [i for i in indices if i not in set(flat)]
+            flat_set = set(flat)
+            indices = [i for i in indices if i not in flat_set]
         for batch in _cache_sized_batches(params, indices):
             _call(reference, batch, roles, per_tensor, options)
 
