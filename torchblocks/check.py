@@ -167,6 +167,8 @@ BLOCKS = [
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerCheck:
+    """One optimizer: ours against the twin, one trajectory per option set."""
+
     ours: type
     native: type
     option_sets: Sequence[dict]  # constructor keyword arguments, one trajectory each
@@ -261,6 +263,7 @@ def train(model, optimizer, steps: int, scheduler=None, scaler=None):
 
 
 def flat_parameters(model) -> torch.Tensor:
+    """Every parameter of ``model``, detached and flattened into one 1-D tensor."""
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
