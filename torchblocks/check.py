@@ -23,6 +23,14 @@ from torchblocks.testing import relative_error, tolerance
 ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+INTERPRETER_BFLOAT16 = "the Triton interpreter computes bfloat16 wrongly"
+
+
+def _interpreted_bfloat16(device: str, backend_name: str, dtype: torch.dtype) -> bool:
+    """True for the one target a row must skip: bfloat16 under the Triton interpreter."""
+    return dtype == torch.bfloat16 and device == "cpu" and backend_name == "triton"
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One parity case: ``ours(*inputs)`` against ``native(*inputs)``.
@@ -314,9 +322,9 @@ def run_optimizer(check: OptimizerCheck, device: str, backend_name: str):
             dtype_name = str(dtype).replace("torch.", "")
             half = dtype in (torch.float16, torch.bfloat16)
             name, steps = ("one step", 1) if half else ("trajectory", TRAJECTORY_STEPS)
-            if dtype == torch.bfloat16 and device == "cpu" and backend_name == "triton":
+            if _interpreted_bfloat16(device, backend_name, dtype):
                 rows.append(Row(check.name, device, backend_name, dtype_name, name, 0, float("nan"), "SKIP",
-                                "the Triton interpreter computes bfloat16 wrongly"))
+                                INTERPRETER_BFLOAT16))
                 continue
             target = torch.device(device)
             errors = [half_step_error(check, options, target, dtype) if half
@@ -375,9 +383,9 @@ def run_block(block: BlockCheck, device: str, backend_name: str):
     with torchblocks.use_backend(backend_name):
         for dtype in block.dtypes:
             dtype_name = str(dtype).replace("torch.", "")
-            if dtype == torch.bfloat16 and device == "cpu" and backend_name == "triton":
+            if _interpreted_bfloat16(device, backend_name, dtype):
                 rows.append(Row(block.name, device, backend_name, dtype_name, "parity", 0, float("nan"), "SKIP",
-                                "the Triton interpreter computes bfloat16 wrongly"))
+                                INTERPRETER_BFLOAT16))
                 continue
             cases = block.cases(torch.device(device), dtype)
             errors = [_parity_error(case) for case in cases]

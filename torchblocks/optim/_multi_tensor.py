@@ -104,8 +104,16 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
     def _update(self, group: dict, params: list) -> None:
         raise NotImplementedError
 
-    def _advance_steps(self, params) -> list:
-        """Add 1 to each parameter's ``step`` counter; the new counts as floats."""
+    def _advance_steps(self, params, state_keys) -> list:
+        """Give each parameter without state a ``step`` of 0 and a zero tensor
+        like it per name in ``state_keys``; then add 1 to every ``step``
+        counter and return the new counts as floats."""
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.zeros((), dtype=scalar_dtype())
+                for key in state_keys:
+                    state[key] = torch.zeros_like(param)
         steps = [self.state[p]["step"] for p in params]
         torch._foreach_add_(steps, 1)
         return torch.stack([s.to("cpu") for s in steps]).tolist()

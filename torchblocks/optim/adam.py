@@ -8,7 +8,6 @@ from torchblocks.optim._multi_tensor import (
     check_hyperparameter,
     check_implementation_flags,
     check_learning_rate,
-    scalar_dtype,
 )
 
 
@@ -64,15 +63,7 @@ class Adam(MultiTensorOptimizer):
 
     def _update(self, group, params):
         amsgrad = group["amsgrad"]
-        for param in params:
-            state = self.state[param]
-            if not state:
-                state["step"] = torch.zeros((), dtype=scalar_dtype())
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                if amsgrad:
-                    state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        steps = self._advance_steps(params)
+        steps = self._advance_steps(params, ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else []))
         states = [self.state[p] for p in params]
         beta1, beta2 = (float(beta) for beta in group["betas"])
         self._apply(

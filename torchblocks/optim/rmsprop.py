@@ -7,7 +7,6 @@ from torchblocks.optim._multi_tensor import (
     check_hyperparameter,
     check_implementation_flags,
     check_learning_rate,
-    scalar_dtype,
 )
 
 
@@ -66,16 +65,8 @@ class RMSprop(MultiTensorOptimizer):
 
     def _update(self, group, params):
         momentum, centered = group["momentum"], group["centered"]
-        for param in params:
-            state = self.state[param]
-            if not state:
-                state["step"] = torch.zeros((), dtype=scalar_dtype())
-                state["square_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                if momentum > 0:
-                    state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                if centered:
-                    state["grad_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        self._advance_steps(params)
+        self._advance_steps(params, ["square_avg"] + (["momentum_buffer"] if momentum > 0 else [])
+                            + (["grad_avg"] if centered else []))
         states = [self.state[p] for p in params]
         self._apply(
             rmsprop_reference, "rmsprop_step",

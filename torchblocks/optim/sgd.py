@@ -63,7 +63,7 @@ class SGD(MultiTensorOptimizer):
             for i, param in enumerate(params):
                 state = self.state[param]
                 if state.get("momentum_buffer") is None:
-                    state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
+                    state["momentum_buffer"] = torch.empty_like(param)
                     new_buffer[i] = True
                 buffers.append(state["momentum_buffer"])
         self._apply(
