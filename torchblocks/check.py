@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import torchblocks
 import torchblocks.optim
-from torchblocks import backend
+from torchblocks import _table, backend
 from torchblocks.testing import relative_error, tolerance
 
 ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -416,7 +416,4 @@ def format_table(rows) -> str:
          "-" if r.max_rel_error != r.max_rel_error else f"{r.max_rel_error:.2e}", r.status, r.note)
         for r in rows
     ]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _table.format_table(header, body)
