@@ -12,11 +12,13 @@ setup(
     # nothing named plain `kernels` lands in site-packages.
     packages=find_packages(include=["torchblocks", "torchblocks.*"]) + ["torchblocks.kernels"],
     package_dir={"torchblocks.kernels": "kernels"},
+    # The embedded stand-in for MNIST: four small gzipped IDX files.
+    package_data={"torchblocks.data": ["digits/*.gz", "digits/README.md"]},
     install_requires=[
         "torch>=2.4",
         "numpy",
         'triton>=3.0; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"plot": ["matplotlib"], "test": ["pytest", "matplotlib"]},
     entry_points={"console_scripts": ["torchblocks = torchblocks.cli:main"]},
 )

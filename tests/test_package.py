@@ -3,6 +3,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from torchblocks.data.mnist import DIGITS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,6 +19,8 @@ def test_wheel_installs_kernels_as_torchblocks_kernels(tmp_path):
     assert all(top == "torchblocks" or top.endswith(".dist-info") for top in top_level), top_level
     assert "torchblocks/kernels/relu.py" in names
     assert "torchblocks/kernels/_launch.py" in names
+    embedded = {f"torchblocks/data/digits/{spec.name}.gz" for spec in DIGITS.files.values()}
+    assert embedded <= set(names), "the embedded digits must ship in the wheel: the fallback needs no network"
     metadata = next(n for n in names if n.endswith("METADATA"))
     requirements = [
         line for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines() if line.startswith("Requires-Dist")

@@ -2,12 +2,13 @@
 
 Each block is a ``torch.autograd.Function`` with a hand-derived backward, Triton
 kernels for the GPU and a plain-PyTorch fallback, tested against its native
-twin. See ``torchblocks.functional``, ``torchblocks.nn`` and ``torchblocks.optim``.
+twin. See ``torchblocks.functional``, ``torchblocks.nn`` and ``torchblocks.optim``;
+``torchblocks.data`` loads MNIST for the book's first network (``torchblocks mnist``).
 """
 
-from torchblocks import functional, nn, optim
+from torchblocks import data, functional, nn, optim
 from torchblocks.backend import get_backend, set_backend, use_backend
 from torchblocks.nn import patch
 
-__all__ = ["functional", "nn", "optim", "get_backend", "patch", "set_backend", "use_backend"]
+__all__ = ["data", "functional", "nn", "optim", "get_backend", "patch", "set_backend", "use_backend"]
 __version__ = "0.1.0"
