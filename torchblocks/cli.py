@@ -37,6 +37,19 @@ def _check(args) -> int:
     return 1 if failed else 0
 
 
+def _mnist(args) -> int:
+    from torchblocks import book
+
+    return book.main(args)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     """Entry point of the ``torchblocks`` command; returns the exit status."""
     parser = argparse.ArgumentParser(prog="torchblocks", description=__doc__)
@@ -49,6 +62,26 @@ def main(argv=None) -> int:
     check.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
     check.add_argument("--quiet", action="store_true", help="print no table; the exit status still tells")
     check.set_defaults(run=_check)
+    mnist = commands.add_parser("mnist", help="train the book's first network with torchblocks and native PyTorch",
+                                description="Train Dense(512, relu) -> Dense(10) with softmax cross-entropy and "
+                                "RMSprop (Keras 2's settings) on MNIST, with torchblocks and with native PyTorch "
+                                "from the same weights on the same batches, and compare. Without MNIST on disk or "
+                                "a network to download it, an embedded 8x8 digits set stands in (and says so).")
+    mnist.add_argument("--epochs", type=_positive_int, default=5, help="passes over the training set (default 5)")
+    mnist.add_argument("--batch-size", type=_positive_int, default=128, help="images per step (default 128)")
+    mnist.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where to train (default: cuda when present, else cpu)")
+    mnist.add_argument("--data-dir", metavar="DIR",
+                       help="where MNIST is, or is downloaded to (default: $TORCHBLOCKS_DATA_DIR, else "
+                       "~/.cache/torchblocks/mnist); mnist.npz or the four IDX files, raw or .gz")
+    mnist.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                       help="download MNIST when it is missing (default: on)")
+    mnist.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the batch order")
+    mnist.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                       help="also train the same network in native PyTorch (default: on)")
+    mnist.add_argument("--limit", type=_positive_int, metavar="N", help="train on the first N training images only")
+    mnist.add_argument("--plot", metavar="FILE", help="write a PNG of loss and accuracy per epoch to FILE")
+    mnist.set_defaults(run=_mnist)
     args = parser.parse_args(argv)
     return args.run(args)
 

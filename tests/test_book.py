@@ -1,0 +1,176 @@
+"""The book's first network (``torchblocks mnist``) and the from-scratch example, end to end on small data."""
+
+import importlib.util
+import math
+import os
+import re
+import struct
+import urllib.request
+import zlib
+
+import pytest
+import torch
+
+import torchblocks
+from torchblocks import book, cli
+from torchblocks.data import mnist
+from torchblocks.testing import relative_error
+
+from conftest import NO_CUDA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and an empty data directory: the embedded digits stand in."""
+    def no_network(url, *args, **kwargs):
+        raise OSError("network access is switched off in the tests")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    return str(tmp_path / "no-mnist-here")
+
+
+def embedded_digits():
+    return mnist.load_directory(mnist.EMBEDDED_DIR, mnist.DIGITS)
+
+
+def test_both_networks_start_from_keras_initialisation():
+    ours, our_loss = book.build_network(784, native=False, seed=3)
+    native, native_loss = book.build_network(784, native=True, seed=3)
+    assert isinstance(our_loss, torchblocks.nn.SoftmaxCrossEntropy) and isinstance(native_loss, torch.nn.CrossEntropyLoss)
+    our_params = [p for p in ours.parameters()]
+    native_params = [p for p in native.parameters()]
+    assert [p.shape for p in our_params] == [(512, 784), (512,), (10, 512), (10,)]
+    for mine, theirs in zip(our_params, native_params):
+        assert torch.equal(mine, theirs)
+    for weight, bias in zip(our_params[::2], our_params[1::2]):
+        limit = math.sqrt(6 / sum(weight.shape))
+        assert weight.abs().max() <= limit and weight.abs().max() > 0.99 * limit
+        assert abs(weight.std().item() - limit / math.sqrt(3)) < 0.02 * limit
+        assert torch.all(bias == 0)
+    assert not torch.equal(book.build_network(784, seed=4)[0][0].weight, our_params[0])
+
+
+def test_optimizers_are_rmsprop_as_keras_configures_it():
+    model = book.build_network(64)[0]
+    for native, expected in ((False, torchblocks.optim.RMSprop), (True, torch.optim.RMSprop)):
+        optimizer = book.build_optimizer(model, native)
+        assert type(optimizer) is expected
+        group = optimizer.param_groups[0]
+        assert (group["lr"], group["alpha"], group["eps"], group["momentum"], group["centered"]) == (1e-3, 0.9, 1e-7, 0, False)
+
+
+def test_torchblocks_and_native_see_the_same_batches_and_stay_together(target):
+    """Two epochs of the limited embedded set: same initial weights, same
+    batch order; the trajectories differ only by float32 rounding."""
+    if target.device == "cuda":
+        pytest.skip("covered by the CUDA end-to-end run")
+    data = embedded_digits()
+    limit = 256 if target.interpreted else 1437
+    data = type(data)(**{**data.__dict__, "train_images": data.train_images[:limit],
+                          "train_labels": data.train_labels[:limit]})
+    runs, models = [], []
+    for native in (False, True):
+        model, loss_fn = book.build_network(64, native, seed=1)
+        runs.append(book.train("run", model, loss_fn, book.build_optimizer(model, native), data, epochs=2, seed=5))
+        models.append(model)
+    for ours, theirs in zip(runs[0].epochs, runs[1].epochs):
+        assert ours.train_loss == pytest.approx(theirs.train_loss, rel=1e-4)
+        assert ours.test_accuracy == pytest.approx(theirs.test_accuracy, abs=2 / len(data.test_labels))
+    for mine, theirs in zip(models[0].parameters(), models[1].parameters()):
+        assert relative_error(mine, theirs) < 1e-4, "parameters after two epochs"
+
+
+def read_png(path):
+    """(width, height) of a PNG, after checking its signature and every chunk's CRC."""
+    blob = open(path, "rb").read()
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    offset, chunks = 8, []
+    while offset < len(blob):
+        (length,) = struct.unpack(">I", blob[offset:offset + 4])
+        kind, body = blob[offset + 4:offset + 8], blob[offset + 8:offset + 8 + length]
+        (crc,) = struct.unpack(">I", blob[offset + 8 + length:offset + 12 + length])
+        assert zlib.crc32(kind + body) == crc, f"bad CRC in chunk {kind!r}"
+        chunks.append(kind)
+        offset += 12 + length
+    assert chunks[0] == b"IHDR" and chunks[-1] == b"IEND" and b"IDAT" in chunks
+    return struct.unpack(">II", blob[16:24])
+
+
+def run_mnist(capsys, *argv):
+    status = cli.main(["mnist", *argv])
+    return status, capsys.readouterr().out
+
+
+def test_mnist_command_end_to_end_on_the_embedded_digits(capsys, offline, tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "mnist.png"
+    status, out = run_mnist(capsys, "--data-dir", offline, "--limit", "1000", "--epochs", "3", "--seed", "7",
+                            "--plot", str(plot))
+    assert status == 0
+    assert "note: MNIST is not in" in out and "using the embedded scikit-learn 8x8 digits instead" in out
+    assert "data: scikit-learn 8x8 digits: 1,437 training and 360 test images of 8x8 pixels" in out
+    assert "(the first 1,000 training images used)" in out and "3 epochs of batch 128, seed 7, on cpu" in out
+    assert len(re.findall(r"epoch \d/3 \[=+\] 8/8 loss", out)) == 6
+    rows = {m[0]: float(m[1]) for m in re.findall(r"^(torchblocks|native torch)\s+scikit-learn 8x8 digits"
+                                                   r"\s+\S+\s+\S+\s+\S+\s+(\S+)", out, re.M)}
+    assert set(rows) == {"torchblocks", "native torch"}
+    assert rows["torchblocks"] > 0.5, "well above chance (0.1)"
+    assert abs(rows["torchblocks"] - rows["native torch"]) <= 0.03
+    assert "the book" not in out, "the book's MNIST figure is shown only next to MNIST"
+    assert re.search(r"torchblocks minus native: [+-]\d\.\d{4}", out)
+    width, height = read_png(plot)
+    assert width > 500 and height > 200
+
+
+def test_mnist_command_without_compare_trains_torchblocks_only(capsys, offline):
+    status, out = run_mnist(capsys, "--data-dir", offline, "--limit", "256", "--epochs", "1", "--no-compare")
+    assert status == 0 and "torchblocks epoch 1/1" in out and "native torch" not in out
+
+
+@NO_CUDA
+def test_mnist_command_on_cuda(capsys, offline):
+    status, out = run_mnist(capsys, "--data-dir", offline, "--device", "cuda", "--epochs", "2")
+    assert status == 0 and "on cuda" in out
+
+
+def test_mnist_command_refuses_bad_options(capsys, offline, monkeypatch):
+    with pytest.raises(SystemExit):
+        cli.main(["mnist", "--epochs", "0"])
+    assert "expected a positive integer, got 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["mnist", "--device", "cuda", "--data-dir", offline]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "matplotlib" else True)
+    with pytest.raises(RuntimeError, match="--plot needs matplotlib.*pip install 'torchblocks\\[plot\\]'"):
+        cli.main(["mnist", "--data-dir", offline, "--plot", "x.png"])
+
+
+def test_report_shows_the_book_next_to_mnist():
+    digits = embedded_digits()
+    mnist_like = type(digits)(**{**digits.__dict__, "name": "MNIST"})
+    run = book.Run("torchblocks", [book.Epoch(0.1, 0.97, 0.2, 0.9777, 2.0), book.Epoch(0.1, 0.98, 0.2, 0.9780, 1.0),
+                                   book.Epoch(0.1, 0.98, 0.2, 0.9781, 1.5)])
+    report = book.format_report([run], mnist_like)
+    assert re.search(r"torchblocks\s+MNIST\s+0.1000\s+0.9800\s+0.2000\s+0.9781\s+1.5", report)
+    assert re.search(r"the book \(Keras 2, 5 epochs\)\s+MNIST(\s+-){3}\s+0.9785", report)
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("from_scratch", os.path.join(ROOT, "examples", "from_scratch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_from_scratch_example_runs_and_learns(capsys, offline):
+    example = load_example()
+    example.main(["--data-dir", offline, "--limit", "512", "--epochs", "3"])
+    out = capsys.readouterr().out
+    losses = [float(loss) for loss in re.findall(r"epoch \d/3: mean loss (\S+)", out)]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
+    assert re.search(r"test accuracy: \d\.\d{4} \(scikit-learn 8x8 digits\)", out)
+    # The book's learning rate barely moves on 1,437 images; a larger one shows the loop learns.
+    accuracy = example.main(["--data-dir", offline, "--learning-rate", "0.1"])
+    assert accuracy > 0.5
