@@ -4,9 +4,7 @@ import importlib.util
 import math
 import os
 import re
-import struct
 import urllib.request
-import zlib
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from torchblocks.data import mnist
 from torchblocks.testing import relative_error
 
 from conftest import NO_CUDA
+from helpers import read_png
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +37,8 @@ def embedded_digits():
 def test_both_networks_start_from_keras_initialisation():
     ours, our_loss = book.build_network(784, native=False, seed=3)
     native, native_loss = book.build_network(784, native=True, seed=3)
-    assert isinstance(our_loss, torchblocks.nn.SoftmaxCrossEntropy) and isinstance(native_loss, torch.nn.CrossEntropyLoss)
+    assert isinstance(our_loss, torchblocks.nn.SoftmaxCrossEntropy)
+    assert isinstance(native_loss, torch.nn.CrossEntropyLoss)
     our_params = [p for p in ours.parameters()]
     native_params = [p for p in native.parameters()]
     assert [p.shape for p in our_params] == [(512, 784), (512,), (10, 512), (10,)]
@@ -58,7 +58,8 @@ def test_optimizers_are_rmsprop_as_keras_configures_it():
         optimizer = book.build_optimizer(model, native)
         assert type(optimizer) is expected
         group = optimizer.param_groups[0]
-        assert (group["lr"], group["alpha"], group["eps"], group["momentum"], group["centered"]) == (1e-3, 0.9, 1e-7, 0, False)
+        settings = (group["lr"], group["alpha"], group["eps"], group["momentum"], group["centered"])
+        assert settings == (1e-3, 0.9, 1e-7, 0, False)
 
 
 def test_torchblocks_and_native_see_the_same_batches_and_stay_together(target):
@@ -80,22 +81,6 @@ def test_torchblocks_and_native_see_the_same_batches_and_stay_together(target):
         assert ours.test_accuracy == pytest.approx(theirs.test_accuracy, abs=2 / len(data.test_labels))
     for mine, theirs in zip(models[0].parameters(), models[1].parameters()):
         assert relative_error(mine, theirs) < 1e-4, "parameters after two epochs"
-
-
-def read_png(path):
-    """(width, height) of a PNG, after checking its signature and every chunk's CRC."""
-    blob = open(path, "rb").read()
-    assert blob[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
-    offset, chunks = 8, []
-    while offset < len(blob):
-        (length,) = struct.unpack(">I", blob[offset:offset + 4])
-        kind, body = blob[offset + 4:offset + 8], blob[offset + 8:offset + 8 + length]
-        (crc,) = struct.unpack(">I", blob[offset + 8 + length:offset + 12 + length])
-        assert zlib.crc32(kind + body) == crc, f"bad CRC in chunk {kind!r}"
-        chunks.append(kind)
-        offset += 12 + length
-    assert chunks[0] == b"IHDR" and chunks[-1] == b"IEND" and b"IDAT" in chunks
-    return struct.unpack(">II", blob[16:24])
 
 
 def run_mnist(capsys, *argv):

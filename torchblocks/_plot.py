@@ -7,13 +7,19 @@ from typing import Dict, Sequence, Tuple
 Series = Tuple[Sequence[float], Sequence[float], str]
 
 
+def has_matplotlib() -> bool:
+    """Whether plots can be drawn."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def require_matplotlib(option: str) -> None:
     """Raise before any work starts when ``option`` asks for a plot and matplotlib is missing."""
-    if importlib.util.find_spec("matplotlib") is None:
+    if not has_matplotlib():
         raise RuntimeError(f"{option} needs matplotlib, which is not installed: pip install 'torchblocks[plot]'")
 
 
-def save_line_plots(path: str, title: str, xlabel: str, panels: Dict[str, Dict[str, Series]]) -> None:
+def save_line_plots(path: str, title: str, xlabel: str, panels: Dict[str, Dict[str, Series]],
+                    xscale: str = "linear") -> None:
     """One PNG at ``path``: a row of panels sharing the x axis, one per ``panels`` entry.
 
     Args:
@@ -21,6 +27,7 @@ def save_line_plots(path: str, title: str, xlabel: str, panels: Dict[str, Dict[s
         title: the figure's title.
         xlabel: the label of every panel's x axis.
         panels: panel y label -> {line label -> (xs, ys, format)}.
+        xscale: ``"linear"`` or ``"log"``.
 
     Example::
 
@@ -36,7 +43,9 @@ def save_line_plots(path: str, title: str, xlabel: str, panels: Dict[str, Dict[s
     for axis, (ylabel, lines) in zip(axes[0], panels.items()):
         for label, (xs, ys, style) in lines.items():
             axis.plot(xs, ys, style, label=label)
-        axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        axis.set_xscale(xscale)
+        if xscale == "linear":
+            axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)

@@ -17,3 +17,17 @@ def format_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *body]]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def format_markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """The same table as GitHub markdown.
+
+    Example::
+
+        >>> print(format_markdown(("run", "accuracy"), [("torchblocks", "0.9801")]))
+        | run | accuracy |
+        | --- | --- |
+        | torchblocks | 0.9801 |
+    """
+    lines = [header, ["---"] * len(header), *body]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)

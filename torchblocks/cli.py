@@ -43,6 +43,26 @@ def _mnist(args) -> int:
     return book.main(args)
 
 
+def _bench(args) -> int:
+    import torch
+
+    from torchblocks import bench
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("torchblocks bench: --device cuda, but CUDA is not available here", file=sys.stderr)
+        return 2
+    dtypes = args.dtype or (["float32", "bfloat16"] if device == "cuda" else ["float32"])
+    blocks = list(bench.BLOCKS) if args.block == "all" else [args.block]
+    rows = bench.run(blocks, device, [getattr(torch, name) for name in dtypes], args.quick, args.out)
+    mismatched = sorted({f"{row.block} {row.case} {row.dtype} {row.provider}" for row in rows if not row.matched})
+    if mismatched:
+        print("\ntorchblocks bench: outputs that did not match the native twin: " + "; ".join(mismatched),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -82,6 +102,21 @@ def main(argv=None) -> int:
     mnist.add_argument("--limit", type=_positive_int, metavar="N", help="train on the first N training images only")
     mnist.add_argument("--plot", metavar="FILE", help="write a PNG of loss and accuracy per epoch to FILE")
     mnist.set_defaults(run=_mnist)
+    bench = commands.add_parser("bench", help="time every block against its native twin and torch.compile of it",
+                                description="Benchmark torchblocks' blocks and optimizers against native PyTorch and "
+                                "torch.compile of it, in one process: a table per block on stdout and, with --out, "
+                                "CSV, PNG plots and summary.md. Every timed output is first checked against the "
+                                "twin's; the exit status is 1 if any did not match.")
+    bench.add_argument("--block", choices=("all", "relu", "dense", "cross_entropy", "dense_cross_entropy", "optim"),
+                       default="all", help="which block (default: all)")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where to run (default: cuda when present, else cpu)")
+    bench.add_argument("--dtype", nargs="+", choices=("float32", "float16", "bfloat16"),
+                       help="dtypes to run (default: float32 and bfloat16 on CUDA, float32 on the CPU)")
+    bench.add_argument("--quick", action="store_true",
+                       help="small cases and short timing: a smoke run (under a minute on a 2-core CPU)")
+    bench.add_argument("--out", metavar="DIR", help="write <block>.csv, <block>.png and summary.md to DIR")
+    bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)
 

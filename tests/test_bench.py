@@ -1,0 +1,102 @@
+"""``torchblocks bench``: the quick suite runs and every timed output matched its twin.
+
+The numbers themselves are never asserted (performance claims live in
+benchmarks/README.md, with the command that measured them).
+"""
+
+import contextlib
+import csv
+import io
+import itertools
+
+import pytest
+import torch
+
+from torchblocks import bench, cli
+from torchblocks.bench import harness
+
+from conftest import NO_CUDA
+from helpers import read_png
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = cli.main(["bench", "--quick", "--device", "cpu", "--out", str(out)])
+    return status, printed.getvalue(), out
+
+
+def test_quick_suite_runs_every_block_and_every_output_matches(quick_run):
+    status, text, out = quick_run
+    assert status == 0, text
+    assert "device: " in text and "torch: " in text and "triton: " in text and "peaks measured in this run" in text
+    for block in bench.BLOCKS:
+        assert f"\n{block}\n" in text
+        with open(out / f"{block}.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert rows and all(row["matched"] == "True" for row in rows), block
+        assert {row["provider"] for row in rows} >= {"torchblocks", "native", "compiled"}
+        assert all(float(row["ms"]) > 0 and row["device"] and row["torch"] for row in rows)
+        width, height = read_png(out / f"{block}.png")
+        assert width > 300 and height > 200
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# torchblocks bench --quick") and "| case | dtype |" in summary
+
+
+def test_optimizer_cases_include_the_fused_twin_where_torch_has_one(quick_run):
+    with open(quick_run[2] / "optim.csv") as f:
+        providers = {(row["variant"], row["provider"]) for row in csv.DictReader(f)}
+    assert ("Adam", "fused") in providers and ("RMSprop", "fused") not in providers
+
+
+def tiny_case(providers, rotate=True):
+    def make_inputs(seed, provider):
+        return (torch.full((4,), float(seed + 1)),)
+
+    return harness.Case("toy", "4", 4, "elements", 32, "GB/s", make_inputs, providers, rotate=rotate)
+
+
+def test_a_wrong_provider_is_flagged_not_timed_as_a_win():
+    case = tiny_case({"torchblocks": lambda inputs: [inputs[0] * 1.01], "native": lambda inputs: [inputs[0]]})
+    rows = {row.provider: row for row in harness.measure(case, "cpu", torch.float32, peak=1.0, quick=True)}
+    assert rows["native"].matched and not rows["torchblocks"].matched
+    assert rows["torchblocks"].error == pytest.approx(0.01, rel=1e-3)
+    header, body = bench.block_table(list(rows.values()))
+    assert body[0][header.index("matched")] == "NO"
+
+
+def test_timed_calls_rotate_through_distinct_input_sets():
+    seen = set()
+
+    def provider(inputs):
+        seen.add(inputs[0][0].item())
+        return [inputs[0]]
+
+    harness.measure(tiny_case({"torchblocks": provider, "native": provider}), "cpu", torch.float32, 1.0, quick=True)
+    assert seen == {float(seed + 1) for seed in range(harness.MAX_ROTATIONS)}
+    seen.clear()
+    harness.measure(tiny_case({"torchblocks": provider, "native": provider}, rotate=False), "cpu", torch.float32, 1.0,
+                    quick=True)
+    assert seen == {1.0}
+
+
+def test_every_block_yields_cases_for_every_device_and_mode():
+    for (name, cases), device, quick in itertools.product(bench.BLOCKS.items(), ("cpu", "cuda"), (False, True)):
+        found = list(cases(device, torch.float32, quick))
+        assert found and all(case.block == name and case.work > 0 for case in found)
+        assert all({"torchblocks", "native", "compiled"} <= set(case.providers) for case in found)
+
+
+def test_bench_refuses_cuda_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    assert cli.main(["bench", "--device", "cuda", "--quick"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@NO_CUDA
+def test_quick_suite_on_cuda_measures_memory(tmp_path):
+    rows = bench.run(["relu"], "cuda", [torch.float32], quick=True, out_dir=str(tmp_path))
+    assert all(row.matched and row.peak_mb is not None for row in rows)

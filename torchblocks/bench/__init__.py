@@ -1,0 +1,152 @@
+"""``torchblocks bench``: every block against its native twin and ``torch.compile``
+of the twin, in one process, on one device.
+
+Each block module (``relu``, ``dense``, ``cross_entropy``,
+``dense_cross_entropy``, ``optim``) yields ``harness.Case``s; ``run`` checks
+every provider's output against the twin's once, times it, and writes per
+block a table (stdout), a CSV and a PNG plot, plus ``summary.md``.
+
+Example::
+
+    >>> rows = torchblocks.bench.run(["relu"], "cuda", [torch.bfloat16], quick=True, out_dir="bench-out")
+"""
+
+import csv
+import dataclasses
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, TextIO, Tuple
+
+import torch
+
+from torchblocks import _plot, _table
+from torchblocks.bench import cross_entropy, dense, dense_cross_entropy, harness, optim, relu
+from torchblocks.bench.harness import Row
+
+__all__ = ["BLOCKS", "block_table", "run"]
+
+BLOCKS = {
+    "relu": relu.cases,
+    "dense": dense.cases,
+    "cross_entropy": cross_entropy.cases,
+    "dense_cross_entropy": dense_cross_entropy.cases,
+    "optim": optim.cases,
+}
+
+
+def _number(value: Optional[float], digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def block_table(rows: List[Row]) -> Tuple[Tuple[str, ...], List[Tuple[str, ...]]]:
+    """One block's rows as ``(header, body)``: one line per case and dtype, providers side by side.
+
+    "vs X" is X's time over torchblocks' (above 1: torchblocks is faster);
+    throughput and "of peak" are torchblocks'; MiB is each provider's peak
+    allocation above its inputs (CUDA only).
+
+    Example::
+
+        >>> header, body = block_table(harness.measure(case, "cpu", torch.float32, peak=10.0))
+    """
+    providers = list(dict.fromkeys(row.provider for row in rows))
+    others = [name for name in providers if name != "torchblocks"]
+    unit = rows[0].unit
+    header = ("case", "dtype", *(f"{name} ms" for name in providers), *(f"vs {name}" for name in others),
+              f"torchblocks {unit}", "of peak", *(f"{name} MiB" for name in providers), "max error", "matched")
+    body = []
+    for key in dict.fromkeys((row.case, row.dtype) for row in rows):
+        by_provider = {row.provider: row for row in rows if (row.case, row.dtype) == key}
+        ours = by_provider["torchblocks"]
+        body.append((*key,
+                     *(_number(by_provider[p].ms, 4) if p in by_provider else "-" for p in providers),
+                     *(f"{by_provider[p].ms / ours.ms:.2f}" if p in by_provider else "-" for p in others),
+                     _number(ours.achieved), f"{ours.of_peak:.0%}",
+                     *(_number(by_provider[p].peak_mb) if p in by_provider else "-" for p in providers),
+                     f"{max(row.error for row in by_provider.values()):.1e}",
+                     "yes" if all(row.matched for row in by_provider.values()) else "NO"))
+    return header, body
+
+
+def _write_csv(path: str, rows: List[Row], env: Dict[str, str]) -> None:
+    fields = [field.name for field in dataclasses.fields(Row)]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields + list(env))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**dataclasses.asdict(row), **env})
+
+
+def _plot_block(path: str, block: str, rows: List[Row], env: Dict[str, str]) -> None:
+    """Throughput and peak memory against size, one line per provider (and dtype, and variant)."""
+    panels = {rows[0].unit: {}, "peak MiB above inputs": {}}
+    for key in dict.fromkeys((row.provider, row.dtype, row.variant) for row in rows):
+        series = sorted((row for row in rows if (row.provider, row.dtype, row.variant) == key), key=lambda r: r.size)
+        label = " ".join(part for part in key if part)
+        sizes = [row.size for row in series]
+        panels[rows[0].unit][label] = (sizes, [row.achieved for row in series], "-o")
+        if all(row.peak_mb is not None for row in series):
+            panels["peak MiB above inputs"][label] = (sizes, [row.peak_mb for row in series], "-o")
+    if not panels["peak MiB above inputs"]:
+        del panels["peak MiB above inputs"]  # the CPU keeps no allocation counter
+    _plot.save_line_plots(path, f"{block} on {env['device']} (torch {env['torch']}, triton {env['triton']})",
+                          rows[0].size_unit, panels, xscale="log")
+
+
+def run(blocks: Sequence[str], device: str, dtypes: Sequence[torch.dtype], quick: bool = False,
+        out_dir: Optional[str] = None, stream: Optional[TextIO] = None) -> List[Row]:
+    """Benchmark ``blocks`` on ``device`` in each of ``dtypes``.
+
+    Args:
+        blocks: names from ``BLOCKS``.
+        device: ``"cuda"`` or ``"cpu"``.
+        dtypes: floating dtypes to run each case in.
+        quick: one small case per block (per optimizer for optim), short timing: a smoke run.
+        out_dir: where ``<block>.csv``, ``<block>.png`` and ``summary.md`` go; None writes nothing.
+        stream: where the tables go (default ``sys.stdout``).
+
+    Returns:
+        every Row; ``row.matched`` says whether that provider's output matched the twin's.
+
+    Example::
+
+        >>> rows = run(["dense"], "cuda", [torch.bfloat16], out_dir="results")
+        >>> all(row.matched for row in rows)
+        True
+    """
+    stream = stream or sys.stdout
+    env = harness.environment(device)
+    copy_peak = harness.copy_bandwidth_gbs(device, quick)
+    matmul_peaks = {dtype: harness.matmul_peak_tflops(device, dtype, quick) for dtype in dtypes}
+    header = " | ".join(f"{key}: {value}" for key, value in env.items())
+    matmul_line = ", ".join(f"{str(dtype).split('.')[-1]} {tflops:.1f} TFLOP/s"
+                            for dtype, tflops in matmul_peaks.items())
+    peak_line = f"peaks measured in this run: copy {copy_peak:.1f} GB/s; native matmul {matmul_line}"
+    print(header, peak_line, sep="\n", file=stream, flush=True)
+    plots = out_dir is not None and _plot.has_matplotlib()
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        if not plots:
+            print("no plots: matplotlib is not installed (pip install 'torchblocks[plot]')", file=stream)
+    summary = [f"# torchblocks bench{' --quick' if quick else ''}", "", header.replace(" | ", "  \n"), "",
+               peak_line, ""]
+    every_row = []
+    for block in blocks:
+        rows = []
+        for dtype in dtypes:
+            for case in BLOCKS[block](device, dtype, quick):
+                torch._dynamo.reset()  # each case compiles its own twin, so no recompile limit is hit
+                peak = matmul_peaks[dtype] if case.unit == "TFLOP/s" else copy_peak
+                rows += harness.measure(case, device, dtype, peak, quick)
+        header, body = block_table(rows)
+        print(f"\n{block}\n{_table.format_table(header, body)}", file=stream, flush=True)
+        summary += [f"## {block}", "", _table.format_markdown(header, body), ""]
+        if out_dir:
+            _write_csv(os.path.join(out_dir, f"{block}.csv"), rows, env)
+        if plots:
+            _plot_block(os.path.join(out_dir, f"{block}.png"), block, rows, env)
+        every_row += rows
+    if out_dir:
+        with open(os.path.join(out_dir, "summary.md"), "w") as f:
+            f.write("\n".join(summary))
+    return every_row

@@ -1,0 +1,39 @@
+"""Softmax cross-entropy forward + backward against ``F.cross_entropy``: GB/s against the copy peak."""
+
+import torch
+import torch.nn.functional as F
+
+from torchblocks.bench.harness import Case, generator, training_step
+from torchblocks.functional import softmax_cross_entropy
+
+LOGITS_MOVED = 3  # forward reads the logits; backward reads them again and writes their gradient
+
+
+def native_cross_entropy(logits, target):
+    return F.cross_entropy(logits, target)
+
+
+def shapes(device: str, quick: bool):
+    """(N, C) pairs: a 1,000-class head, then vocabulary-sized ones on CUDA."""
+    if quick:
+        return [(1024, 1000)]
+    if device == "cuda":
+        return [(4096, 1000), (8192, 32768), (8192, 65536), (8192, 131072)]
+    return [(1024, 1000), (4096, 1000), (4096, 8192)]
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool):
+    """Mean reduction over class-index targets; the logits are the leaf that needs a gradient."""
+    for rows, classes in shapes(device, quick):
+        def make_inputs(seed, provider, rows=rows, classes=classes):
+            random = generator(device, seed)
+            logits = torch.randn(rows, classes, generator=random, device=device, dtype=dtype).requires_grad_()
+            target = torch.randint(classes, (rows,), generator=random, device=device)
+            return (logits, target), (logits,), None
+
+        providers = {"torchblocks": training_step(softmax_cross_entropy),
+                     "native": training_step(native_cross_entropy),
+                     "compiled": training_step(torch.compile(native_cross_entropy))}
+        logits_bytes = rows * classes * dtype.itemsize
+        yield Case("cross_entropy", f"{rows}x{classes}", logits_bytes / 2**20, "MiB of logits",
+                   LOGITS_MOVED * logits_bytes, "GB/s", make_inputs, providers)

@@ -1,0 +1,43 @@
+"""Dense (+ fused ReLU) forward + backward against ``F.relu(F.linear(...))``: TFLOP/s against the GEMM peak."""
+
+import torch
+import torch.nn.functional as F
+
+from torchblocks.bench.harness import Case, generator, training_step
+from torchblocks.functional import dense
+
+GEMMS = 3  # y = x W^T forward; dx = g W and dW = g^T x backward
+
+
+def native_dense(x, weight, bias):
+    return F.relu(F.linear(x, weight, bias))
+
+
+def ours_dense(x, weight, bias):
+    return dense(x, weight, bias, activation="relu")
+
+
+def shapes(device: str, quick: bool):
+    """(M, N, K): the book's first layer (128 x 512 x 784), then squares unless ``quick``."""
+    yield 128, 512, 784
+    squares = [] if quick else ([1024, 2048, 4096, 8192] if device == "cuda" else [256, 512, 1024, 2048])
+    for size in squares:
+        yield size, size, size
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool):
+    """One case per shape; x, W and b all need gradients (three GEMMs a pass)."""
+    for m, n, k in shapes(device, quick):
+        def make_inputs(seed, provider, m=m, n=n, k=k):
+            random = generator(device, seed)
+            x = torch.randn(m, k, generator=random, device=device, dtype=dtype).requires_grad_()
+            weight = (torch.randn(n, k, generator=random, device=device, dtype=dtype) / k**0.5).requires_grad_()
+            bias = torch.randn(n, generator=random, device=device, dtype=dtype).requires_grad_()
+            grad_output = torch.randn(m, n, generator=random, device=device, dtype=dtype)
+            return (x, weight, bias), (x, weight, bias), grad_output
+
+        providers = {"torchblocks": training_step(ours_dense), "native": training_step(native_dense),
+                     "compiled": training_step(torch.compile(native_dense))}
+        flops = GEMMS * 2 * m * n * k
+        yield Case("dense", f"{m}x{n}x{k}", flops / 1e9, "GFLOP per pass", flops, "TFLOP/s", make_inputs, providers,
+                   matmul=True)

@@ -1,0 +1,252 @@
+"""What every benchmark shares: the case description, timing with rotated
+inputs, peak memory, the device's measured peaks, the check against the twin,
+and the environment header.
+
+Timing: on CUDA the median of ``triton.testing.do_bench`` (warm-up, repeats,
+L2 flushed between calls); on the CPU the median of ``torch.utils.benchmark``'s
+``blocked_autorange``. Either way the timed call cycles through several
+copies of its inputs, together larger than the caches, so no call finds the
+previous call's data still cached.
+"""
+
+import dataclasses
+import datetime
+import itertools
+import math
+import os
+import platform
+import subprocess
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.utils.benchmark
+
+import torchblocks
+from torchblocks.testing import TF32_TOLERANCE, relative_error, tolerance
+
+# Rotate through input copies until they hold this many bytes (larger than
+# any L2 or L3 cache here), at most MAX_ROTATIONS copies.
+ROTATION_BYTES = 256 * 2**20
+MAX_ROTATIONS = 16
+
+# A provider takes one input set and returns the tensors to compare with the
+# twin's (outputs, gradients, updated parameters).
+Provider = Callable[[Any], Sequence[torch.Tensor]]
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark point of a block.
+
+    Attributes:
+        block: the block's name (``"relu"``).
+        label: the case as shown in the table (``"4096x1000"``).
+        size: its position on the plot's x axis, in ``size_unit``.
+        work: bytes moved (``unit="GB/s"``) or floating-point operations
+            (``unit="TFLOP/s"``) by one call.
+        make_inputs: ``make_inputs(seed, provider)``: a fresh input set for
+            that provider, the same values for one seed whichever the provider.
+        providers: name -> provider; ``"native"`` is the twin every other is checked against.
+        variant: a sub-series of the block (an optimizer's name), or "".
+        matmul: the work is GEMMs (float32 may run in TF32 on a GPU).
+        rotate: cycle through several input sets (off where a provider holds
+            per-input state, as a compiled optimizer step does).
+    """
+    block: str
+    label: str
+    size: float
+    size_unit: str
+    work: float
+    unit: str
+    make_inputs: Callable[[int, str], Any]
+    providers: Dict[str, Provider]
+    variant: str = ""
+    matmul: bool = False
+    rotate: bool = True
+
+
+@dataclasses.dataclass
+class Row:
+    """One provider on one case: what the table, CSV and plot show."""
+    block: str
+    variant: str
+    case: str
+    size: float
+    size_unit: str
+    dtype: str
+    provider: str
+    ms: float
+    peak_mb: Optional[float]
+    achieved: float
+    unit: str
+    of_peak: float
+    error: float
+    matched: bool
+
+
+def training_step(forward: Callable[..., torch.Tensor]) -> Provider:
+    """A provider for a block: one forward and backward pass over an input set
+    ``(args, leaves, grad_output)``, returning the output and the leaves' gradients."""
+    def step(inputs):
+        args, leaves, grad_output = inputs
+        for leaf in leaves:
+            leaf.grad = None
+        output = forward(*args)
+        output.backward(grad_output)
+        return (output.detach(), *(leaf.grad for leaf in leaves))
+
+    return step
+
+
+def tensors_in(value) -> List[torch.Tensor]:
+    """Every tensor in a (nested) tuple, list or dict."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return tensors_in(list(value.values()))
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in tensors_in(item)]
+    return []
+
+
+def generator(device: str, seed: int) -> torch.Generator:
+    """The random source of one input set: the same seed gives the same inputs to every provider."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def time_ms(fn: Callable[[], Any], device: str, quick: bool = False) -> float:
+    """The median milliseconds of one call of ``fn`` (see the module docstring)."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, return_mode="median")
+    fn()
+    timer = torch.utils.benchmark.Timer("fn()", globals={"fn": fn})
+    return timer.blocked_autorange(min_run_time=0.05 if quick else 0.5).median * 1e3
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: str) -> Optional[float]:
+    """Memory one call of ``fn`` allocates above what was allocated before it, in MiB (CUDA only; else None)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def copy_bandwidth_gbs(device: str, quick: bool = False) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second, GB/s)
+    of a 256 MiB buffer (32 MiB in quick runs)."""
+    nbytes = (32 if quick else 256) * 2**20
+    source = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    destination = torch.empty_like(source)
+    return 2 * nbytes / time_ms(lambda: destination.copy_(source), device, quick) / 1e6
+
+
+def matmul_peak_tflops(device: str, dtype: torch.dtype, quick: bool = False) -> float:
+    """TFLOP/s of a large native square matmul in ``dtype``: the GEMM peak to compare against."""
+    size = (4096 if quick else 8192) if device == "cuda" else (512 if quick else 2048)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    return 2 * size**3 / time_ms(lambda: a @ b, device, quick) / 1e9
+
+
+def _rotations(input_set, device: str, enabled: bool) -> int:
+    if not enabled:
+        return 1
+    nbytes = sum(t.numel() * t.element_size() for t in tensors_in(input_set))
+    count = max(1, min(MAX_ROTATIONS, math.ceil(ROTATION_BYTES / max(nbytes, 1))))
+    if device == "cuda":  # leave room for the provider's own temporaries
+        count = max(1, min(count, int(0.25 * torch.cuda.mem_get_info()[0] // max(nbytes, 1))))
+    return count
+
+
+def _tolerance(case: Case, dtype: torch.dtype, device: str) -> float:
+    allowed = tolerance(dtype)
+    if case.matmul and device == "cuda" and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        allowed = max(allowed, TF32_TOLERANCE)
+    return allowed
+
+
+def _run_provider(case: Case, name: str, device: str, quick: bool):
+    """(what provider ``name`` returns on input set 0, copied to the CPU; its median ms; its peak MiB).
+
+    Its input sets live only here, so they are freed before the next provider's are made.
+    """
+    provider = case.providers[name]
+    first = case.make_inputs(0, name)
+    count = _rotations(first, device, case.rotate)
+    sets = itertools.cycle([first] + [case.make_inputs(seed, name) for seed in range(1, count)])
+    result = [t.detach().to("cpu", torch.float32, copy=True) for t in provider(next(sets))]
+
+    def call():
+        return provider(next(sets))
+
+    return result, time_ms(call, device, quick), peak_memory_mb(call, device)
+
+
+def measure(case: Case, device: str, dtype: torch.dtype, peak: float, quick: bool = False) -> List[Row]:
+    """Check every provider of ``case`` once against ``"native"``, then time it; one Row per provider.
+
+    Each provider gets its own input sets (the same seeds, so the same values):
+    set 0 is used for the check, then the timed calls cycle through all of them.
+
+    Example::
+
+        >>> rows = measure(next(relu.cases("cuda", torch.bfloat16, quick=True)), "cuda", torch.bfloat16, peak=3000.0)
+        >>> [(row.provider, row.ms, row.matched) for row in rows]
+        [('torchblocks', 0.012, True), ('native', 0.013, True), ('compiled', 0.012, True)]
+    """
+    results, rows = {}, []
+    for name in case.providers:
+        results[name], ms, peak_mb = _run_provider(case, name, device, quick)
+        rows.append(Row(case.block, case.variant, case.label, case.size, case.size_unit, str(dtype).split(".")[-1],
+                        name, ms, peak_mb, case.work / ms / (1e6 if case.unit == "GB/s" else 1e9), case.unit,
+                        0.0, 0.0, True))
+    allowed = _tolerance(case, dtype, device)
+    for row in rows:
+        row.of_peak = row.achieved / peak
+        errors = [relative_error(mine, theirs) for mine, theirs in zip(results[row.provider], results["native"])]
+        row.error = max(errors)
+        row.matched = len(results[row.provider]) == len(results["native"]) and row.error <= allowed
+    return rows
+
+
+def environment(device: str) -> Dict[str, str]:
+    """Device, driver, versions, date and commit: the header of every table and CSV."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            driver = "unknown"
+        cuda = torch.version.cuda or "unknown"
+    else:
+        name = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+        driver = cuda = "-"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    return {"device": name, "driver": driver, "cuda": cuda, "torch": torch.__version__, "triton": triton_version,
+            "torchblocks": torchblocks.__version__, "commit": _commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _commit() -> str:
+    """The git commit torchblocks runs from, when it runs from a checkout; else "-"."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.isfile(os.path.join(root, "setup.py")):  # an installed copy, not a checkout
+        return "-"
+    try:
+        result = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "-"
+    return result.stdout.strip() if result.returncode == 0 else "-"

@@ -1,0 +1,30 @@
+"""ReLU forward + backward against ``torch.relu``: bandwidth-bound, so GB/s against the copy peak."""
+
+import torch
+
+from torchblocks.bench.harness import Case, generator, training_step
+from torchblocks.functional import relu
+
+TENSORS_MOVED = 5  # forward reads x, writes y; backward reads dy and y, writes dx
+
+
+def native_relu(x):
+    return torch.relu(x)
+
+
+def cases(device: str, dtype: torch.dtype, quick: bool):
+    """x of 1 MiB up to 1 GiB (CUDA) or 256 MiB (CPU); 4 MiB when ``quick``."""
+    sizes_mib = [4] if quick else [1, 4, 16, 64, 256] + ([1024] if device == "cuda" else [])
+    for mib in sizes_mib:
+        elements = mib * 2**20 // dtype.itemsize
+
+        def make_inputs(seed, provider, elements=elements):
+            random = generator(device, seed)
+            x = torch.randn(elements, generator=random, device=device, dtype=dtype).requires_grad_()
+            grad_output = torch.randn(elements, generator=random, device=device, dtype=dtype)
+            return (x,), (x,), grad_output
+
+        providers = {"torchblocks": training_step(relu), "native": training_step(native_relu),
+                     "compiled": training_step(torch.compile(native_relu))}
+        yield Case("relu", f"{mib} MiB", mib, "MiB of x", TENSORS_MOVED * elements * dtype.itemsize, "GB/s",
+                   make_inputs, providers)
