@@ -8,9 +8,19 @@ two implementations with one signature: the Triton launcher in
 chooses between them, as for the blocks; tensors the kernels cannot address
 with one flat offset (a parameter that is not dense, or a gradient laid out
 unlike its parameter) take the reference.
+
+DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are updated
+shard by shard: the update is elementwise, so each rank steps its local
+shards of parameter, gradient and state with no communication. That holds
+for ``Shard`` and ``Replicate`` placements; any other placement raises.
 """
 
 import torch
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor
+else:  # a torch built without distributed has no DTensors to meet
+    DTensor = ()
 
 from torchblocks import backend
 
@@ -47,6 +57,30 @@ def _describe(group: dict, group_index: int, param_index: int, param: torch.Tens
     names = group.get("param_names")
     where = f"{param_index} of param group {group_index}, shape {tuple(param.shape)}"
     return f"parameter {names[param_index]!r} ({where})" if names else f"parameter {where}"
+
+
+def _check_placements(optimizer: str, where: str, param: torch.Tensor, grad: torch.Tensor) -> None:
+    """A DTensor parameter must be Shard or Replicate on every mesh dimension,
+    with its gradient placed the same way; a plain parameter needs a plain gradient."""
+    if not isinstance(param, DTensor):
+        if isinstance(grad, DTensor):
+            raise RuntimeError(f"{optimizer}: {where} is a plain tensor but its gradient is a DTensor "
+                               f"placed {grad.placements}; expected a plain tensor")
+        return
+    for placement in param.placements:
+        if not (placement.is_shard() or placement.is_replicate()):
+            raise RuntimeError(f"{optimizer}: {where} is a DTensor with placement {placement!r} "
+                               f"(placements {param.placements}); the step updates local shards and supports "
+                               "only Shard and Replicate placements")
+    if not isinstance(grad, DTensor) or grad.placements != param.placements:
+        got = f"placed {grad.placements}" if isinstance(grad, DTensor) else "a plain tensor"
+        raise RuntimeError(f"{optimizer}: the gradient of {where} is {got}; expected a DTensor placed like its "
+                           f"parameter, {param.placements}")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writes land in the DTensor), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _by_device_and_dtype(params):
@@ -98,6 +132,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters: "
                                    f"{_describe(group, group_index, param_index, param)} is {param.dtype}; "
                                    "expected a real floating-point parameter (view it with torch.view_as_real)")
+            _check_placements(type(self).__name__, _describe(group, group_index, param_index, param), param, grad)
             params.append(param)
         return params
 
@@ -123,7 +158,9 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         """Run the update on ``roles`` (lists of tensors: params, grads, state;
         an empty list for a state the options leave unused) and the
         ``per_tensor`` lists of floats, with ``torchblocks.kernels.optim.<triton_name>``
-        in one launch, or with the reference in cache-sized batches."""
+        in one launch, or with the reference in cache-sized batches. DTensors
+        are replaced by their local shards first."""
+        roles = [[_local(tensor) for tensor in role] for role in roles]
         params = roles[0]
         indices = range(len(params))
         if backend.use_triton(params[0]):
@@ -141,7 +178,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
 # Elements per reference batch: each foreach op sweeps its whole list, so a
 # batch this size keeps the working set of a step (~10 tensors' worth) in
 # cache between ops: RMSprop and Adam steps 1.7-2x faster at 10M parameters
-# on a 2-core CPU than one batch (benchmarks/optim.py).
+# on a 2-core CPU than one batch (torchblocks bench --block optim).
 REFERENCE_BATCH_ELEMENTS = 1 << 16
 
 
