@@ -18,20 +18,20 @@ def require_matplotlib(option: str) -> None:
         raise RuntimeError(f"{option} needs matplotlib, which is not installed: pip install 'torchblocks[plot]'")
 
 
-def save_line_plots(path: str, title: str, xlabel: str, panels: Dict[str, Dict[str, Series]],
+def save_line_plots(path: str, title: str, subtitle: str, xlabel: str, panels: Dict[str, Dict[str, Series]],
                     xscale: str = "linear") -> None:
     """One PNG at ``path``: a row of panels sharing the x axis, one per ``panels`` entry.
 
     Args:
         path: the PNG file to write.
-        title: the figure's title.
+        title, subtitle: the figure's title, and a smaller line under it (or "").
         xlabel: the label of every panel's x axis.
         panels: panel y label -> {line label -> (xs, ys, format)}.
         xscale: ``"linear"`` or ``"log"``.
 
     Example::
 
-        >>> save_line_plots("loss.png", "MNIST", "epoch",
+        >>> save_line_plots("loss.png", "MNIST", "", "epoch",
         ...                 {"loss": {"torchblocks": ([1, 2], [0.3, 0.1], "-o")}})
     """
     import matplotlib
@@ -39,7 +39,7 @@ def save_line_plots(path: str, title: str, xlabel: str, panels: Dict[str, Dict[s
     matplotlib.use("Agg")
     from matplotlib import pyplot, ticker
 
-    figure, axes = pyplot.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    figure, axes = pyplot.subplots(1, len(panels), figsize=(max(7.0, 5.5 * len(panels)), 4.2), squeeze=False)
     for axis, (ylabel, lines) in zip(axes[0], panels.items()):
         for label, (xs, ys, style) in lines.items():
             axis.plot(xs, ys, style, label=label)
@@ -50,7 +50,7 @@ def save_line_plots(path: str, title: str, xlabel: str, panels: Dict[str, Dict[s
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle(title)
+    figure.suptitle(f"{title}\n{subtitle}" if subtitle else title)
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=100)
     pyplot.close(figure)

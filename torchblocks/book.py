@@ -231,7 +231,7 @@ def plot(runs: List[Run], data: Digits, path: str) -> None:
             for split, style in (("train", "-o"), ("test", "--s")):
                 values = [getattr(epoch, f"{split}_{metric}") for epoch in run.epochs]
                 panels[metric][f"{run.name} {split}"] = (xs, values, f"C{color}{style}")
-    _plot.save_line_plots(path, f"The book's first network on {data.name}", "epoch", panels)
+    _plot.save_line_plots(path, f"The book's first network on {data.name}", "", "epoch", panels)
 
 
 def main(args) -> int:

@@ -89,7 +89,8 @@ def _plot_block(path: str, block: str, rows: List[Row], env: Dict[str, str]) -> 
             panels["peak MiB above inputs"][label] = (sizes, [row.peak_mb for row in series], "-o")
     if not panels["peak MiB above inputs"]:
         del panels["peak MiB above inputs"]  # the CPU keeps no allocation counter
-    _plot.save_line_plots(path, f"{block} on {env['device']} (torch {env['torch']}, triton {env['triton']})",
+    _plot.save_line_plots(path, f"{block}: forward + backward" if block != "optim" else "optim: one step",
+                          f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}",
                           rows[0].size_unit, panels, xscale="log")
 
 

@@ -27,7 +27,7 @@ from torchblocks.testing import TF32_TOLERANCE, relative_error, tolerance
 # Rotate through input copies until they hold this many bytes (larger than
 # any L2 or L3 cache here), at most MAX_ROTATIONS copies.
 ROTATION_BYTES = 256 * 2**20
-MAX_ROTATIONS = 16
+MAX_ROTATIONS = 64
 
 # A provider takes one input set and returns the tensors to compare with the
 # twin's (outputs, gradients, updated parameters).
