@@ -3,6 +3,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from torchblocks.bench import BLOCKS
 from torchblocks.data.mnist import DIGITS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +22,8 @@ def test_wheel_installs_kernels_as_torchblocks_kernels(tmp_path):
     assert "torchblocks/kernels/_launch.py" in names
     embedded = {f"torchblocks/data/digits/{spec.name}.gz" for spec in DIGITS.files.values()}
     assert embedded <= set(names), "the embedded digits must ship in the wheel: the fallback needs no network"
+    bench_cases = {f"torchblocks/bench/{block}.py" for block in BLOCKS}
+    assert bench_cases <= set(names), "the bench cases ship in the package"
     metadata = next(n for n in names if n.endswith("METADATA"))
     requirements = [
         line for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines() if line.startswith("Requires-Dist")

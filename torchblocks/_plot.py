@@ -1,7 +1,8 @@
 """PNG line plots through matplotlib, an optional dependency (``pip install torchblocks[plot]``)."""
 
 import importlib.util
-from typing import Dict, Sequence, Tuple
+import math
+from typing import Dict, Optional, Sequence, Tuple
 
 # One line: x values, y values, matplotlib format string ("C0-o": first colour, solid, dots).
 Series = Tuple[Sequence[float], Sequence[float], str]
@@ -19,8 +20,8 @@ def require_matplotlib(option: str) -> None:
 
 
 def save_line_plots(path: str, title: str, subtitle: str, xlabel: str, panels: Dict[str, Dict[str, Series]],
-                    xscale: str = "linear") -> None:
-    """One PNG at ``path``: a row of panels sharing the x axis, one per ``panels`` entry.
+                    xscale: str = "linear", columns: Optional[int] = None) -> None:
+    """One PNG at ``path``: a grid of panels, one per ``panels`` entry, ``columns`` to a row (default: one row).
 
     Args:
         path: the PNG file to write.
@@ -28,6 +29,7 @@ def save_line_plots(path: str, title: str, subtitle: str, xlabel: str, panels: D
         xlabel: the label of every panel's x axis.
         panels: panel y label -> {line label -> (xs, ys, format)}.
         xscale: ``"linear"`` or ``"log"``.
+        columns: panels per row.
 
     Example::
 
@@ -39,8 +41,12 @@ def save_line_plots(path: str, title: str, subtitle: str, xlabel: str, panels: D
     matplotlib.use("Agg")
     from matplotlib import pyplot, ticker
 
-    figure, axes = pyplot.subplots(1, len(panels), figsize=(max(7.0, 5.5 * len(panels)), 4.2), squeeze=False)
-    for axis, (ylabel, lines) in zip(axes[0], panels.items()):
+    columns = columns or len(panels)
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = pyplot.subplots(rows, columns, figsize=(max(7.0, 5.0 * columns), 0.6 + 3.8 * rows), squeeze=False)
+    for axis in axes.flat[len(panels):]:
+        axis.set_visible(False)
+    for axis, (ylabel, lines) in zip(axes.flat, panels.items()):
         for label, (xs, ys, style) in lines.items():
             axis.plot(xs, ys, style, label=label)
         axis.set_xscale(xscale)
@@ -49,7 +55,7 @@ def save_line_plots(path: str, title: str, subtitle: str, xlabel: str, panels: D
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize="small")
     figure.suptitle(f"{title}\n{subtitle}" if subtitle else title)
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=100)

@@ -13,6 +13,7 @@ Example::
 
 import csv
 import dataclasses
+import itertools
 import os
 import sys
 from typing import Dict, List, Optional, Sequence, TextIO, Tuple
@@ -78,20 +79,29 @@ def _write_csv(path: str, rows: List[Row], env: Dict[str, str]) -> None:
 
 
 def _plot_block(path: str, block: str, rows: List[Row], env: Dict[str, str]) -> None:
-    """Throughput and peak memory against size, one line per provider (and dtype, and variant)."""
-    panels = {rows[0].unit: {}, "peak MiB above inputs": {}}
-    for key in dict.fromkeys((row.provider, row.dtype, row.variant) for row in rows):
-        series = sorted((row for row in rows if (row.provider, row.dtype, row.variant) == key), key=lambda r: r.size)
-        label = " ".join(part for part in key if part)
-        sizes = [row.size for row in series]
-        panels[rows[0].unit][label] = (sizes, [row.achieved for row in series], "-o")
-        if all(row.peak_mb is not None for row in series):
-            panels["peak MiB above inputs"][label] = (sizes, [row.peak_mb for row in series], "-o")
-    if not panels["peak MiB above inputs"]:
-        del panels["peak MiB above inputs"]  # the CPU keeps no allocation counter
-    _plot.save_line_plots(path, f"{block}: forward + backward" if block != "optim" else "optim: one step",
-                          f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}",
-                          rows[0].size_unit, panels, xscale="log")
+    """Throughput (and on CUDA peak memory) against size: a panel per variant
+    (an optimizer), a colour per provider, a line style per dtype."""
+    providers = list(dict.fromkeys(row.provider for row in rows))
+    dtypes = list(dict.fromkeys(row.dtype for row in rows))
+    variants = list(dict.fromkeys(row.variant for row in rows))
+    measures = [("achieved", rows[0].unit)]
+    if all(row.peak_mb is not None for row in rows):  # the CPU keeps no allocation counter
+        measures.append(("peak_mb", "peak MiB above inputs"))
+    panels = {}
+    for field, ylabel in measures:
+        for variant in variants:
+            lines = panels.setdefault(f"{variant} {ylabel}".strip(), {})
+            for (color, provider), (style, dtype) in itertools.product(enumerate(providers), enumerate(dtypes)):
+                series = sorted((row for row in rows if (row.provider, row.dtype, row.variant) == (provider, dtype,
+                                                                                                   variant)),
+                                key=lambda row: row.size)
+                if series:
+                    label = provider if len(dtypes) == 1 else f"{provider} {dtype}"
+                    lines[label] = ([row.size for row in series], [getattr(row, field) for row in series],
+                                    f"C{color}{('-o', '--s', ':^')[style % 3]}")
+    title = "optim: one step" if block == "optim" else f"{block}: forward + backward"
+    _plot.save_line_plots(path, title, f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}",
+                          rows[0].size_unit, panels, xscale="log", columns=len(variants) if len(variants) > 1 else None)
 
 
 def run(blocks: Sequence[str], device: str, dtypes: Sequence[torch.dtype], quick: bool = False,
