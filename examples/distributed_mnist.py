@@ -8,7 +8,7 @@ On CPUs the ranks talk over gloo, on GPUs over nccl (one GPU per rank).
 Each rank trains on its own slice of every global batch of --batch-size
 images (the data order is the same on every rank: one seed); gradients are
 averaged across ranks, so the run follows the single-process one. Rank 0
-reports the test accuracy.
+reports the test accuracy. Needs torch >= 2.6 (fully_shard made public).
 """
 
 import argparse

@@ -117,6 +117,8 @@ def fsdp(out, mp_policy=None, save=True):
         optimizer = optimizer_class(model.parameters(), lr=1e-2)
         placements = sorted({str(p.placements) for p in model.parameters()}) if all(
             isinstance(p, DTensor) for p in model.parameters()) else ["not all DTensors"]
+        weight_types_in_forward = set()
+        model[0].register_forward_pre_hook(lambda layer, args: weight_types_in_forward.add(type(layer.weight).__name__))
         losses, collectives = [], []
         for step in range(STEPS):
             if step == CHECKPOINT_STEP and save:
@@ -128,7 +130,8 @@ def fsdp(out, mp_policy=None, save=True):
         state_types = sorted({type(value).__name__ for state in optimizer.state.values() for key, value in state.items()
                               if key != "step"})
         results[name] = {"losses": losses, "params": full_parameters(model), "placements": placements,
-                         "collectives_in_step": collectives, "state_types": state_types}
+                         "collectives_in_step": collectives, "state_types": state_types,
+                         "weight_types_in_forward": sorted(weight_types_in_forward)}
     return results
 
 

@@ -82,6 +82,7 @@ def test_fsdp2_shards_parameters_and_steps_local_shards_only(fsdp_run):
     for rank_results in ranks:
         ours, native = rank_results["torchblocks"], rank_results["native"]
         assert ours["placements"] == ["(Shard(dim=0),)"]
+        assert ours["weight_types_in_forward"] == ["Parameter"], "the blocks see FSDP's unsharded parameters"
         assert ours["state_types"] == native["state_types"] == ["DTensor"]
         assert ours["collectives_in_step"] == [0] * 6, "the step must not gather shards"
         assert largest_difference(ours, native) < 1e-5

@@ -17,10 +17,13 @@ for ``Shard`` and ``Replicate`` placements; any other placement raises.
 
 import torch
 
-if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor
-else:  # a torch built without distributed has no DTensors to meet
+if not torch.distributed.is_available():  # a torch built without distributed has no DTensors to meet
     DTensor = ()
+else:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5 keeps it private
+        from torch.distributed._tensor import DTensor
 
 from torchblocks import backend
 
