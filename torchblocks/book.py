@@ -234,18 +234,12 @@ def plot(runs: List[Run], data: Digits, path: str) -> None:
     _plot.save_line_plots(path, f"The book's first network on {data.name}", "", "epoch", panels)
 
 
-def main(args) -> int:
-    """``torchblocks mnist``: load the data, train with torchblocks (and
-    natively with ``args.compare``), print the table, write the plot."""
+def main(args, device: str) -> int:
+    """``torchblocks mnist`` on ``device``: load the data, train with torchblocks
+    (and natively with ``args.compare``), print the table, write the plot."""
     if args.plot:
         _plot.require_matplotlib("--plot")
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        print("torchblocks mnist: --device cuda, but CUDA is not available here", file=sys.stderr)
-        return 2
-    else:
-        device = torch.device(args.device)
+    device = torch.device(device)
     data = load_mnist(args.data_dir, download_missing=args.download)
     if data.note:
         print(f"note: {data.note}")

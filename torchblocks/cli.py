@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tempfile
 
+from torchblocks.bench import BLOCKS as BENCH_BLOCKS
+
 
 def _check(args) -> int:
     from torchblocks import backend, check
@@ -37,10 +39,28 @@ def _check(args) -> int:
     return 1 if failed else 0
 
 
+def _add_device_option(parser, what: str) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help=f"where to {what} (default: cuda when present, else cpu)")
+
+
+def _resolve_device(command: str, choice: str):
+    """``--device``'s device: "auto" is cuda when present, else cpu; None (after saying why) for an absent cuda."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        print(f"torchblocks {command}: --device cuda, but CUDA is not available here", file=sys.stderr)
+        return None
+    return choice
+
+
 def _mnist(args) -> int:
     from torchblocks import book
 
-    return book.main(args)
+    device = _resolve_device("mnist", args.device)
+    return 2 if device is None else book.main(args, device)
 
 
 def _bench(args) -> int:
@@ -48,9 +68,8 @@ def _bench(args) -> int:
 
     from torchblocks import bench
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("torchblocks bench: --device cuda, but CUDA is not available here", file=sys.stderr)
+    device = _resolve_device("bench", args.device)
+    if device is None:
         return 2
     dtypes = args.dtype or (["float32", "bfloat16"] if device == "cuda" else ["float32"])
     blocks = list(bench.BLOCKS) if args.block == "all" else [args.block]
@@ -89,8 +108,7 @@ def main(argv=None) -> int:
                                 "a network to download it, an embedded 8x8 digits set stands in (and says so).")
     mnist.add_argument("--epochs", type=_positive_int, default=5, help="passes over the training set (default 5)")
     mnist.add_argument("--batch-size", type=_positive_int, default=128, help="images per step (default 128)")
-    mnist.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                       help="where to train (default: cuda when present, else cpu)")
+    _add_device_option(mnist, "train")
     mnist.add_argument("--data-dir", metavar="DIR",
                        help="where MNIST is, or is downloaded to (default: $TORCHBLOCKS_DATA_DIR, else "
                        "~/.cache/torchblocks/mnist); mnist.npz or the four IDX files, raw or .gz")
@@ -107,10 +125,8 @@ def main(argv=None) -> int:
                                 "torch.compile of it, in one process: a table per block on stdout and, with --out, "
                                 "CSV, PNG plots and summary.md. Every timed output is first checked against the "
                                 "twin's; the exit status is 1 if any did not match.")
-    bench.add_argument("--block", choices=("all", "relu", "dense", "cross_entropy", "dense_cross_entropy", "optim"),
-                       default="all", help="which block (default: all)")
-    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                       help="where to run (default: cuda when present, else cpu)")
+    bench.add_argument("--block", choices=("all", *BENCH_BLOCKS), default="all", help="which block (default: all)")
+    _add_device_option(bench, "run")
     bench.add_argument("--dtype", nargs="+", choices=("float32", "float16", "bfloat16"),
                        help="dtypes to run (default: float32 and bfloat16 on CUDA, float32 on the CPU)")
     bench.add_argument("--quick", action="store_true",
