@@ -99,11 +99,9 @@ def training_step(forward: Callable[..., torch.Tensor]) -> Provider:
 
 
 def tensors_in(value) -> List[torch.Tensor]:
-    """Every tensor in a (nested) tuple, list or dict."""
+    """Every tensor in a (nested) tuple or list."""
     if isinstance(value, torch.Tensor):
         return [value]
-    if isinstance(value, dict):
-        return tensors_in(list(value.values()))
     if isinstance(value, (list, tuple)):
         return [tensor for item in value for tensor in tensors_in(item)]
     return []
