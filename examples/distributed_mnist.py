@@ -87,6 +87,7 @@ def main(argv=None):
                                                  data.test_labels.to(device))
         if rank == 0:
             print(f"test accuracy: {test_accuracy:.4f} ({data.name}; test loss {test_loss:.4f})", flush=True)
+        dist.barrier()  # every rank done before any tears the group down
     finally:
         dist.destroy_process_group()
 

@@ -2,7 +2,8 @@
 
     python tests/distributed_worker.py SCENARIO OUT_DIR
 
-with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment. Every
+with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment, and
+TORCHBLOCKS_TEST_DEVICE=cuda to run on GPUs (nccl) instead of CPUs (gloo). Every
 scenario trains a torchblocks model with a torchblocks optimizer and the same
 model in native PyTorch with torch.optim, side by side in this process, from
 the same initial weights on the same batches, and saves what the test
@@ -42,15 +43,18 @@ IN_FEATURES, HIDDEN, CLASSES = 16, 32, 5
 GLOBAL_BATCH = 16  # split evenly over 1 or 2 ranks
 STEPS = 6
 CHECKPOINT_STEP = 3
+DEVICE = os.environ.get("TORCHBLOCKS_TEST_DEVICE", "cpu")
 
 
 def build(native: bool, seed: int) -> nn.Sequential:
     """Dense(16, 32, relu) -> Dense(32, 5), or its native twin; same weights for one seed."""
     torch.manual_seed(seed)
     if native:
-        return nn.Sequential(nn.Linear(IN_FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
-    return nn.Sequential(torchblocks.nn.Dense(IN_FEATURES, HIDDEN, activation="relu"),
-                         torchblocks.nn.Dense(HIDDEN, CLASSES))
+        model = nn.Sequential(nn.Linear(IN_FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+    else:
+        model = nn.Sequential(torchblocks.nn.Dense(IN_FEATURES, HIDDEN, activation="relu"),
+                              torchblocks.nn.Dense(HIDDEN, CLASSES))
+    return model.to(DEVICE)
 
 
 def loss_fn(native: bool):
@@ -64,7 +68,7 @@ def local_batch(step: int):
     y = torch.randint(CLASSES, (GLOBAL_BATCH,), generator=generator)
     rows = GLOBAL_BATCH // dist.get_world_size()
     start = dist.get_rank() * rows
-    return x[start:start + rows], y[start:start + rows]
+    return x[start:start + rows].to(DEVICE), y[start:start + rows].to(DEVICE)
 
 
 def global_mean(value: torch.Tensor) -> float:
@@ -108,7 +112,7 @@ def ddp(out):
 
 
 def fsdp(out, mp_policy=None, save=True):
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = init_device_mesh(DEVICE, (dist.get_world_size(),))
     results = {}
     for native in (False, True):
         name = "native" if native else "torchblocks"
@@ -136,7 +140,7 @@ def fsdp(out, mp_policy=None, save=True):
 
 
 def resume(out):
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = init_device_mesh(DEVICE, (dist.get_world_size(),))
     results = {}
     for native in (False, True):
         name = "native" if native else "torchblocks"
@@ -159,12 +163,12 @@ def fsdp_triton(out):
 
 def placements(out):
     """The error messages for a Partial parameter and for a gradient placed unlike its parameter."""
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = init_device_mesh(DEVICE, (dist.get_world_size(),))
     messages = {}
     cases = {"partial": (Partial(), Partial()), "grad_placed_differently": (Replicate(), Shard(0))}
     for case, (param_placement, grad_placement) in cases.items():
-        param = DTensor.from_local(torch.randn(4, 3), mesh, [param_placement]).requires_grad_()
-        param.grad = DTensor.from_local(torch.randn(4, 3), mesh, [grad_placement])
+        param = DTensor.from_local(torch.randn(4, 3, device=DEVICE), mesh, [param_placement]).requires_grad_()
+        param.grad = DTensor.from_local(torch.randn(4, 3, device=DEVICE), mesh, [grad_placement])
         before = param.to_local().clone()
         try:
             torchblocks.optim.Adam([param], lr=0.1).step()
@@ -187,10 +191,13 @@ SCENARIOS = {
 
 
 def main(scenario: str, out: str) -> None:
-    dist.init_process_group("gloo")
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     try:
         results = SCENARIOS[scenario](out)
         torch.save(results, os.path.join(out, f"{scenario}-{dist.get_world_size()}ranks-rank{dist.get_rank()}.pt"))
+        dist.barrier()  # every rank done before any tears the group down
     finally:
         dist.destroy_process_group()
 

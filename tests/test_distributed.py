@@ -6,6 +6,7 @@ which trains the torchblocks model and its native twin side by side.
 """
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 
 from torchblocks.testing import relative_error
 
-from conftest import NO_TRITON
+from conftest import NO_CUDA, NO_TRITON
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "distributed_worker.py")
@@ -26,19 +27,29 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, below Linux's ephemeral range (32768-60999):
+    a port the kernel handed out could be taken again as the source port of
+    some outgoing connection before rank 0 binds it."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
-def launch(scenario: str, out, world_size: int, interpreter: bool = False) -> list:
-    """Run ``scenario`` on ``world_size`` ranks (with ``interpreter``, under
-    TRITON_INTERPRET=1); return each rank's results."""
+def launch(scenario: str, out, world_size: int, interpreter: bool = False, device: str = "cpu") -> list:
+    """Run ``scenario`` on ``world_size`` ranks on ``device`` (with
+    ``interpreter``, under TRITON_INTERPRET=1); return each rank's results."""
     port = free_port()
     ranks = []
     for rank in range(world_size):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "TORCHBLOCKS_TEST_DEVICE": device}
         env.pop("TRITON_INTERPRET", None)
         if interpreter:
             env["TRITON_INTERPRET"] = "1"
@@ -53,7 +64,12 @@ def launch(scenario: str, out, world_size: int, interpreter: bool = False) -> li
             process.kill()
     for rank, (process, output) in enumerate(zip(ranks, outputs)):
         assert process.returncode == 0, f"{scenario} rank {rank} of {world_size} failed:\n{output[-4000:]}"
-    return [torch.load(out / f"{scenario}-{world_size}ranks-rank{rank}.pt") for rank in range(world_size)]
+    return [torch.load(out / f"{scenario}-{world_size}ranks-rank{rank}.pt", map_location="cpu")
+            for rank in range(world_size)]
+
+
+def _text(output) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
 
 def largest_difference(ours: dict, native: dict) -> float:
@@ -106,8 +122,10 @@ def test_unsupported_placements_raise_naming_the_placement(tmp_path):
     assert messages["partial_unchanged"] and messages["grad_placed_differently_unchanged"]
 
 
-def test_fsdp2_with_bfloat16_mixed_precision(tmp_path):
-    for rank_results in launch("fsdp_bf16", tmp_path, 2):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, NO_CUDA])])
+def test_fsdp2_with_bfloat16_mixed_precision(tmp_path, device):
+    world_size = 2 if device == "cpu" else min(2, torch.cuda.device_count())  # nccl: one GPU per rank
+    for rank_results in launch("fsdp_bf16", tmp_path, world_size, device=device):
         ours, native = rank_results["torchblocks"], rank_results["native"]
         assert largest_difference(ours, native) < 2e-2
 
@@ -129,12 +147,15 @@ def test_checkpoint_saved_on_two_ranks_resumes_on_any_number(fsdp_run, world_siz
 @pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
 def test_distributed_mnist_example_runs_under_torchrun(tmp_path, mode):
     example = os.path.join(os.path.dirname(HERE), "examples", "distributed_mnist.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), example, "--epochs", "3", "--data-dir", str(tmp_path / "none"),
-               "--no-download", *mode]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", example,
+               "--epochs", "3", "--data-dir", str(tmp_path / "none"), "--no-download", *mode]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as timeout:
+        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s; its output:\n{_text(timeout.stdout)[-3000:]}\n"
+                    f"{_text(timeout.stderr)[-3000:]}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"2 ranks, {'FSDP2' if mode else 'DDP'} on cpu" in done.stdout
     losses = [float(line.split()[-1]) for line in done.stdout.splitlines() if "mean training loss" in line]
