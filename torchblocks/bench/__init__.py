@@ -92,8 +92,8 @@ def _plot_block(path: str, block: str, rows: List[Row], env: Dict[str, str]) -> 
         for variant in variants:
             lines = panels.setdefault(f"{variant} {ylabel}".strip(), {})
             for (color, provider), (style, dtype) in itertools.product(enumerate(providers), enumerate(dtypes)):
-                series = sorted((row for row in rows if (row.provider, row.dtype, row.variant) == (provider, dtype,
-                                                                                                   variant)),
+                key = (provider, dtype, variant)
+                series = sorted((row for row in rows if (row.provider, row.dtype, row.variant) == key),
                                 key=lambda row: row.size)
                 if series:
                     label = provider if len(dtypes) == 1 else f"{provider} {dtype}"

@@ -198,18 +198,16 @@ def measure(case: Case, device: str, dtype: torch.dtype, peak: float, quick: boo
         >>> [(row.provider, row.ms, row.matched) for row in rows]
         [('torchblocks', 0.012, True), ('native', 0.013, True), ('compiled', 0.012, True)]
     """
-    results, rows = {}, []
-    for name in case.providers:
-        results[name], ms, peak_mb = _run_provider(case, name, device, quick)
-        rows.append(Row(case.block, case.variant, case.label, case.size, case.size_unit, str(dtype).split(".")[-1],
-                        name, ms, peak_mb, case.work / ms / (1e6 if case.unit == "GB/s" else 1e9), case.unit,
-                        0.0, 0.0, True))
+    runs = {name: _run_provider(case, name, device, quick) for name in case.providers}
+    native = runs["native"][0]
     allowed = _tolerance(case, dtype, device)
-    for row in rows:
-        row.of_peak = row.achieved / peak
-        errors = [relative_error(mine, theirs) for mine, theirs in zip(results[row.provider], results["native"])]
-        row.error = max(errors)
-        row.matched = len(results[row.provider]) == len(results["native"]) and row.error <= allowed
+    rows = []
+    for name, (result, ms, peak_mb) in runs.items():
+        achieved = case.work / ms / (1e6 if case.unit == "GB/s" else 1e9)
+        error = max(relative_error(mine, theirs) for mine, theirs in zip(result, native))
+        matched = len(result) == len(native) and error <= allowed
+        rows.append(Row(case.block, case.variant, case.label, case.size, case.size_unit, str(dtype).split(".")[-1],
+                        name, ms, peak_mb, achieved, case.unit, achieved / peak, error, matched))
     return rows
 
 

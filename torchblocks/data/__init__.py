@@ -8,10 +8,9 @@ Example::
     (torch.Size([60000, 784]), torch.int64)
 """
 
-from torchblocks.data.idx import DataFileError, gunzip, parse_idx, read_bytes
+from torchblocks.data.idx import DataFileError, gunzip, parse_idx
 from torchblocks.data.mnist import (DIGITS, MNIST, DataSetSpec, Digits, DownloadError, FileSpec, MissingDataError,
                                     default_data_dir, download, load_directory, load_mnist)
 
 __all__ = ["DIGITS", "MNIST", "DataFileError", "DataSetSpec", "Digits", "DownloadError", "FileSpec",
-           "MissingDataError", "default_data_dir", "download", "gunzip", "load_directory", "load_mnist", "parse_idx",
-           "read_bytes"]
+           "MissingDataError", "default_data_dir", "download", "gunzip", "load_directory", "load_mnist", "parse_idx"]

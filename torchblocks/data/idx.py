@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["DataFileError", "gunzip", "parse_idx", "read_bytes"]
+__all__ = ["DataFileError", "gunzip", "parse_idx"]
 
 # IDX type code -> numpy dtype (big-endian where it matters).
 _IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -23,21 +23,6 @@ _IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2")
 
 class DataFileError(ValueError):
     """A data file that is missing, corrupt, truncated or not what was expected; the message names it."""
-
-
-def read_bytes(path: str) -> bytes:
-    """The contents of ``path``, gunzipped when it is gzip data (by content, not name).
-
-    Raises:
-        DataFileError: a truncated or corrupt gzip stream.
-
-    Example::
-
-        >>> read_bytes("mnist/train-labels-idx1-ubyte.gz")[:4]
-        b'\\x00\\x00\\x08\\x01'
-    """
-    with open(path, "rb") as f:
-        return gunzip(f.read(), path)
 
 
 def gunzip(data: bytes, name: str) -> bytes:
