@@ -23,7 +23,12 @@ def shapes(device: str, quick: bool):
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool):
-    """Mean reduction over class-index targets; the logits are the leaf that needs a gradient."""
+    """Mean reduction over class-index targets; the logits are the leaf that needs a gradient.
+
+    Example::
+
+        >>> rows = harness.measure(next(cases("cuda", torch.bfloat16, quick=True)), "cuda", torch.bfloat16, peak=3000.0)
+    """
     for rows, classes in shapes(device, quick):
         def make_inputs(seed, provider, rows=rows, classes=classes):
             random = generator(device, seed)

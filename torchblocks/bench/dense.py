@@ -26,7 +26,12 @@ def shapes(device: str, quick: bool):
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool):
-    """One case per shape; x, W and b all need gradients (three GEMMs a pass)."""
+    """One case per shape; x, W and b all need gradients (three GEMMs a pass).
+
+    Example::
+
+        >>> rows = harness.measure(next(cases("cuda", torch.bfloat16, quick=True)), "cuda", torch.bfloat16, peak=3000.0)
+    """
     for m, n, k in shapes(device, quick):
         def make_inputs(seed, provider, m=m, n=n, k=k):
             random = generator(device, seed)

@@ -24,7 +24,12 @@ def shapes(device: str, quick: bool):
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool):
-    """x and W need gradients; targets are class indices."""
+    """x and W need gradients; targets are class indices.
+
+    Example::
+
+        >>> rows = harness.measure(next(cases("cuda", torch.bfloat16, quick=True)), "cuda", torch.bfloat16, peak=3000.0)
+    """
     for rows, hidden, classes in shapes(device, quick):
         def make_inputs(seed, provider, rows=rows, hidden=hidden, classes=classes):
             random = generator(device, seed)

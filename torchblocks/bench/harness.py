@@ -86,7 +86,13 @@ class Row:
 
 def training_step(forward: Callable[..., torch.Tensor]) -> Provider:
     """A provider for a block: one forward and backward pass over an input set
-    ``(args, leaves, grad_output)``, returning the output and the leaves' gradients."""
+    ``(args, leaves, grad_output)``, returning the output and the leaves' gradients.
+
+    Example::
+
+        >>> x = torch.randn(8, requires_grad=True)
+        >>> output, grad_x = training_step(torch.relu)(((x,), (x,), torch.ones(8)))
+    """
     def step(inputs):
         args, leaves, grad_output = inputs
         for leaf in leaves:
@@ -99,7 +105,13 @@ def training_step(forward: Callable[..., torch.Tensor]) -> Provider:
 
 
 def tensors_in(value) -> List[torch.Tensor]:
-    """Every tensor in a (nested) tuple or list."""
+    """Every tensor in a (nested) tuple or list.
+
+    Example::
+
+        >>> len(tensors_in(((torch.ones(2),), (torch.ones(3), None), torch.ones(1))))
+        3
+    """
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (list, tuple)):
@@ -108,12 +120,24 @@ def tensors_in(value) -> List[torch.Tensor]:
 
 
 def generator(device: str, seed: int) -> torch.Generator:
-    """The random source of one input set: the same seed gives the same inputs to every provider."""
+    """The random source of one input set: the same seed gives the same inputs to every provider.
+
+    Example::
+
+        >>> x = torch.randn(1024, generator=generator("cpu", 0))
+    """
     return torch.Generator(device=device).manual_seed(seed)
 
 
 def time_ms(fn: Callable[[], Any], device: str, quick: bool = False) -> float:
-    """The median milliseconds of one call of ``fn`` (see the module docstring)."""
+    """The median milliseconds of one call of ``fn`` (see the module docstring).
+
+    Example::
+
+        >>> a = torch.randn(1024, 1024)
+        >>> time_ms(lambda: a @ a, "cpu", quick=True)
+        5.1...
+    """
     if device == "cuda":
         import triton.testing
 
@@ -124,7 +148,14 @@ def time_ms(fn: Callable[[], Any], device: str, quick: bool = False) -> float:
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: str) -> Optional[float]:
-    """Memory one call of ``fn`` allocates above what was allocated before it, in MiB (CUDA only; else None)."""
+    """Memory one call of ``fn`` allocates above what was allocated before it, in MiB (CUDA only; else None).
+
+    Example::
+
+        >>> x = torch.randn(2**20, device="cuda")
+        >>> peak_memory_mb(lambda: x * 2, "cuda")
+        4.0
+    """
     if device != "cuda":
         return None
     torch.cuda.synchronize()
@@ -137,7 +168,13 @@ def peak_memory_mb(fn: Callable[[], Any], device: str) -> Optional[float]:
 
 def copy_bandwidth_gbs(device: str, quick: bool = False) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second, GB/s)
-    of a 256 MiB buffer (32 MiB in quick runs)."""
+    of a 256 MiB buffer (32 MiB in quick runs).
+
+    Example::
+
+        >>> copy_bandwidth_gbs("cuda")
+        2900.0...
+    """
     nbytes = (32 if quick else 256) * 2**20
     source = torch.ones(nbytes, dtype=torch.uint8, device=device)
     destination = torch.empty_like(source)
@@ -145,7 +182,13 @@ def copy_bandwidth_gbs(device: str, quick: bool = False) -> float:
 
 
 def matmul_peak_tflops(device: str, dtype: torch.dtype, quick: bool = False) -> float:
-    """TFLOP/s of a large native square matmul in ``dtype``: the GEMM peak to compare against."""
+    """TFLOP/s of a large native square matmul in ``dtype``: the GEMM peak to compare against.
+
+    Example::
+
+        >>> matmul_peak_tflops("cuda", torch.bfloat16)
+        700.0...
+    """
     size = (4096 if quick else 8192) if device == "cuda" else (512 if quick else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)

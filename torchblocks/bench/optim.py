@@ -46,7 +46,12 @@ def sizes(device: str, quick: bool):
 def cases(device: str, dtype: torch.dtype, quick: bool):
     """Every optimizer at every size; providers: torchblocks, the twin as
     constructed by default, ``fused=True`` where the twin has it, and
-    ``torch.compile`` of the twin's step."""
+    ``torch.compile`` of the twin's step.
+
+    Example::
+
+        >>> rows = harness.measure(next(cases("cuda", torch.bfloat16, quick=True)), "cuda", torch.bfloat16, peak=3000.0)
+    """
     for name, (options, tensors_moved) in OPTIMIZERS.items():
         for millions, layers in sizes(device, quick):
             width = max(1, round((millions * 1e6 / layers) ** 0.5))

@@ -13,7 +13,12 @@ def native_relu(x):
 
 
 def cases(device: str, dtype: torch.dtype, quick: bool):
-    """x of 1 MiB up to 1 GiB (CUDA) or 256 MiB (CPU); 4 MiB when ``quick``."""
+    """x of 1 MiB up to 1 GiB (CUDA) or 256 MiB (CPU); 4 MiB when ``quick``.
+
+    Example::
+
+        >>> rows = harness.measure(next(cases("cuda", torch.bfloat16, quick=True)), "cuda", torch.bfloat16, peak=3000.0)
+    """
     sizes_mib = [4] if quick else [1, 4, 16, 64, 256] + ([1024] if device == "cuda" else [])
     for mib in sizes_mib:
         elements = mib * 2**20 // dtype.itemsize
