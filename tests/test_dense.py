@@ -62,6 +62,14 @@ def test_input_ranks(target, leading):
     check_against_native(x, randn(7, 12, device=target.device, seed=1), randn(7, device=target.device, seed=2), "relu")
 
 
+def test_2d_output_is_not_a_view(target):
+    """As F.linear's: FSDP2 warns on module outputs that are views (in-place ops on them skip its hooks)."""
+    x = randn(4, 12, device=target.device).requires_grad_()
+    w = randn(7, 12, device=target.device, seed=1).requires_grad_()
+    assert not torchblocks.functional.dense(x, w, None, "relu")._is_view()
+    assert not F.linear(x, w)._is_view()
+
+
 def test_non_contiguous_input_and_weight(target):
     x = randn(3, 20, 16, device=target.device)[:, ::2, :].transpose(0, 1)  # (10, 3, 16), gaps and swapped dims
     w = randn(16, 9, device=target.device, seed=1).t()  # (9, 16), column-major

@@ -86,7 +86,9 @@ def dense(
     out_features, in_features = _check_linear("dense", input, weight, bias, "out_features")
     rows = math.prod(input.shape[:-1])  # not -1: ambiguous when in_features is 0
     output = DenseFunction.apply(input.reshape(rows, in_features), weight, bias, activation == "relu")
-    return output.reshape(*input.shape[:-1], out_features)
+    # A 2-D result is returned as is, not as a view of itself: native's is no
+    # view, and FSDP2 warns that in-place ops on a view skip its backward hooks.
+    return output if input.dim() == 2 else output.reshape(*input.shape[:-1], out_features)
 
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
