@@ -22,6 +22,7 @@ compares to OUT_DIR/SCENARIO-<W>ranks-rank<R>.pt:
                  trains on with the same batches.
 """
 
+import gc
 import os
 import sys
 
@@ -197,6 +198,10 @@ def main(scenario: str, out: str) -> None:
     try:
         results = SCENARIOS[scenario](out)
         torch.save(results, os.path.join(out, f"{scenario}-{dist.get_world_size()}ranks-rank{dist.get_rank()}.pt"))
+        # FSDP2 state sits in reference cycles holding gloo work objects; left to
+        # interpreter finalization, freeing them can abort the process (SIGABRT,
+        # "terminate called without an active exception": seen once in CI).
+        gc.collect()
         dist.barrier()  # every rank done before any tears the group down
     finally:
         dist.destroy_process_group()
