@@ -24,26 +24,27 @@ MAX_BLOCK_C = 4096
 
 
 @triton.jit
-def _class_weights(weight_ptr, cols, mask, HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """w_c for a chunk of classes: the class weights, or 1 without them."""
+def _class_weights(weight_ptr, stride_weight, cols, mask,
+                   HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """w_c for a chunk of classes (int64 ``cols``): the class weights, or 1 without them."""
     if HAS_WEIGHT:
-        return tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC_DTYPE)
+        return tl.load(weight_ptr + cols * stride_weight, mask=mask, other=0.0).to(ACC_DTYPE)
     return tl.full((BLOCK_C,), 1.0, ACC_DTYPE)
 
 
 @triton.jit
-def _target_weight(weight_ptr, y, C, HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _target_weight(weight_ptr, stride_weight, y, C, HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """w_y, NaN when y is out of [0, C): nothing is read out of bounds."""
     in_range = (y >= 0) & (y < C)
     if HAS_WEIGHT:
-        return tl.load(weight_ptr + y, mask=in_range, other=float("nan")).to(ACC_DTYPE)
+        return tl.load(weight_ptr + y * stride_weight, mask=in_range, other=float("nan")).to(ACC_DTYPE)
     return tl.where(in_range, 1.0, float("nan")).to(ACC_DTYPE)
 
 
 @triton.jit
 def _row_gradient(
     logits_row_ptr, grad_row_ptr, weight_ptr,
-    stride_col, grad_stride_col, C, y, lse, w_y, weight_total, scale, valid, label_smoothing,
+    stride_col, grad_stride_col, stride_weight, C, y, lse, w_y, weight_total, scale, valid, label_smoothing,
     HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Write scale * dloss_i/dx for one row (the formula at the top of the
@@ -53,10 +54,10 @@ def _row_gradient(
     w_y = tl.where(valid, w_y, 0.0)
     coef = (1 - label_smoothing) * w_y + label_smoothing / C * weight_total
     for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
+        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
         mask = cols < C
         x = tl.load(logits_row_ptr + cols * stride_col, mask=mask, other=0.0).to(ACC_DTYPE)
-        w = _class_weights(weight_ptr, cols, mask, HAS_WEIGHT, ACC_DTYPE, BLOCK_C)
+        w = _class_weights(weight_ptr, stride_weight, cols, mask, HAS_WEIGHT, ACC_DTYPE, BLOCK_C)
         p = tl.exp(x - lse)
         grad = (p * coef - label_smoothing / C * w - tl.where(cols == y, (1 - label_smoothing) * w_y, 0.0)) * factor
         tl.store(grad_row_ptr + cols * grad_stride_col, grad.to(grad_row_ptr.dtype.element_ty), mask=mask)
@@ -77,6 +78,8 @@ def cross_entropy_forward_kernel(
     C,  # classes per row
     stride_row, stride_col,  # x[i, c] at logits_ptr + i * stride_row + c * stride_col
     grad_stride_row, grad_stride_col,  # the same for the gradient
+    stride_target,  # y[i] at target_ptr + i * stride_target
+    stride_weight,  # w[c] at weight_ptr + c * stride_weight
     ignore_index,  # target value whose row is skipped
     # meta-parameters
     HAS_WEIGHT: tl.constexpr,
@@ -86,7 +89,7 @@ def cross_entropy_forward_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row_ptr = logits_ptr + row * stride_row
-    y = tl.load(target_ptr + row).to(tl.int64)
+    y = tl.load(target_ptr + row * stride_target).to(tl.int64)
     valid = y != ignore_index
     in_range = (y >= 0) & (y < C)
 
@@ -94,7 +97,7 @@ def cross_entropy_forward_kernel(
     m = tl.full((), -float("inf"), ACC_DTYPE)
     d = tl.zeros((), ACC_DTYPE)
     for start in range(0, C, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
+        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
         x = tl.load(logits_row_ptr + cols * stride_col, mask=cols < C, other=-float("inf")).to(ACC_DTYPE)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # a chunk (or a row so far) of only -inf adds nothing, rather than exp(-inf + inf) = NaN
@@ -105,16 +108,16 @@ def cross_entropy_forward_kernel(
     x_y = tl.load(logits_row_ptr + y * stride_col, mask=in_range, other=float("nan")).to(ACC_DTYPE)
     label_smoothing = tl.load(constants_ptr)
     weight_total = tl.load(constants_ptr + 1)
-    w_y = _target_weight(weight_ptr, y, C, HAS_WEIGHT, ACC_DTYPE)
+    w_y = _target_weight(weight_ptr, stride_weight, y, C, HAS_WEIGHT, ACC_DTYPE)
     loss = (1 - label_smoothing) * w_y * (lse - x_y)
     if label_smoothing > 0:
         # -(eps / C) * sum_c w_c * (x_c - lse), summed in that order as native does
         smooth = tl.zeros((), ACC_DTYPE)
         for start in range(0, C, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
+            cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
             mask = cols < C
             x = tl.load(logits_row_ptr + cols * stride_col, mask=mask, other=0.0).to(ACC_DTYPE)
-            w = _class_weights(weight_ptr, cols, mask, HAS_WEIGHT, ACC_DTYPE, BLOCK_C)
+            w = _class_weights(weight_ptr, stride_weight, cols, mask, HAS_WEIGHT, ACC_DTYPE, BLOCK_C)
             smooth += tl.sum(tl.where(mask, w * (x - lse), 0.0), axis=0)
         loss -= label_smoothing / C * smooth
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
@@ -122,7 +125,7 @@ def cross_entropy_forward_kernel(
     tl.store(row_weight_ptr + row, tl.where(valid, w_y, 0.0))
     if WRITE_GRAD:
         _row_gradient(logits_row_ptr, grad_ptr + row * grad_stride_row, weight_ptr, stride_col, grad_stride_col,
-                      C, y, lse, w_y, weight_total, 1.0, valid, label_smoothing,
+                      stride_weight, C, y, lse, w_y, weight_total, 1.0, valid, label_smoothing,
                       HAS_WEIGHT=HAS_WEIGHT, ACC_DTYPE=ACC_DTYPE, BLOCK_C=BLOCK_C)
 
 
@@ -140,6 +143,9 @@ def cross_entropy_backward_kernel(
     C,
     stride_row, stride_col,
     grad_stride_row, grad_stride_col,
+    stride_target, stride_weight,
+    stride_lse,  # lse_i at lse_ptr + i * stride_lse
+    stride_scale,  # s_i at scale_ptr + i * stride_scale: 0 for the one scale of a reduced loss
     ignore_index,
     # meta-parameters
     HAS_WEIGHT: tl.constexpr,
@@ -147,12 +153,13 @@ def cross_entropy_backward_kernel(
     BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    y = tl.load(target_ptr + row).to(tl.int64)
+    y = tl.load(target_ptr + row * stride_target).to(tl.int64)
     label_smoothing = tl.load(constants_ptr)
     weight_total = tl.load(constants_ptr + 1)
-    w_y = _target_weight(weight_ptr, y, C, HAS_WEIGHT, ACC_DTYPE)
+    w_y = _target_weight(weight_ptr, stride_weight, y, C, HAS_WEIGHT, ACC_DTYPE)
+    row_scale = tl.load(scale_ptr + row * stride_scale).to(ACC_DTYPE)
     _row_gradient(logits_ptr + row * stride_row, grad_ptr + row * grad_stride_row, weight_ptr, stride_col,
-                  grad_stride_col, C, y, tl.load(lse_ptr + row), w_y, weight_total, tl.load(scale_ptr + row),
+                  grad_stride_col, stride_weight, C, y, tl.load(lse_ptr + row * stride_lse), w_y, weight_total, row_scale,
                   y != ignore_index, label_smoothing,
                   HAS_WEIGHT=HAS_WEIGHT, ACC_DTYPE=ACC_DTYPE, BLOCK_C=BLOCK_C)
 
@@ -177,10 +184,17 @@ def _constants(logits, weight, label_smoothing):
     return constants
 
 
+def _strides(target, weight):
+    """(stride of target, stride of weight): both are read through their strides."""
+    return target.stride(0), weight.stride(0) if weight is not None else 0
+
+
 def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, grad=None):
     """Per-row loss, log-sum-exp and target weight of ``logits`` (R, C) against
-    class indices ``target`` (R,). When ``grad`` (R, C) is given (it may be
-    ``logits`` itself), the unscaled dloss_i/dx is written into it too.
+    class indices ``target`` (R,), with class weights ``weight`` (C,) or None.
+    When ``grad`` (R, C) is given (it may be ``logits`` itself), the unscaled
+    dloss_i/dx is written into it too. Every argument is read (and ``grad``
+    written) through its strides; none is copied.
     Returns ``(loss, lse, row_weight)``, each (R,), in the accumulation dtype."""
     rows, classes = logits.shape
     acc = accumulation_dtype(logits.dtype)
@@ -192,6 +206,7 @@ def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing,
         loss, lse, row_weight, grad if grad is not None else logits,
         classes, logits.stride(0), logits.stride(1),
         *(grad.stride() if grad is not None else (0, 0)),
+        *_strides(target, weight),
         ignore_index,
         HAS_WEIGHT=weight is not None, WRITE_GRAD=grad is not None, **_launch_meta(logits),
     )
@@ -199,18 +214,19 @@ def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing,
 
 
 def cross_entropy_backward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
-    """dL/dx (R, C) from the saved ``logits``, ``lse`` and the per-row
-    ``row_scale`` = dL/dloss_i."""
+    """dL/dx (R, C) from the saved ``logits``, ``lse`` (R,) and the per-row
+    ``row_scale`` (R,) = dL/dloss_i. Every argument is read through its
+    strides (the one scale of a reduced loss arrives expanded, stride 0, and
+    is read so, not copied); the gradient is a new contiguous tensor."""
     rows, classes = logits.shape
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if rows == 0:
         return grad
-    # the scale of a reduced loss arrives expanded (stride 0): give each row its own
-    row_scale = row_scale.to(accumulation_dtype(logits.dtype)).expand(rows).contiguous()
     cross_entropy_backward_kernel[(rows,)](
         logits, target, weight if weight is not None else logits, _constants(logits, weight, label_smoothing),
         lse, row_scale, grad,
         classes, logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
+        *_strides(target, weight), lse.stride(0), row_scale.stride(0),
         ignore_index,
         HAS_WEIGHT=weight is not None, **_launch_meta(logits),
     )

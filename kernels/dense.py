@@ -54,6 +54,7 @@ def dense_matmul_kernel(
     stride_am, stride_ak,  # A[m, k] at a_ptr + m * stride_am + k * stride_ak
     stride_bk, stride_bn,  # B[k, n] at b_ptr + k * stride_bk + n * stride_bn
     stride_cm, stride_cn,  # C[m, n] at c_ptr + m * stride_cm + n * stride_cn
+    stride_bias,  # bias[n] at bias_ptr + n * stride_bias
     # meta-parameters
     HAS_BIAS: tl.constexpr,  # add bias in the epilogue
     RELU: tl.constexpr,  # max(., 0) in the epilogue, after the bias
@@ -100,7 +101,7 @@ def dense_matmul_kernel(
         if block_n == 0:  # one column of programs writes the row sums
             tl.store(row_sum_ptr + offs_m, row_sum.to(row_sum_ptr.dtype.element_ty), mask=mask_m)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     if RELU:
         acc = tl.where(acc < 0, 0, acc)  # NaN passes through, as in torch.relu
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -117,7 +118,8 @@ def _input_precision(dtype: torch.dtype, device: torch.device) -> str:
 def dense_matmul(a, b, bias=None, relu=False, row_sum=False):
     """C = act(A @ B + bias) for 2-D ``a`` (M, K) and ``b`` (K, N) of any strides.
 
-    Returns ``C`` (M, N), contiguous, the dtype of ``a``, and, when
+    Every argument is read through its strides (``bias`` (N,) too); none is
+    copied. Returns ``C`` (M, N), contiguous, the dtype of ``a``, and, when
     ``row_sum``, also the sums of each row of ``a`` (M,).
     """
     M, K = a.shape
@@ -136,6 +138,7 @@ def dense_matmul(a, b, bias=None, relu=False, row_sum=False):
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1),
         c.stride(0), c.stride(1),
+        bias.stride(0) if bias is not None else 0,
         HAS_BIAS=bias is not None,
         RELU=relu,
         ROW_SUM=row_sum,
