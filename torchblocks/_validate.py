@@ -11,9 +11,22 @@ def require_tensor(fn: str, name: str, value) -> None:
 
 
 def require_real(fn: str, name: str, tensor: torch.Tensor) -> None:
-    """A real number dtype: floating point or integer, not bool or complex."""
-    if tensor.dtype == torch.bool or tensor.is_complex():
-        raise TypeError(f"{fn}: {name} must be a floating-point or integer tensor, got dtype {tensor.dtype}")
+    """A real number dtype: floating point or integer, not bool or complex
+    (native raises NotImplementedError for complex, RuntimeError for bool)."""
+    if tensor.is_complex():
+        raise NotImplementedError(f"{fn}: {name} must be a floating-point or integer tensor, got dtype {tensor.dtype}")
+    if tensor.dtype == torch.bool:
+        raise RuntimeError(f"{fn}: {name} must be a floating-point or integer tensor, got dtype {tensor.dtype}")
+
+
+def require_no_internal_overlap(fn: str, name: str, tensor: torch.Tensor) -> None:
+    """A tensor written in place must not hold one memory location at several
+    indices (a dimension of stride 0, e.g. from ``expand``), as native requires."""
+    if any(size > 1 and stride == 0 for size, stride in zip(tensor.shape, tensor.stride())):
+        raise RuntimeError(
+            f"{fn}: {name} is written in place, so no two of its elements may share a memory location; got shape "
+            f"{tuple(tensor.shape)} with strides {tensor.stride()} (expanded). Please clone() it first"
+        )
 
 
 def require_bool(fn: str, name: str, value) -> None:
@@ -27,13 +40,17 @@ def require_floating(fn: str, name: str, tensor: torch.Tensor) -> None:
 
 
 def require_like(fn: str, name: str, tensor: torch.Tensor, reference_name: str, reference: torch.Tensor) -> None:
-    """``tensor`` has the dtype and device of ``reference``."""
+    """``tensor`` has the dtype and device of ``reference`` (RuntimeError, as native)."""
     if tensor.dtype != reference.dtype:
-        raise TypeError(
+        raise RuntimeError(
             f"{fn}: {name} must have the dtype of {reference_name} ({reference.dtype}), got {tensor.dtype}"
         )
+    require_same_device(fn, name, tensor, reference_name, reference)
+
+
+def require_same_device(fn: str, name: str, tensor: torch.Tensor, reference_name: str, reference: torch.Tensor):
     if tensor.device != reference.device:
-        raise ValueError(
+        raise RuntimeError(
             f"{fn}: {name} must be on the device of {reference_name} ({reference.device}), got {tensor.device}"
         )
 
@@ -66,9 +83,16 @@ def autocast_to_float32(*tensors):
     )
 
 
-def require_probability(fn: str, name: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{fn}: {name} must be a number in [0, 1], got {value!r}")
+def label_smoothing_value(fn: str, value) -> float:
+    """The smoothing eps that native applies: any number (or one-element
+    tensor) up to 1, where a negative one means none. Above 1: RuntimeError."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: label_smoothing must be a float, got {type(value).__name__}")
+    if not value <= 1.0:
+        raise RuntimeError(f"{fn}: label_smoothing must be between 0.0 and 1.0, got {value!r}")
+    return max(float(value), 0.0)
 
 
 def require_int(fn: str, name: str, value) -> None:

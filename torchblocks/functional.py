@@ -9,20 +9,27 @@ from typing import Optional
 
 import torch
 
-from torchblocks._ops.cross_entropy import REDUCTIONS, CrossEntropyFunction, ProbabilityCrossEntropyFunction
+from torchblocks._ops.cross_entropy import (
+    REDUCTIONS,
+    CrossEntropyFunction,
+    ProbabilityCrossEntropyFunction,
+    reduce_rows,
+)
 from torchblocks._ops.dense import DenseFunction
 from torchblocks._ops.dense_cross_entropy import DenseCrossEntropyFunction, default_chunk_rows
 from torchblocks._ops.relu import ReLUFunction
 from torchblocks._validate import (
     autocast_like_native,
     autocast_to_float32,
+    label_smoothing_value,
     require_bool,
     require_choice,
     require_floating,
     require_int,
     require_like,
-    require_probability,
+    require_no_internal_overlap,
     require_real,
+    require_same_device,
     require_tensor,
 )
 
@@ -35,21 +42,22 @@ ACTIVATIONS = (None, "relu")
 
 def _check_linear(fn, input, weight, bias, outputs_name):
     """Checks shared by the layers that compute input @ weight^T + bias, whose
-    weight is (``outputs_name``, in_features); returns that shape."""
+    weight is (``outputs_name``, in_features); returns that shape. What native
+    rejects raises RuntimeError, as native's does."""
     require_floating(fn, "input", input)
     require_like(fn, "weight", weight, "input", input)
     if weight.dim() != 2:
-        raise ValueError(f"{fn}: weight must be 2-D ({outputs_name}, in_features), got shape {tuple(weight.shape)}")
+        raise RuntimeError(f"{fn}: weight must be 2-D ({outputs_name}, in_features), got shape {tuple(weight.shape)}")
     outputs, in_features = weight.shape
     if input.dim() == 0 or input.shape[-1] != in_features:
-        raise ValueError(
+        raise RuntimeError(
             f"{fn}: input's last dimension must be in_features = weight.shape[1] = {in_features}, "
             f"got input of shape {tuple(input.shape)}"
         )
     if bias is not None:
         require_like(fn, "bias", bias, "input", input)
         if bias.shape != (outputs,):
-            raise ValueError(f"{fn}: bias must have shape ({outputs_name},) = ({outputs},), got {tuple(bias.shape)}")
+            raise RuntimeError(f"{fn}: bias must have shape ({outputs_name},) = ({outputs},), got {tuple(bias.shape)}")
     return outputs, in_features
 
 
@@ -110,14 +118,17 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """
     require_tensor("relu", "input", input)
     require_real("relu", "input", input)
-    require_bool("relu", "inplace", inplace)
+    inplace = bool(inplace)  # any truthy value, as F.relu takes it
+    if inplace:
+        require_no_internal_overlap("relu", "input", input)
     return ReLUFunction.apply(input, inplace)
 
 
-def _check_loss_options(fn, ignore_index, reduction, label_smoothing):
+def _check_loss_options(fn, ignore_index, reduction, label_smoothing) -> float:
+    """Checks shared by the losses; returns the label smoothing to apply."""
     require_int(fn, "ignore_index", ignore_index)
     require_choice(fn, "reduction", reduction, REDUCTIONS)
-    require_probability(fn, "label_smoothing", label_smoothing)
+    return label_smoothing_value(fn, label_smoothing)
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -177,49 +188,55 @@ def softmax_cross_entropy(
     require_tensor(fn, "target", target)
     if weight is not None:
         require_tensor(fn, "weight", weight)
-    _check_loss_options(fn, ignore_index, reduction, label_smoothing)
+    label_smoothing = _check_loss_options(fn, ignore_index, reduction, label_smoothing)
     require_bool(fn, "inplace_backward", inplace_backward)
     input, weight = autocast_to_float32(input, weight)
-    require_floating(fn, "input", input)
+    if not input.is_floating_point():
+        raise NotImplementedError(f"{fn}: input must be a floating-point tensor, got dtype {input.dtype}")
     if input.dim() == 0:
-        raise ValueError(f"{fn}: input must have a class dimension, (C), (N, C) or (N, C, d1, ...), got a scalar")
+        raise RuntimeError(f"{fn}: input must have a class dimension, (C), (N, C) or (N, C, d1, ...), got a scalar")
     classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if weight is not None:
         require_like(fn, "weight", weight, "input", input)
         if weight.shape != (classes,):
-            raise ValueError(f"{fn}: weight must have shape (C,) = ({classes},), got {tuple(weight.shape)}")
-    if target.device != input.device:
-        raise ValueError(f"{fn}: target must be on the device of input ({input.device}), got {target.device}")
+            raise RuntimeError(f"{fn}: weight must have shape (C,) = ({classes},), got {tuple(weight.shape)}")
+    require_same_device(fn, "target", target, "input", input)
+    rows_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
+    if target.is_floating_point() and target.shape == input.shape:
+        out_dtype = torch.promote_types(input.dtype, target.dtype)
+        loss = ProbabilityCrossEntropyFunction.apply(_rows(input), _rows(target), weight, label_smoothing)
+        loss = reduce_rows(loss, loss.new_tensor(float(loss.shape[0])), reduction, out_dtype)
+        return loss.reshape(rows_shape) if reduction == "none" else loss
     if target.is_floating_point():
-        if target.shape != input.shape:
-            raise ValueError(
-                f"{fn}: target of class probabilities must have the shape of input {tuple(input.shape)}, "
-                f"got {tuple(target.shape)}"
-            )
-        loss = ProbabilityCrossEntropyFunction.apply(
-            _rows(input), _rows(target.to(input.dtype)), weight, reduction, float(label_smoothing)
+        raise RuntimeError(
+            f"{fn}: target of class probabilities must have the shape of input {tuple(input.shape)}, got "
+            f"{tuple(target.shape)}; class indices must be integers (int64 or uint8: use target.long())"
         )
-        return loss.reshape(target.shape[:1] + target.shape[2:] if input.dim() > 1 else ()) if reduction == "none" else loss
     if target.dtype not in INDEX_DTYPES:
-        raise TypeError(
+        raise RuntimeError(
             f"{fn}: target must hold class indices (int64 or uint8) or class probabilities (floating point), "
             f"got dtype {target.dtype}"
         )
-    expected_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
-    if target.shape != expected_shape:
-        raise ValueError(
-            f"{fn}: target of class indices must have shape {tuple(expected_shape)} for input of shape "
+    if target.shape != rows_shape:
+        batch_mismatch = input.dim() == 1 or target.dim() == 0 or target.shape[0] != input.shape[0]
+        raise (ValueError if batch_mismatch else RuntimeError)(
+            f"{fn}: target of class indices must have shape {tuple(rows_shape)} for input of shape "
             f"{tuple(input.shape)}, got {tuple(target.shape)}"
+        )
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{fn}: weight is not differentiable with class-index targets (as in F.cross_entropy), so it must "
+            "not require grad; detach() it"
         )
     if inplace_backward and input.requires_grad and input.grad_fn is None:
         raise ValueError(
             f"{fn}: inplace_backward=True overwrites input with its gradient, so input must be computed by "
             "another op; got a leaf tensor that requires grad"
         )
-    loss = CrossEntropyFunction.apply(
-        _rows(input), target.reshape(-1), weight, ignore_index, reduction, float(label_smoothing),
-        inplace_backward,
-    )
+    in_place = inplace_backward and input.requires_grad and torch.is_grad_enabled()
+    loss, row_weight, _ = CrossEntropyFunction.apply(
+        _rows(input), target.reshape(-1), weight, ignore_index, label_smoothing, in_place)
+    loss = reduce_rows(loss, row_weight.sum(), reduction, input.dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
@@ -264,26 +281,28 @@ def dense_cross_entropy(
     require_tensor(fn, "target", target)
     if bias is not None:
         require_tensor(fn, "bias", bias)
-    _check_loss_options(fn, ignore_index, reduction, label_smoothing)
+    label_smoothing = _check_loss_options(fn, ignore_index, reduction, label_smoothing)
     autocast = torch.is_autocast_enabled(input.device.type)
     input, weight, bias = autocast_like_native(input, weight, bias)
     classes, in_features = _check_linear(fn, input, weight, bias, "C")
     if target.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{fn}: target must hold class indices (int64 or uint8), got dtype {target.dtype}")
+        raise RuntimeError(f"{fn}: target must hold class indices (int64 or uint8), got dtype {target.dtype}")
     if target.shape != input.shape[:-1]:
         raise ValueError(
             f"{fn}: target must have shape {tuple(input.shape[:-1])} for input of shape {tuple(input.shape)}, "
             f"got {tuple(target.shape)}"
         )
-    if target.device != input.device:
-        raise ValueError(f"{fn}: target must be on the device of input ({input.device}), got {target.device}")
+    require_same_device(fn, "target", target, "input", input)
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1):
         raise ValueError(f"{fn}: chunk_rows must be a positive int or None, got {chunk_rows!r}")
     rows = math.prod(input.shape[:-1])
+    # the gradients are computed in the forward pass when they will be needed
+    grads_now = reduction != "none" and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias))
     loss = DenseCrossEntropyFunction.apply(
         input.reshape(rows, in_features), weight, bias, target.reshape(rows), ignore_index, reduction,
-        float(label_smoothing), chunk_rows or default_chunk_rows(rows, in_features, classes),
-    )
+        label_smoothing, chunk_rows or default_chunk_rows(rows, in_features, classes), grads_now,
+    )[0]
     if reduction == "none":
         loss = loss.reshape(target.shape)
     return loss.float() if autocast else loss  # native computes the loss in float32 under autocast

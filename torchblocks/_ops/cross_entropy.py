@@ -9,6 +9,7 @@ Class-probability targets t, smoothed t' = (1 - eps) * t + eps / C:
     loss_i = -sum_c w_c * t'_c * log p_c
 Backward:
     dL/dx_c = s_i * (p_c * sum_c' w_c' * t'_c' - w_c * t'_c),   dL/dt_c = -s_i * (1 - eps) * w_c * log p_c
+    dL/dw_c = -sum_i s_i * t'_ic * log p_ic
 
 Reductions: "none" keeps loss_i; "sum" adds them; "mean" divides the sum by
 sum_i w_y over rows not ignored (index targets) or by R (probability targets).
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
+from torchblocks._ops._vmap import by_loop, fold_rows
 from torchblocks._validate import require_class_indices
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -147,78 +149,158 @@ def _(logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
 
 
 def reduce_rows(loss, divisor, reduction, dtype):
-    """The reduction of the per-row losses, in ``dtype``."""
+    """The reduction of the per-row losses, in ``dtype``, in differentiable
+    ops: autograd hands each row its s_i = dL/dloss_i."""
     if reduction == "none":
         return loss.to(dtype)
     total = loss.sum()
     return (total / divisor if reduction == "mean" else total).to(dtype)
 
 
-def row_scale(grad_output, divisor, reduction, rows):
-    """s_i = dL/dloss_i for every row, from the incoming gradient."""
-    if reduction == "none":
-        return grad_output
-    scale = grad_output / divisor if reduction == "mean" else grad_output
-    return scale.expand(rows)
-
-
 class CrossEntropyFunction(torch.autograd.Function):
-    """Index targets. With ``inplace_backward`` the forward writes dloss_i/dx
-    into the logits' storage (autograd's version counter sees the write) and
-    the backward only scales it."""
+    """Index targets, per row: ``(loss_i, w_y or 0 where ignored)``; the
+    second output is not differentiable. With ``inplace_backward`` the forward
+    writes dloss_i/dx into the logits' storage (autograd's version counter
+    sees the write) and the backward only scales it."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, inplace_backward):
-        in_place = inplace_backward and ctx.needs_input_grad[0]
-        forward = torch.ops.torchblocks.cross_entropy_forward_grad_ if in_place else torch.ops.torchblocks.cross_entropy_forward
+    def forward(logits, target, weight, ignore_index, label_smoothing, inplace_backward):
+        forward = (torch.ops.torchblocks.cross_entropy_forward_grad_ if inplace_backward
+                   else torch.ops.torchblocks.cross_entropy_forward)
         loss, lse, row_weight = forward(logits, target, weight, ignore_index, label_smoothing)
-        divisor = row_weight.sum()
-        ctx.options = (ignore_index, reduction, label_smoothing, in_place)
-        ctx.save_for_backward(logits, target, weight, lse, divisor)
-        return reduce_rows(loss, divisor, reduction, logits.dtype)
+        return loss, row_weight, lse
 
     @staticmethod
-    def backward(ctx, grad_output):
-        logits, target, weight, lse, divisor = ctx.saved_tensors
-        ignore_index, reduction, label_smoothing, in_place = ctx.options
-        scale = row_scale(grad_output, divisor, reduction, logits.shape[0])
-        if in_place:  # logits now hold dloss_i/dx; ignored rows stay 0 even if the mean is 0/0
-            scale = torch.where(target != ignore_index, scale, 0.0)
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, ignore_index, label_smoothing, inplace_backward = inputs
+        _, row_weight, lse = output
+        ctx.mark_non_differentiable(row_weight, lse)
+        ctx.options = (ignore_index, label_smoothing, inplace_backward)
+        ctx.save_for_backward(logits, target, weight, lse)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_row_weight, grad_lse):
+        logits, target, weight, lse = ctx.saved_tensors
+        ignore_index, label_smoothing, inplace_backward = ctx.options
+        if not inplace_backward:
+            grad_logits = CrossEntropyBackwardFunction.apply(
+                logits, target, weight, lse, grad_loss, ignore_index, label_smoothing)
+        elif torch.is_grad_enabled():
+            raise RuntimeError(
+                "softmax_cross_entropy: inplace_backward=True overwrote the logits with the gradient, so no "
+                "gradient of the gradient exists (create_graph=True); use inplace_backward=False")
+        else:  # the logits hold dloss_i/dx; ignored rows stay 0 even if the mean is 0/0
+            scale = torch.where(target != ignore_index, grad_loss, 0.0)
             grad_logits = logits.mul_(scale.to(logits.dtype)[:, None])
-        else:
-            grad_logits = torch.ops.torchblocks.cross_entropy_backward(
-                logits, target, weight, lse, scale, ignore_index, label_smoothing
-            )
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, logits, target, weight, ignore_index, label_smoothing, inplace_backward):
+        args = (logits, target, weight, ignore_index, label_smoothing, inplace_backward)
+        if inplace_backward:  # folding could copy the logits; a loop writes into views of them
+            return by_loop(CrossEntropyFunction, info, in_dims, *args)
+        return fold_rows(CrossEntropyFunction, info, in_dims, args, row_args=(0, 1))
+
+
+class CrossEntropyBackwardFunction(torch.autograd.Function):
+    """dL/dx = s_i * g_i(x) (the backward formula at the top) as a Function of
+    its own, for a gradient of the gradient. With a_i = (1 - eps) * w_y +
+    (eps / C) * W, f_i = s_i (0 where ignored) and upstream H = d(.)/d(dL/dx):
+        d(.)/ds_i  = sum_c H_ic * g_ic                        (0 where ignored)
+        d(.)/dx_ic = f_i * a_i * p_ic * (H_ic - sum_c' H_ic' * p_ic')
+    computed in differentiable ops from x (p recomputed, not saved), so
+    higher derivatives follow too."""
+
+    @staticmethod
+    def forward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
+        return torch.ops.torchblocks.cross_entropy_backward(
+            logits, target, weight, lse, row_scale, ignore_index, label_smoothing)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, _, row_scale, ignore_index, label_smoothing = inputs
+        ctx.options = (ignore_index, label_smoothing)
+        ctx.save_for_backward(logits, target, weight, row_scale)
+
+    @staticmethod
+    def backward(ctx, upstream):
+        logits, target, weight, row_scale = ctx.saved_tensors
+        ignore_index, label_smoothing = ctx.options
+        acc = accumulation_dtype(logits.dtype)
+        x, upstream = logits.to(acc), upstream.to(acc)
+        classes = x.shape[1]
+        valid = target != ignore_index
+        index, w_y = _target_weight(target, weight, classes, acc)
+        w_y = torch.where(valid, w_y, 0.0)
+        weight_total = weight.to(acc).sum() if weight is not None else classes
+        row_coef = (1 - label_smoothing) * w_y + label_smoothing / classes * weight_total
+        p = (x - _log_sum_exp(x)[:, None]).exp()
+        grad_rows = p * row_coef[:, None] - label_smoothing / classes * (weight.to(acc) if weight is not None else 1.0)
+        grad_rows = grad_rows - torch.zeros_like(p).scatter_(1, index[:, None], ((1 - label_smoothing) * w_y)[:, None])
+        grad_row_scale = grad_logits = None
+        if ctx.needs_input_grad[4]:
+            grad_row_scale = torch.where(valid, (upstream * grad_rows).sum(dim=1), 0.0).to(row_scale.dtype)
+        if ctx.needs_input_grad[0]:
+            factor = torch.where(valid, row_scale.to(acc), 0.0) * row_coef
+            grad_logits = factor[:, None] * p * (upstream - (upstream * p).sum(dim=1, keepdim=True))
+            grad_logits = grad_logits.to(logits.dtype)
+        return grad_logits, None, None, None, grad_row_scale, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
+        args = (logits, target, weight, lse, row_scale, ignore_index, label_smoothing)
+        return fold_rows(CrossEntropyBackwardFunction, info, in_dims, args, row_args=(0, 1, 3, 4))
 
 
 class ProbabilityCrossEntropyFunction(torch.autograd.Function):
-    """Class-probability targets, in plain PyTorch ops on every backend."""
+    """Class-probability targets, per row, in plain PyTorch ops on every
+    backend. The backward is written in differentiable ops from the saved
+    inputs (log p recomputed, not saved), so it can be differentiated again."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, reduction, label_smoothing):
-        acc = accumulation_dtype(logits.dtype)
-        classes = logits.shape[1]
-        log_p = logits.to(acc) - _log_sum_exp(logits.to(acc))[:, None]
-        weighted_target = target.to(acc) * (1 - label_smoothing) + label_smoothing / classes
-        if weight is not None:
-            weighted_target = weighted_target * weight.to(acc)
-        loss = -(log_p * weighted_target).sum(dim=1)
-        ctx.options = (reduction, label_smoothing)
-        ctx.save_for_backward(log_p, weighted_target, weight)
-        return reduce_rows(loss, loss.new_tensor(float(logits.shape[0])), reduction, logits.dtype)
+    def forward(logits, target, weight, label_smoothing):
+        log_p, smoothed = _log_probabilities(logits), _smoothed(target, label_smoothing)
+        return -(log_p * _weighted(smoothed, weight)).sum(dim=1)
 
     @staticmethod
-    def backward(ctx, grad_output):
-        log_p, weighted_target, weight = ctx.saved_tensors
-        reduction, label_smoothing = ctx.options
-        rows = log_p.shape[0]
-        scale = row_scale(grad_output.to(log_p.dtype), float(rows), reduction, rows)[:, None]
-        grad_logits = grad_target = None
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, label_smoothing = inputs
+        ctx.label_smoothing = label_smoothing
+        ctx.save_for_backward(logits, target, weight)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, target, weight = ctx.saved_tensors
+        log_p, smoothed = _log_probabilities(logits), _smoothed(target, ctx.label_smoothing)
+        weighted = _weighted(smoothed, weight)
+        scale = grad_loss.to(log_p.dtype)[:, None]
+        grad_logits = grad_target = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_logits = (scale * (log_p.exp() * weighted_target.sum(dim=1, keepdim=True) - weighted_target))
-            grad_logits = grad_logits.to(grad_output.dtype)
+            grad_logits = (scale * (log_p.exp() * weighted.sum(dim=1, keepdim=True) - weighted)).to(logits.dtype)
         if ctx.needs_input_grad[1]:
             w = weight.to(log_p.dtype) if weight is not None else 1.0
-            grad_target = (-scale * (1 - label_smoothing) * w * log_p).to(grad_output.dtype)
-        return grad_logits, grad_target, None, None, None
+            grad_target = (-scale * (1 - ctx.label_smoothing) * w * log_p).to(target.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_weight = (-scale * smoothed * log_p).sum(dim=0).to(weight.dtype)
+        return grad_logits, grad_target, grad_weight, None
+
+    @staticmethod
+    def vmap(info, in_dims, logits, target, weight, label_smoothing):
+        args = (logits, target, weight, label_smoothing)
+        return fold_rows(ProbabilityCrossEntropyFunction, info, in_dims, args, row_args=(0, 1))
+
+
+def _log_probabilities(logits):
+    """log p = x - lse(x), in the accumulation dtype."""
+    x = logits.to(accumulation_dtype(logits.dtype))
+    return x - _log_sum_exp(x)[:, None]
+
+
+def _smoothed(target, label_smoothing):
+    """t' = (1 - eps) * t + eps / C, in the accumulation dtype."""
+    return target.to(accumulation_dtype(target.dtype)) * (1 - label_smoothing) + label_smoothing / target.shape[1]
+
+
+def _weighted(smoothed, weight):
+    """w_c * t'_c."""
+    return smoothed * weight.to(smoothed.dtype) if weight is not None else smoothed

@@ -3,6 +3,8 @@
 Backward (y saved under relu: y > 0 exactly where x @ W^T + b > 0):
     g = dL/dy * 1[y > 0] under relu, else dL/dy
     dL/dx = g @ W,    dL/dW = g^T @ x,    dL/db = sum over rows of g
+Each product is bilinear, so the backward is built from differentiable
+Functions (the mask, the GEMMs) and double backward needs nothing more.
 """
 
 from typing import Optional
@@ -10,7 +12,8 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
-from torchblocks._ops import relu as _relu  # noqa: F401  (registers torchblocks::relu_backward)
+from torchblocks._ops._vmap import fold_rows
+from torchblocks._ops.relu import ReLUBackwardFunction
 
 
 @torch.library.custom_op("torchblocks::dense", mutates_args=())
@@ -60,29 +63,88 @@ def _(a, b):
 
 class DenseFunction(torch.autograd.Function):
     """dense on a 2-D input; saves x only if dW is needed, W only if dx is,
-    and y only under relu."""
+    and y only under relu. Its backward is made of Functions (the ReLU mask,
+    the GEMMs), so it can itself be differentiated."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, relu):
-        output = torch.ops.torchblocks.dense(input, weight, bias, relu)
-        needs_input, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(input, weight, bias, relu):
+        return torch.ops.torchblocks.dense(input, weight, bias, relu)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, relu = inputs
+        needs_input, needs_weight = ctx.needs_input_grad[:2]
         ctx.relu = relu
         ctx.save_for_backward(
             input if needs_weight else None, weight if needs_input else None, output if relu else None
         )
-        return output
 
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, output = ctx.saved_tensors
         needs_input, needs_weight, needs_bias, _ = ctx.needs_input_grad
-        grad = torch.ops.torchblocks.relu_backward(grad_output, output) if ctx.relu else grad_output
-        grad_input = torch.ops.torchblocks.matmul(grad, weight) if needs_input else None
+        grad = ReLUBackwardFunction.apply(grad_output, output) if ctx.relu else grad_output
+        grad_input = MatmulFunction.apply(grad, weight) if needs_input else None
         grad_weight = grad_bias = None
         if needs_weight and needs_bias:
-            grad_weight, grad_bias = torch.ops.torchblocks.matmul_row_sum(grad.t(), input)
+            grad_weight, grad_bias = MatmulRowSumFunction.apply(grad.t(), input)
         elif needs_weight:
-            grad_weight = torch.ops.torchblocks.matmul(grad.t(), input)
+            grad_weight = MatmulFunction.apply(grad.t(), input)
         elif needs_bias:
             grad_bias = grad.sum(dim=0)
         return grad_input, grad_weight, grad_bias, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, relu):
+        return fold_rows(DenseFunction, info, in_dims, (input, weight, bias, relu), row_args=(0,))
+
+
+class MatmulFunction(torch.autograd.Function):
+    """C = A @ B, the gradient GEMMs of Dense, differentiable in turn:
+        dA = dC @ B^T,    dB = A^T @ dC
+    """
+
+    @staticmethod
+    def forward(a, b):
+        return torch.ops.torchblocks.matmul(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, b = inputs
+        ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None)
+
+    @staticmethod
+    def backward(ctx, grad_c):
+        a, b = ctx.saved_tensors
+        grad_a = MatmulFunction.apply(grad_c, b.t()) if ctx.needs_input_grad[0] else None
+        grad_b = MatmulFunction.apply(a.t(), grad_c) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+    @staticmethod
+    def vmap(info, in_dims, a, b):
+        return fold_rows(MatmulFunction, info, in_dims, (a, b), row_args=(0,))
+
+
+class MatmulRowSumFunction(MatmulFunction):
+    """(C, r) = (A @ B, the row sums of A): dW and db of Dense in one pass over
+    g. Saves what MatmulFunction saves.
+        dA = dC @ B^T + dr (broadcast along each row),    dB = A^T @ dC
+    """
+
+    @staticmethod
+    def forward(a, b):
+        return torch.ops.torchblocks.matmul_row_sum(a, b)
+
+    @staticmethod
+    def backward(ctx, grad_c, grad_row_sum):
+        a, b = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = MatmulFunction.apply(grad_c, b.t()) + grad_row_sum[:, None]
+        if ctx.needs_input_grad[1]:
+            grad_b = MatmulFunction.apply(a.t(), grad_c)
+        return grad_a, grad_b
+
+    @staticmethod
+    def vmap(info, in_dims, a, b):
+        return fold_rows(MatmulRowSumFunction, info, in_dims, (a, b), row_args=(0,))

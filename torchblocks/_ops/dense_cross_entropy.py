@@ -7,15 +7,23 @@ over the chunk's logits) scaled by s_i = dL/dloss_i:
     dL/dx = g @ W,    dL/dW += g^T @ x,    dL/db += sum over rows of g
 For "mean" and "sum" every s_i is one scalar, so the forward computes the
 gradients with s_i = 1 and the backward only scales them; for "none" the
-backward recomputes them with its per-row s_i.
+backward recomputes them with its per-row s_i. A backward that is itself
+differentiated recomputes them through the differentiable blocks instead.
 """
 
 from typing import Optional
 
 import torch
 
-from torchblocks._ops import dense as _dense  # noqa: F401  (registers its ops)
-from torchblocks._ops.cross_entropy import accumulation_dtype, forward_rows, reduce_rows
+from torchblocks._ops._vmap import by_loop
+from torchblocks._ops.cross_entropy import (
+    CrossEntropyBackwardFunction,
+    _log_sum_exp,
+    accumulation_dtype,
+    forward_rows,
+    reduce_rows,
+)
+from torchblocks._ops.dense import DenseFunction, MatmulFunction
 from torchblocks._validate import require_class_indices
 
 
@@ -83,39 +91,78 @@ def _(input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, ro
 
 
 class DenseCrossEntropyFunction(torch.autograd.Function):
+    """The fused head, reduced. Outputs ``(loss, divisor, dL/dx, dL/dW, dL/db)``,
+    the last four not differentiable. With ``grads_now`` ("mean" and "sum"
+    only) the forward computes the gradients at s_i = 1 and the backward
+    scales them. Those are constants: when the backward itself is
+    differentiated (``create_graph=True``, ``torch.func``) it recomputes them
+    chunk by chunk through the differentiable blocks instead."""
+
     @staticmethod
-    def forward(ctx, input, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_rows):
-        grads_now = any(ctx.needs_input_grad[:3]) and reduction != "none"
+    def forward(input, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_rows, grads_now):
         loss, row_weight, grad_input, grad_weight, grad_bias = torch.ops.torchblocks.dense_cross_entropy(
             input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, None, grads_now
         )
         divisor = row_weight.sum()
-        ctx.options = (ignore_index, reduction, label_smoothing, chunk_rows)
-        if grads_now:
-            ctx.save_for_backward(grad_input, grad_weight, grad_bias if bias is not None else None, divisor)
-        else:
-            ctx.save_for_backward(input, weight, bias, target)
-        return reduce_rows(loss, divisor, reduction, input.dtype)
+        return reduce_rows(loss, divisor, reduction, input.dtype), divisor, grad_input, grad_weight, grad_bias
 
     @staticmethod
-    def backward(ctx, grad_output):
-        ignore_index, reduction, label_smoothing, chunk_rows = ctx.options
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_rows, grads_now = inputs
+        _, divisor, grad_input, grad_weight, grad_bias = output
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.options = (ignore_index, reduction, label_smoothing, chunk_rows, grads_now)
+        ctx.save_for_backward(input, weight, bias, target, divisor, grad_input, grad_weight, grad_bias)
+
+    @staticmethod
+    def backward(ctx, grad_output, *_):
+        input, weight, bias, target, divisor, grad_input, grad_weight, grad_bias = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, chunk_rows, grads_now = ctx.options
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if reduction == "none":
-            input, weight, bias, target = ctx.saved_tensors
-            _, _, grad_input, grad_weight, grad_bias = torch.ops.torchblocks.dense_cross_entropy(
-                input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, grad_output, True
-            )
-            grad_bias = grad_bias if bias is not None else None
+            row_scale = grad_output
         else:
-            grad_input, grad_weight, grad_bias, divisor = ctx.saved_tensors
             # the divisor counts the rows not ignored; when it is 0 every gradient
             # row is 0 and stays 0, as in native (not 0 * inf)
             scale = grad_output / divisor.clamp(min=1) if reduction == "mean" else grad_output
+            row_scale = scale.expand(input.shape[0])
+        if torch.is_grad_enabled():
+            grad_input, grad_weight, grad_bias = differentiable_gradients(
+                input, weight, bias, target, row_scale, ignore_index, label_smoothing, chunk_rows)
+        elif grads_now:
             # out of place: a retained graph may run this backward again
-            grad_input, grad_weight = grad_input * scale, grad_weight * scale
-            grad_bias = grad_bias * scale if grad_bias is not None else None
-        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+            grad_input, grad_weight, grad_bias = grad_input * scale, grad_weight * scale, grad_bias * scale
+        else:
+            _, _, grad_input, grad_weight, grad_bias = torch.ops.torchblocks.dense_cross_entropy(
+                input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, row_scale, True
+            )
         return (
             grad_input if needs_input else None, grad_weight if needs_weight else None,
-            grad_bias if needs_bias else None, None, None, None, None, None,
+            grad_bias if needs_bias else None, None, None, None, None, None, None,
         )
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return by_loop(DenseCrossEntropyFunction, info, in_dims, *args)
+
+
+def differentiable_gradients(input, weight, bias, target, row_scale, ignore_index, label_smoothing, chunk_rows):
+    """(dL/dx, dL/dW, dL/db) given s_i = ``row_scale``, chunk by chunk through
+    the differentiable blocks (Dense, the cross-entropy gradient, the GEMMs),
+    so that they can be differentiated again."""
+    grad_inputs = []
+    grad_weight = torch.zeros_like(weight)
+    grad_bias = torch.zeros_like(weight[:, 0]) if bias is not None else None
+    for start in range(0, input.shape[0], chunk_rows):
+        chunk = slice(start, start + chunk_rows)
+        x, y = input[chunk], target[chunk]
+        logits = DenseFunction.apply(x, weight, bias, False)
+        lse = _log_sum_exp(logits.detach().to(accumulation_dtype(logits.dtype)))
+        grad_logits = CrossEntropyBackwardFunction.apply(
+            logits, y, None, lse, row_scale[chunk], ignore_index, label_smoothing)
+        grad_inputs.append(MatmulFunction.apply(grad_logits, weight))
+        grad_weight = grad_weight + MatmulFunction.apply(grad_logits.t(), x)
+        if bias is not None:
+            grad_bias = grad_bias + grad_logits.sum(dim=0)
+    grad_input = torch.cat(grad_inputs) if grad_inputs else torch.zeros_like(input)
+    return grad_input, grad_weight, grad_bias

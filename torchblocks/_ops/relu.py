@@ -2,11 +2,14 @@
 
 Backward (y saved, not x: y > 0 exactly where x > 0):
     dL/dx = dL/dy * 1[y > 0]
+Double backward: the backward is linear in dL/dy and flat in y, so its own
+backward is the same mask, applied to the incoming gradient.
 """
 
 import torch
 
 from torchblocks import backend
+from torchblocks._ops._vmap import batch_first
 
 
 @torch.library.custom_op("torchblocks::relu", mutates_args=())
@@ -58,17 +61,49 @@ class ReLUFunction(torch.autograd.Function):
     """relu as an autograd Function; saves only the output for backward."""
 
     @staticmethod
-    def forward(ctx, input, inplace):
+    def forward(input, inplace):
         if inplace:
             torch.ops.torchblocks.relu_(input)
+            return input
+        return torch.ops.torchblocks.relu(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, inplace = inputs
+        if inplace:
             ctx.mark_dirty(input)
-            output = input
-        else:
-            output = torch.ops.torchblocks.relu(input)
         ctx.save_for_backward(output)
-        return output
 
     @staticmethod
     def backward(ctx, grad_output):
         (output,) = ctx.saved_tensors
-        return torch.ops.torchblocks.relu_backward(grad_output, output), None
+        return ReLUBackwardFunction.apply(grad_output, output), None
+
+    @staticmethod
+    def vmap(info, in_dims, input, inplace):
+        return ReLUFunction.apply(input, inplace), in_dims[0]
+
+
+class ReLUBackwardFunction(torch.autograd.Function):
+    """dx = dy * 1[y > 0] as a Function of its own, so that a gradient of the
+    gradient exists (``create_graph=True``). Linear in dy, piecewise constant in y:
+        d(dx)/d(dy) = 1[y > 0]  (this same Function),   d(dx)/dy = 0
+    """
+
+    @staticmethod
+    def forward(grad_output, output):
+        return torch.ops.torchblocks.relu_backward(grad_output, output)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad_grad_input):
+        (output,) = ctx.saved_tensors
+        return ReLUBackwardFunction.apply(grad_grad_input, output), None
+
+    @staticmethod
+    def vmap(info, in_dims, grad_output, output):
+        batched = [batch_first(t, dim, info.batch_size) for t, dim in zip((grad_output, output), in_dims)]
+        return ReLUBackwardFunction.apply(*batched), 0

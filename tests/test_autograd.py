@@ -1,0 +1,206 @@
+"""The autograd contract of every block, as native has it: second derivatives
+(gradgradcheck, a gradient penalty against native), torch.func (vmap, grad,
+jacrev, functional_call), torch.export. On every target: the Triton kernels
+(under the interpreter without a GPU) run inside each of these too."""
+
+import dataclasses
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jacrev, vmap
+
+import torchblocks
+from torchblocks.testing import assert_close, assert_parity
+
+tb = torchblocks.functional
+
+
+def randn(*shape, device="cpu", seed=0, away_from_zero=False):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (x + 0.2 * x.sign() if away_from_zero else x).to(device)
+
+
+@dataclasses.dataclass
+class Case:
+    ours: Callable
+    native: Callable
+    inputs: Callable  # device -> the differentiable inputs, float64
+
+    def make(self, device):
+        return [t.requires_grad_() for t in self.inputs(device)]
+
+
+LABELS = torch.tensor([0, 3, -100, 1, 3])
+CLASS_WEIGHT = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64)
+
+
+def _index_case(**options):
+    def ours(x):
+        return tb.softmax_cross_entropy(x, LABELS.to(x.device), CLASS_WEIGHT.to(x.device), **options)
+
+    def native(x):
+        return F.cross_entropy(x, LABELS.to(x.device), CLASS_WEIGHT.to(x.device), **options)
+
+    return Case(ours, native, lambda device: [randn(5, 4, device=device, seed=1)])
+
+
+def _probability_case(**options):
+    return Case(lambda x, t, w: tb.softmax_cross_entropy(x, t, w, **options),
+                lambda x, t, w: F.cross_entropy(x, t, w, **options),
+                lambda device: [randn(5, 4, device=device, seed=1), randn(5, 4, device=device, seed=2).softmax(dim=1),
+                                CLASS_WEIGHT.to(device, copy=True)])
+
+
+def _dense_cross_entropy_case(**options):
+    def native(x, w, b):
+        return F.cross_entropy(F.linear(x, w, b), LABELS.to(x.device), **options)
+
+    return Case(lambda x, w, b: tb.dense_cross_entropy(x, w, LABELS.to(x.device), b, chunk_rows=2, **options), native,
+                lambda device: [randn(5, 3, device=device), randn(4, 3, device=device, seed=1),
+                                randn(4, device=device, seed=2)])
+
+
+CASES = {
+    "relu": Case(tb.relu, F.relu, lambda device: [randn(3, 4, device=device, away_from_zero=True)]),
+    "relu in place": Case(lambda x: tb.relu(x * 1, inplace=True), lambda x: F.relu(x * 1, inplace=True),
+                          lambda device: [randn(3, 4, device=device, away_from_zero=True)]),
+    "dense": Case(tb.dense, F.linear, lambda device: [randn(3, 5, device=device), randn(4, 5, device=device, seed=1),
+                                                      randn(4, device=device, seed=2)]),
+    "dense relu": Case(lambda x, w, b: tb.dense(x, w, b, activation="relu"),
+                       lambda x, w, b: F.relu(F.linear(x, w, b)),
+                       lambda device: [randn(3, 5, device=device), randn(4, 5, device=device, seed=1),
+                                       randn(4, device=device, seed=2)]),
+    "dense no bias, 3-D input": Case(tb.dense, F.linear, lambda device: [randn(2, 3, 5, device=device),
+                                                                         randn(4, 5, device=device, seed=1)]),
+    "cross_entropy indices mean": _index_case(label_smoothing=0.2),
+    "cross_entropy indices sum": _index_case(reduction="sum"),
+    "cross_entropy indices none": _index_case(reduction="none", label_smoothing=0.1),
+    "cross_entropy probabilities mean": _probability_case(label_smoothing=0.2),
+    "cross_entropy probabilities none": _probability_case(reduction="none"),
+    "dense_cross_entropy mean": _dense_cross_entropy_case(label_smoothing=0.1),
+    "dense_cross_entropy sum": _dense_cross_entropy_case(reduction="sum"),
+    "dense_cross_entropy none": _dense_cross_entropy_case(reduction="none", label_smoothing=0.1),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_gradgradcheck(target, name):
+    """Every entry of the second derivatives; under the slow interpreter, random
+    projections of them (fast mode), beside the gradient penalty's full parity."""
+    case = CASES[name]
+    assert torch.autograd.gradgradcheck(case.ours, case.make(target.device), fast_mode=target.interpreted)
+
+
+def _gradient_penalty(fn):
+    """A loss plus the squared norm of its gradients (create_graph=True): its
+    own gradient needs the second derivatives of ``fn``."""
+    def penalised(*inputs):
+        output = fn(*inputs)
+        weights = torch.linspace(0.5, 1.5, output.numel(), dtype=output.dtype, device=output.device)
+        loss = (output.reshape(-1) * weights).sum()
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+        return loss + sum(g.square().sum() for g in grads)
+    return penalised
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_gradient_penalty_matches_native(target, name):
+    case = CASES[name]
+    assert_parity(_gradient_penalty(case.ours), _gradient_penalty(case.native), case.inputs(target.device), what=name)
+
+
+def test_inplace_backward_refuses_a_gradient_of_the_gradient(target):
+    x = randn(4, 5, device=target.device).requires_grad_()
+    loss = tb.softmax_cross_entropy(x * 1, LABELS[:4].to(target.device), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="no gradient of the gradient exists"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_vmap_matches_native(target, name):
+    case = CASES[name]
+    if name == "relu in place":
+        pytest.skip("covered by test_vmap_relu_in_place")
+    inputs = [t.detach() for t in case.inputs(target.device)]
+    batched = torch.stack([inputs[0] * scale for scale in (1.0, -0.5, 2.0)])  # a batch of first inputs
+    ours = vmap(case.ours, in_dims=(0,) + (None,) * (len(inputs) - 1))(batched, *inputs[1:])
+    native = vmap(case.native, in_dims=(0,) + (None,) * (len(inputs) - 1))(batched, *inputs[1:])
+    assert_close(ours, native)
+
+
+def test_vmap_relu_in_place(target):
+    x = randn(3, 4, device=target.device)
+    ours, native = x.clone(), x.clone()
+    vmap(lambda t: tb.relu(t, inplace=True))(ours)
+    vmap(lambda t: F.relu(t, inplace=True))(native)
+    assert torch.equal(ours, native)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_jacrev_matches_native(target, name):
+    case = CASES[name]
+    inputs = [t.detach() for t in case.inputs(target.device)]
+    argnums = tuple(range(len(inputs)))
+    for ours, native in zip(jacrev(case.ours, argnums)(*inputs), jacrev(case.native, argnums)(*inputs)):
+        assert_close(ours, native, what="jacobian")
+
+
+def _models(device):
+    """A torchblocks MLP and its native twin with the same weights."""
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torchblocks.nn.Dense(4, 6, activation="relu"), torchblocks.nn.Dense(6, 5),
+                               torchblocks.nn.ReLU(), torchblocks.nn.Dense(5, 3)).double().to(device)
+    native = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5), torch.nn.ReLU(),
+                                 torch.nn.Linear(5, 3)).double().to(device)
+    native.load_state_dict(dict(zip(native.state_dict(), ours.state_dict().values())))
+    return ours, native
+
+
+def test_per_sample_gradients_match_native(target):
+    """vmap(grad(...)) over samples with functional_call: the classic per-sample gradient."""
+    ours, native = _models(target.device)
+    x, labels = randn(7, 4, device=target.device, seed=3), torch.randint(3, (7,)).to(target.device)
+
+    def per_sample(model, loss_fn):
+        params = {name: p.detach() for name, p in model.named_parameters()}
+
+        def loss(params, x, label):
+            return loss_fn(functional_call(model, params, (x[None],)), label[None])
+
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, labels)
+
+    ours_grads = per_sample(ours, tb.softmax_cross_entropy)
+    native_grads = per_sample(native, F.cross_entropy)
+    for (name, mine), theirs in zip(ours_grads.items(), native_grads.values()):
+        assert mine.shape == (7, *dict(ours.named_parameters())[name].shape)
+        assert_close(mine, theirs, what=f"per-sample gradient of {name}")
+
+
+def test_hessian_matches_native(target):
+    ours, native = _models(target.device)
+    x, labels = randn(3, 4, device=target.device, seed=3), torch.tensor([0, 2, 1], device=target.device)
+    hessian = jacrev(jacrev(lambda x: tb.softmax_cross_entropy(ours(x), labels, label_smoothing=0.1)))(x)
+    expected = jacrev(jacrev(lambda x: F.cross_entropy(native(x), labels, label_smoothing=0.1)))(x)
+    assert_close(hessian, expected, what="hessian")
+
+
+def test_torch_export_matches_eager(target):
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torchblocks.nn.Dense(4, 6, activation="relu"), torchblocks.nn.ReLU(),
+                                            torchblocks.nn.Dense(6, 3))
+            self.loss = torchblocks.nn.SoftmaxCrossEntropy(label_smoothing=0.1)
+
+        def forward(self, x, labels):
+            logits = self.body(x)
+            return logits, self.loss(logits, labels)
+
+    model = Classifier().to(target.device)
+    x, labels = randn(5, 4, device=target.device).float(), torch.tensor([0, 2, 1, 1, 0], device=target.device)
+    exported = torch.export.export(model, (x, labels))
+    assert any("torchblocks" in str(node.target) for node in exported.graph.nodes)
+    for ours, expected in zip(exported.module()(x, labels), model(x, labels)):
+        assert_close(ours, expected)
