@@ -10,13 +10,15 @@ from torchblocks import check, cli
 
 def test_check_passes_and_prints_a_table(capsys, tmp_path):
     out = tmp_path / "rows.json"
-    assert cli.main(["check", "--device", "cpu", "--json", str(out)]) == 0
+    # the reference only: the interpreter's rows are the next test's
+    assert cli.main(["check", "--device", "cpu", "--backend", "reference", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "block" in table and "max rel err" in table
     rows = json.loads(out.read_text())
-    assert {(r["backend"], r["check"]) for r in rows if r["block"] == "relu"} >= {
+    assert {(r["backend"], r["check"]) for r in rows if r["block"] == "relu"} == {
         ("reference", "parity"),
         ("reference", "gradcheck"),
+        ("reference", "gradgradcheck"),
     }
     assert all(r["status"] in ("PASS", "SKIP") for r in rows)
 
@@ -43,3 +45,4 @@ def test_check_interpreter_flag_from_a_plain_process():
     triton_rows = [line.split() for line in result.stdout.splitlines() if line.startswith("relu") and " triton " in line]
     assert any(row[4] == "parity" and row[-1] == "PASS" for row in triton_rows)
     assert any(row[4] == "gradcheck" and row[-1] == "PASS" for row in triton_rows)
+    assert any(row[4] == "gradgradcheck" and row[-1] == "PASS" for row in triton_rows)

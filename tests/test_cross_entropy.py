@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchblocks
-from helpers import assert_compiled_matches_eager
-from torchblocks.testing import assert_close
+from helpers import assert_compiled_matches_eager, assert_rejected_like_native
+from torchblocks.testing import assert_close, assert_parity, tolerance
 
 FORMS = {"(C)": ((7,), ()), "(N, C)": ((6, 7), (6,)), "(N, C, d1, d2)": ((2, 7, 3, 2), (2, 3, 2))}
 
@@ -31,23 +31,21 @@ def probability_target(shape, device, dtype, seed=2):
 
 
 def check_against_native(x, target, **options):
-    """The loss, and the gradients of the logits (and of probability targets), against F.cross_entropy."""
-    differentiable_target = target.is_floating_point()
-    ours_x, native_x = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
-    ours_t = target.detach().clone().requires_grad_(differentiable_target)
-    native_t = target.detach().clone().requires_grad_(differentiable_target)
+    """The loss, and the gradients of the logits, of probability targets and
+    of their class weights, against F.cross_entropy; every tensor as built."""
     inplace = options.pop("inplace_backward", False)
-    ours = torchblocks.functional.softmax_cross_entropy(ours_x * 1 if inplace else ours_x, ours_t,
-                                                        inplace_backward=inplace, **options)
-    native = F.cross_entropy(native_x, native_t, **options)
-    assert ours.shape == native.shape and ours.dtype == native.dtype
-    assert_close(ours, native, what="loss")
-    grad_output = randn(*native.shape, dtype=native.dtype, device=native.device, seed=9, scale=1.0)
-    ours.backward(grad_output)
-    native.backward(grad_output)
-    assert_close(ours_x.grad, native_x.grad, what="grad of input")
-    if differentiable_target:
-        assert_close(ours_t.grad, native_t.grad, what="grad of target")
+    weight = options.pop("weight", None)
+    probabilities = target.is_floating_point()
+
+    def ours(x, target, weight=None):
+        return torchblocks.functional.softmax_cross_entropy(x * 1 if inplace else x, target, weight,
+                                                            inplace_backward=inplace, **options)
+
+    def native(x, target, weight=None):
+        return F.cross_entropy(x, target, weight, **options)
+
+    inputs = [x, target] + ([weight] if weight is not None else [])
+    assert_parity(ours, native, inputs, grad_inputs=[True, probabilities, probabilities][:len(inputs)])
 
 
 INDEX_OPTIONS = list(itertools.product(["none", "mean", "sum"], [False, True], [False, True], [0.0, 0.25]))
@@ -198,33 +196,58 @@ def test_out_of_range_index_on_the_cpu_raises_index_error():
 @pytest.mark.parametrize("args, kwargs, error, message", [
     ((torch.randn(4, 5), torch.zeros(3, dtype=torch.long)), {}, ValueError,
      "softmax_cross_entropy: target of class indices must have shape (4,) for input of shape (4, 5), got (3,)"),
-    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.int32)), {}, TypeError,
+    ((torch.randn(2, 5, 3), torch.zeros(2, dtype=torch.long)), {}, RuntimeError,
+     "softmax_cross_entropy: target of class indices must have shape (2, 3) for input of shape (2, 5, 3), got (2,)"),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.int32)), {}, RuntimeError,
      "softmax_cross_entropy: target must hold class indices (int64 or uint8) or class probabilities "
      "(floating point), got dtype torch.int32"),
-    ((torch.randn(4, 5), torch.rand(4, 6)), {}, ValueError,
+    ((torch.randn(4, 5), torch.rand(4, 6)), {}, RuntimeError,
      "softmax_cross_entropy: target of class probabilities must have the shape of input (4, 5), got (4, 6)"),
-    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"weight": torch.rand(4)}, ValueError,
+    ((torch.randn(4, 5), torch.rand(4)), {}, RuntimeError,
+     "got (4,); class indices must be integers (int64 or uint8: use target.long())"),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"weight": torch.rand(4)}, RuntimeError,
      "softmax_cross_entropy: weight must have shape (C,) = (5,), got (4,)"),
-    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"weight": torch.rand(5, dtype=torch.float64)}, TypeError,
-     "softmax_cross_entropy: weight must have the dtype of input (torch.float32), got torch.float64"),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"weight": torch.rand(5, dtype=torch.float64)},
+     RuntimeError, "softmax_cross_entropy: weight must have the dtype of input (torch.float32), got torch.float64"),
     ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"reduction": "avg"}, ValueError,
      "softmax_cross_entropy: reduction must be one of 'none', 'mean', 'sum', got 'avg'"),
-    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"label_smoothing": 1.5}, ValueError,
-     "softmax_cross_entropy: label_smoothing must be a number in [0, 1], got 1.5"),
-    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"label_smoothing": -0.1}, ValueError,
-     "softmax_cross_entropy: label_smoothing must be a number in [0, 1], got -0.1"),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"label_smoothing": 1.5}, RuntimeError,
+     "softmax_cross_entropy: label_smoothing must be between 0.0 and 1.0, got 1.5"),
     ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"ignore_index": 1.0}, TypeError,
      "softmax_cross_entropy: ignore_index must be an int, got float"),
-    ((torch.ones(4, 5, dtype=torch.long), torch.zeros(4, dtype=torch.long)), {}, TypeError,
+    ((torch.ones(4, 5, dtype=torch.long), torch.zeros(4, dtype=torch.long)), {}, NotImplementedError,
      "softmax_cross_entropy: input must be a floating-point tensor, got dtype torch.int64"),
-    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long, device="meta")), {}, ValueError,
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long, device="meta")), {}, RuntimeError,
      "softmax_cross_entropy: target must be on the device of input (cpu), got meta"),
-    ((torch.tensor(1.0), torch.tensor(0)), {}, ValueError,
+    ((torch.tensor(1.0), torch.tensor(0)), {}, RuntimeError,
      "softmax_cross_entropy: input must have a class dimension, (C), (N, C) or (N, C, d1, ...), got a scalar"),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"weight": torch.rand(5, requires_grad=True)},
+     RuntimeError, "softmax_cross_entropy: weight is not differentiable with class-index targets"),
 ])
-def test_bad_input(args, kwargs, error, message):
-    with pytest.raises(error, match=re.escape(message)):
-        torchblocks.functional.softmax_cross_entropy(*args, **kwargs)
+def test_bad_input_is_rejected_like_native(args, kwargs, error, message):
+    def native():
+        F.cross_entropy(*args, **kwargs).backward()  # native rejects a weight that requires grad only then
+
+    assert_rejected_like_native(lambda: torchblocks.functional.softmax_cross_entropy(*args, **kwargs), native,
+                                error, message)
+
+
+def test_out_of_range_label_smoothing_below_zero_means_none_as_in_native():
+    x, labels, probabilities = torch.randn(4, 5), torch.tensor([0, 1, 2, 3]), torch.rand(4, 5).softmax(dim=1)
+    for target in (labels, probabilities):
+        for smoothing in (-0.1, torch.tensor(0.2), True):
+            assert_close(torchblocks.functional.softmax_cross_entropy(x, target, label_smoothing=smoothing),
+                         F.cross_entropy(x, target, label_smoothing=smoothing))
+
+
+@pytest.mark.parametrize("target_dtype", [torch.float64, torch.float16], ids=str)
+def test_probability_targets_of_another_dtype_promote_like_native(target, target_dtype):
+    target.skip_unsupported(torch.bfloat16)
+    x = randn(4, 5, device=target.device)
+    probabilities = probability_target((4, 5), target.device, torch.float64).to(target_dtype)
+    # a float64 loss of float32 log-probabilities: float32's tolerance
+    assert_parity(torchblocks.functional.softmax_cross_entropy, F.cross_entropy, [x, probabilities],
+                  allowed=tolerance(torch.float32))
 
 
 def test_torch_compile_fullgraph_matches_eager(target):

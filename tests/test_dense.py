@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchblocks
-from helpers import assert_compiled_matches_eager
-from torchblocks.testing import assert_close
+from helpers import assert_compiled_matches_eager, assert_rejected_like_native
+from torchblocks.testing import assert_close, assert_parity
 
 SIZES = [(1, 1, 1), (1, 17, 3), (7, 1, 33), (33, 65, 17), (130, 10, 200), (257, 33, 300)]  # M, N, K
 
@@ -23,19 +23,10 @@ def native_dense(x, w, b=None, activation=None):
 
 
 def check_against_native(x, w, b, activation, what=""):
-    """Output and the gradients of x, W and b against F.linear (+ F.relu)."""
-    ours_args = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
-    native_args = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
-    y_ours = torchblocks.functional.dense(*ours_args, activation=activation)
-    y_native = native_dense(*native_args, activation=activation)
-    assert y_ours.shape == y_native.shape and y_ours.dtype == y_native.dtype
-    assert_close(y_ours, y_native, what=f"{what} output")
-    grad_output = randn(*y_native.shape, dtype=y_native.dtype, device=y_native.device, seed=7)
-    y_ours.backward(grad_output)
-    y_native.backward(grad_output)
-    for name, ours, native in zip(("grad_input", "grad_weight", "grad_bias"), ours_args, native_args):
-        if native is not None:
-            assert_close(ours.grad, native.grad, what=f"{what} {name}")
+    """Output and the gradients of x, W and b (as built, any layout) against F.linear (+ F.relu)."""
+    inputs = [x, w] if b is None else [x, w, b]
+    assert_parity(lambda *args: torchblocks.functional.dense(*args, activation=activation),
+                  lambda *args: native_dense(*args, activation=activation), inputs, what=what)
 
 
 @pytest.mark.parametrize("activation", [None, "relu"])
@@ -176,24 +167,33 @@ def test_autocast_gives_the_native_dtype(target):
     assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("args, kwargs, error, message", [
-    ((randn(4, 5), randn(3, 6)), {}, ValueError,
+@pytest.mark.parametrize("args, error, message", [
+    ((randn(4, 5), randn(3, 6)), RuntimeError,
      "dense: input's last dimension must be in_features = weight.shape[1] = 6, got input of shape (4, 5)"),
-    ((randn(4, 6), randn(3, 6), randn(4)), {}, ValueError,
+    ((randn(4, 6), randn(3, 6), randn(4)), RuntimeError,
      "dense: bias must have shape (out_features,) = (3,), got (4,)"),
-    ((randn(4, 6), randn(3, 6, dtype=torch.float64)), {}, TypeError,
+    ((randn(4, 6), randn(3, 6, dtype=torch.float64)), RuntimeError,
      "dense: weight must have the dtype of input (torch.float32), got torch.float64"),
-    ((randn(4, 6), randn(3, 6), randn(3, dtype=torch.float16)), {}, TypeError,
+    ((randn(4, 6), randn(3, 6), randn(3, dtype=torch.float16)), RuntimeError,
      "dense: bias must have the dtype of input (torch.float32), got torch.float16"),
-    ((randn(4, 6), randn(3, 6, device="meta")), {}, ValueError,
+    ((randn(4, 6), randn(1, 3, 6)), RuntimeError,
+     "dense: weight must be 2-D (out_features, in_features), got shape (1, 3, 6)"),
+    ((torch.tensor(1.0), randn(3, 1)), RuntimeError,
+     "dense: input's last dimension must be in_features = weight.shape[1] = 1, got input of shape ()"),
+    ((randn(4, 6), [[1.0] * 6]), TypeError, "dense: weight must be a torch.Tensor, got list"),
+])
+def test_bad_input_is_rejected_like_native(args, error, message):
+    assert_rejected_like_native(lambda: torchblocks.functional.dense(*args), lambda: F.linear(*args), error, message)
+
+
+@pytest.mark.parametrize("args, kwargs, error, message", [
+    ((randn(4, 6), randn(3, 6, device="meta")), {}, RuntimeError,
      "dense: weight must be on the device of input (cpu), got meta"),
     ((randn(4, 6), randn(3, 6)), {"activation": "gelu"}, ValueError,
      "dense: activation must be one of None, 'relu', got 'gelu'"),
+    # native's CPU matmul takes integers; the blocks are floating-point only (SPEC)
     ((torch.ones(4, 6, dtype=torch.int64), torch.ones(3, 6, dtype=torch.int64)), {}, TypeError,
      "dense: input must be a floating-point tensor, got dtype torch.int64"),
-    ((randn(4, 6), randn(1, 3, 6)), {}, ValueError,
-     "dense: weight must be 2-D (out_features, in_features), got shape (1, 3, 6)"),
-    ((randn(4, 6), [[1.0] * 6]), {}, TypeError, "dense: weight must be a torch.Tensor, got list"),
 ])
 def test_bad_input(args, kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)):

@@ -2,7 +2,7 @@
 
 For each entry of ``BLOCKS``, on every available (device, backend) target and
 each dtype: parity of the output and of every input gradient over the
-block's cases, then ``gradcheck`` in float64. For each entry of
+block's cases, then ``gradcheck`` and ``gradgradcheck`` in float64. For each entry of
 ``OPTIMIZERS``: the parameters of a small model after ``TRAJECTORY_STEPS``
 steps, against the twin's, for each option set. A new block or optimizer
 plugs in by adding one entry; the loops and the table are shared.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torchblocks
 import torchblocks.optim
 from torchblocks import _table, backend
-from torchblocks.testing import relative_error, tolerance
+from torchblocks.testing import parity, relative_error, tolerance, twin
 
 ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -40,7 +40,7 @@ class Case:
     ours: Callable
     native: Callable
     inputs: Sequence[torch.Tensor]
-    gradcheck: bool = True  # also gradcheck this case in float64 (keep those small: one pass per input element)
+    gradcheck: bool = True  # also gradcheck and gradgradcheck it in float64 (keep those small)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ class Row:
     device: str
     backend: str
     dtype: str
-    check: str  # "parity" or "gradcheck"
+    check: str  # "parity", "gradcheck" or "gradgradcheck"
     cases: int
     max_rel_error: float  # NaN where the check has no error measure
     status: str  # "PASS", "FAIL" or "SKIP"
@@ -350,35 +350,29 @@ def targets(device: str = "all", backends: str = "all"):
     return [(d, b) for d, b in found if device in ("all", d) and backends in ("all", b)]
 
 
-def _fresh(inputs):
-    return [
-        t.detach().clone().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in inputs
-    ]
-
-
 def _parity_error(case: Case) -> float:
-    """Largest relative error of the output and of each input gradient."""
-    ours_inputs, native_inputs = _fresh(case.inputs), _fresh(case.inputs)
-    ours_out, native_out = case.ours(*ours_inputs), case.native(*native_inputs)
-    errors = [relative_error(ours_out, native_out)]
-    if native_out.requires_grad:
-        grad_output = torch.randn(native_out.shape, generator=torch.Generator().manual_seed(1))
-        grad_output = grad_output.to(native_out.device, native_out.dtype)
-        ours_out.backward(grad_output)
-        native_out.backward(grad_output)
-        for ours_in, native_in in zip(ours_inputs, native_inputs):
-            if isinstance(native_in, torch.Tensor) and native_in.grad is not None:
-                errors.append(relative_error(ours_in.grad, native_in.grad))
-    return max(errors)
+    """Largest relative error of the output and of each input gradient, the
+    inputs handed over exactly as built (``torchblocks.testing.parity``)."""
+    return parity(case.ours, case.native, case.inputs).max_error
+
+
+def _differentiable_twins(case: Case):
+    return [twin(t, t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in case.inputs]
 
 
 def _gradcheck(case: Case) -> bool:
-    inputs = _fresh(case.inputs)
-    return torch.autograd.gradcheck(case.ours, inputs, raise_exception=False)
+    return torch.autograd.gradcheck(case.ours, _differentiable_twins(case), raise_exception=False)
+
+
+def _gradgradcheck(case: Case) -> bool:
+    """Second derivatives, in fast mode (random projections, not every entry):
+    the test suite runs the full check."""
+    return torch.autograd.gradgradcheck(case.ours, _differentiable_twins(case), raise_exception=False,
+                                        fast_mode=True)
 
 
 def run_block(block: BlockCheck, device: str, backend_name: str):
-    """The rows of one block on one target: parity per dtype, then gradcheck."""
+    """The rows of one block on one target: parity per dtype, then gradcheck and gradgradcheck."""
     rows = []
     with torchblocks.use_backend(backend_name):
         for dtype in block.dtypes:
@@ -394,9 +388,10 @@ def run_block(block: BlockCheck, device: str, backend_name: str):
             note = "" if status == "PASS" else "worst: " + cases[errors.index(worst)].label
             rows.append(Row(block.name, device, backend_name, dtype_name, "parity", len(cases), worst, status, note))
         cases = [c for c in block.cases(torch.device(device), torch.float64) if c.gradcheck]
-        failed = [c.label for c in cases if not _gradcheck(c)]
-        rows.append(Row(block.name, device, backend_name, "float64", "gradcheck", len(cases), float("nan"),
-                        "FAIL" if failed else "PASS", ", ".join(failed)))
+        for name, check in (("gradcheck", _gradcheck), ("gradgradcheck", _gradgradcheck)):
+            failed = [c.label for c in cases if not check(c)]
+            rows.append(Row(block.name, device, backend_name, "float64", name, len(cases), float("nan"),
+                            "FAIL" if failed else "PASS", ", ".join(failed)))
     return rows
 
 

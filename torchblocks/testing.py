@@ -1,5 +1,17 @@
-"""Comparison against a native twin: the one table of tolerances and the one
-error measure shared by ``torchblocks check`` and the test suite."""
+"""Comparison against a native twin, shared by ``torchblocks check`` and the
+test suite: the one table of tolerances, the one error measure, and the one
+parity harness.
+
+``parity`` runs a block and its twin on the inputs exactly as built: each
+tensor is handed over as a ``twin`` in fresh memory with the very same sizes,
+strides and storage offset (a transposed, sliced, expanded or offset view
+stays one), never a ``clone()`` that would make it contiguous. It compares
+every output and every input gradient: dtype, shape, the places of NaN and
+infinities, and the values, and it reports the worst element.
+"""
+
+import dataclasses
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -45,17 +57,180 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return difference / max(expected[finite].norm().item(), torch.finfo(torch.float64).tiny)
 
 
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One tensor of ours against the twin's: ``error`` (relative, or inf for
+    a dtype, shape or NaN-pattern mismatch) against ``allowed``; ``detail``
+    says where the worst element is."""
+
+    what: str
+    error: float
+    allowed: float
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.allowed
+
+    def __str__(self) -> str:
+        return f"{self.what}: relative error {self.error:.3g} (allowed {self.allowed:g}){'; ' + self.detail if self.detail else ''}"
+
+
+def compare(actual, expected, what: str = "output", allowed: Optional[float] = None) -> Comparison:
+    """``actual`` against ``expected``: None must meet None, dtypes must match,
+    then ``relative_error`` within ``allowed`` (by default the tolerance of
+    ``expected``'s dtype).
+
+    Example::
+
+        >>> compare(torch.ones(3), torch.ones(3)).ok
+        True
+    """
+    if actual is None or expected is None:
+        error = 0.0 if actual is None and expected is None else float("inf")
+        return Comparison(what, error, 0.0, "" if error == 0 else f"{'ours' if actual is None else 'native'} is None")
+    allowed = tolerance(expected.dtype) if allowed is None else allowed
+    if actual.dtype != expected.dtype:
+        return Comparison(what, float("inf"), allowed, f"dtype {actual.dtype} vs expected {expected.dtype}")
+    error = relative_error(actual, expected)
+    detail = ""
+    if error > allowed:
+        detail = f"shapes {tuple(actual.shape)} vs {tuple(expected.shape)}"
+        if actual.shape == expected.shape and actual.numel():
+            gap = (actual.detach().double().cpu() - expected.detach().double().cpu()).abs().nan_to_num(float("inf"))
+            nan_mismatch = actual.detach().cpu().isnan() != expected.detach().cpu().isnan()
+            gap[nan_mismatch] = float("inf")
+            where = tuple(int(i) for i in torch.unravel_index(gap.argmax(), gap.shape))
+            detail = f"worst at {where}: {actual[where].item()!r} vs expected {expected[where].item()!r}"
+    return Comparison(what, error, allowed, detail)
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None, what: str = "output"):
     """Assert ``relative_error(actual, expected) <= tolerance(dtype)``, with a
     message that says what differed, by how much, and where the largest
-    difference is. ``dtype`` defaults to ``expected.dtype``."""
-    dtype = dtype or expected.dtype
-    error, allowed = relative_error(actual, expected), tolerance(dtype)
-    if error <= allowed:
-        return
-    detail = f"shapes {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    if actual.shape == expected.shape and actual.numel():
-        gap = (actual.detach().double().cpu() - expected.detach().double().cpu()).abs().nan_to_num(float("inf"))
-        where = tuple(int(i) for i in torch.unravel_index(gap.argmax(), gap.shape))
-        detail = f"largest difference at {where}: {actual[where].item()!r} vs expected {expected[where].item()!r}"
-    raise AssertionError(f"{what}: relative error {error:.3g} > {allowed:g} for {dtype}; {detail}")
+    difference is. ``dtype`` defaults to ``expected.dtype``.
+
+    Example::
+
+        >>> assert_close(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]))
+    """
+    comparison = compare(actual, expected.to(actual.dtype) if dtype else expected, what,
+                         tolerance(dtype or expected.dtype))
+    if not comparison.ok:
+        raise AssertionError(str(comparison))
+
+
+def twin(tensor: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
+    """A leaf copy of ``tensor`` in fresh memory with the very same layout:
+    sizes, strides and storage offset (gaps, transposes and stride-0
+    dimensions kept), so an op meets it exactly as it would meet ``tensor``.
+
+    Example::
+
+        >>> x = torch.randn(4, 6)[1:, ::2].t()
+        >>> copy = twin(x)
+        >>> copy.stride() == x.stride() and copy.storage_offset() == x.storage_offset()
+        True
+    """
+    storage = tensor.detach().untyped_storage().clone()
+    copy = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    copy.set_(storage, tensor.storage_offset(), tensor.shape, tensor.stride())
+    return copy.requires_grad_(requires_grad)
+
+
+def _as_tuple(outputs):
+    return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+
+
+@dataclasses.dataclass
+class ParityReport:
+    """The comparisons of one ``parity`` run: outputs first, then gradients."""
+
+    comparisons: list
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.comparisons)
+
+    @property
+    def worst(self) -> Comparison:
+        """The comparison furthest over (or closest to) its allowance."""
+        return max(self.comparisons, key=lambda c: c.error / c.allowed if c.allowed else (float("inf") if c.error else 0))
+
+    @property
+    def max_error(self) -> float:
+        return max(c.error for c in self.comparisons)
+
+    def __str__(self) -> str:
+        return "\n".join(str(c) for c in self.comparisons if not c.ok) or "all within tolerance"
+
+
+def parity(ours: Callable, native: Callable, inputs: Sequence, *, grad_inputs: Optional[Sequence[bool]] = None,
+           grad_outputs: Optional[Sequence] = None, allowed: Optional[float] = None, seed: int = 1) -> ParityReport:
+    """Run ``ours`` and ``native`` on twins of ``inputs`` and compare.
+
+    Args:
+        ours, native: callables taking the inputs positionally.
+        inputs: tensors (each handed over as a ``twin``: same layout, fresh
+            memory) and other values (handed over as they are).
+        grad_inputs: which inputs get gradients; default: the floating-point tensors.
+        grad_outputs: the gradient of each output (twinned too, so any layout
+            works); default: seeded random values like the native output.
+        allowed: one tolerance for everything, instead of each dtype's.
+        seed: for the default gradients of the outputs.
+
+    Returns:
+        A ``ParityReport``: every output, then the gradient of every input
+        that requires one (a gradient on one side only is a mismatch).
+
+    Example::
+
+        >>> report = parity(torchblocks.functional.relu, torch.nn.functional.relu, [torch.randn(8, 3).t()])
+        >>> report.ok
+        True
+    """
+    if grad_inputs is None:
+        grad_inputs = [isinstance(x, torch.Tensor) and x.is_floating_point() for x in inputs]
+
+    def twins():
+        made = [twin(x, wants) if isinstance(x, torch.Tensor) else x for x, wants in zip(inputs, grad_inputs)]
+        for original, copy in zip(inputs, made):
+            if isinstance(original, torch.Tensor):
+                assert (copy.stride(), copy.storage_offset()) == (original.stride(), original.storage_offset())
+        return made
+
+    ours_inputs, native_inputs = twins(), twins()
+    ours_outputs, native_outputs = _as_tuple(ours(*ours_inputs)), _as_tuple(native(*native_inputs))
+    comparisons = [compare(a, b, f"output {i}" if len(native_outputs) > 1 else "output", allowed)
+                   for i, (a, b) in enumerate(zip(ours_outputs, native_outputs))]
+    if len(ours_outputs) != len(native_outputs):
+        comparisons.append(Comparison("outputs", float("inf"), 0.0, f"{len(ours_outputs)} vs {len(native_outputs)}"))
+    differentiable = [i for i, out in enumerate(native_outputs) if out.requires_grad]
+    if differentiable and any(grad_inputs):
+        if grad_outputs is None:
+            generator = torch.Generator().manual_seed(seed)
+            grad_outputs = [torch.randn(native_outputs[i].shape, generator=generator, dtype=torch.float64)
+                            .to(native_outputs[i].device, native_outputs[i].dtype) for i in differentiable]
+        else:
+            grad_outputs = [grad_outputs[i] for i in differentiable]
+        for outputs in (ours_outputs, native_outputs):
+            if all(outputs[i].requires_grad for i in differentiable):
+                torch.autograd.backward([outputs[i] for i in differentiable], [twin(g) for g in grad_outputs])
+        for index, (a, b, wants) in enumerate(zip(ours_inputs, native_inputs, grad_inputs)):
+            if wants:
+                comparisons.append(compare(a.grad, b.grad, f"gradient of input {index}", allowed))
+    return ParityReport(comparisons)
+
+
+def assert_parity(ours: Callable, native: Callable, inputs: Sequence, what: str = "", **options) -> ParityReport:
+    """``parity`` that raises AssertionError naming every mismatch and its
+    worst element; returns the report when all is within tolerance.
+
+    Example::
+
+        >>> assert_parity(torchblocks.functional.relu, torch.nn.functional.relu, [torch.randn(5)])
+    """
+    report = parity(ours, native, inputs, **options)
+    if not report.ok:
+        raise AssertionError(f"{what + ': ' if what else ''}{report}")
+    return report
