@@ -285,32 +285,49 @@ def trajectory_error(check: OptimizerCheck, options: dict, device, dtype, steps:
 
 
 def half_step_error(check: OptimizerCheck, options: dict, device, dtype) -> float:
-    """One step of ours on ``dtype`` (float16/bfloat16) parameters and state
-    against the twin's step in float32 on the same values, rounded to ``dtype``.
+    """Relative error of the update (parameters after one step minus before)
+    of ours on ``dtype`` (float16/bfloat16) parameters and state, against the
+    twin's from the very same values, gradients and state. The twin computes
+    as ours does: for the Triton kernels, float32 math stored in ``dtype``
+    (torch's step on float32 copies, rounded to ``dtype``); for the reference,
+    torch's own multi-tensor (foreach) step in ``dtype``. A step that does
+    nothing has error 1.
 
     Half trajectories are not compared: with the state stored in 16 bits,
     (1 - beta2) * g^2 underflows in float16 and a step divides by eps, after
     which two correct implementations drift apart by orders of magnitude. One
-    step from a random mid-training state (loaded from the twin's state dict)
-    checks the math itself."""
+    step from a random mid-training state checks the math itself."""
     generator = torch.Generator().manual_seed(2)
-    native_model = small_model(device, torch.float32)
-    native = check.native(param_groups(native_model, options), **options)
-    train(native_model, native, 1)  # creates the twin's state
+    start = small_model(device, torch.float32)
+    native = check.native(param_groups(start, options), **options)
+    train(start, native, 1)  # creates the twin's state
     with torch.no_grad():
-        for param in native_model.parameters():
-            param.copy_(param.to(dtype))
+        for param in start.parameters():
+            # small parameters, so that one update spans many units in the last place
+            param.copy_((param / 64).to(dtype))
         for state in native.state.values():
             for key, value in state.items():
                 if key != "step":
                     # in [0.01, 0.02): a centered RMSprop's v - a^2 stays positive
                     value.copy_(((1 + torch.rand(value.shape, generator=generator)) / 100).to(device, dtype))
-    model = copy.deepcopy(native_model).to(dtype)
-    ours = check.ours(param_groups(model, options), **options)
-    ours.load_state_dict(native.state_dict())
-    train(model, ours, 1)
-    train(native_model, native, 1)
-    return relative_error(flat_parameters(model), flat_parameters(native_model).to(dtype))
+    state = native.state_dict()
+    grads = {name: (torch.randn(p.shape, generator=generator) / 10).to(device, dtype)
+             for name, p in start.named_parameters() if name != "unused"}
+
+    def update(optimizer_class, model_dtype, **extra):
+        model = copy.deepcopy(start).to(model_dtype)
+        for name, param in model.named_parameters():
+            param.grad = grads[name].to(model_dtype) if name in grads else None
+        optimizer = optimizer_class(param_groups(model, options), **options, **extra)
+        optimizer.load_state_dict(copy.deepcopy(state))
+        before = flat_parameters(model).to(dtype)
+        optimizer.step()
+        return flat_parameters(model).to(dtype).double() - before.double()
+
+    ours = update(check.ours, dtype)
+    if backend.use_triton(next(start.parameters())):
+        return relative_error(ours, update(check.native, torch.float32))
+    return relative_error(ours, update(check.native, dtype, foreach=True))
 
 
 def run_optimizer(check: OptimizerCheck, device: str, backend_name: str):

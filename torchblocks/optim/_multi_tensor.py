@@ -33,17 +33,50 @@ def scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def check_hyperparameter(valid: bool, what: str, value, expected: str) -> None:
-    """Raise ``ValueError("Invalid <what>: <value>; expected <expected>")`` unless ``valid``."""
-    if not valid:
-        raise ValueError(f"Invalid {what}: {value}; expected {expected}")
+# Validation: the checks, order, exception types and messages of torch.optim,
+# so that a bad argument fails the same way on either.
+
+def check_non_negative(value, what: str) -> None:
+    """``ValueError("Invalid <what>: <value>")`` unless ``0 <= value``."""
+    if not 0.0 <= value:
+        raise ValueError(f"Invalid {what}: {value}")
 
 
-def check_learning_rate(lr) -> None:
-    """lr >= 0, a float or a one-element tensor, as torch.optim accepts."""
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError(f"Tensor lr must be 1-element; got a tensor of shape {tuple(lr.shape)}")
-    check_hyperparameter(0.0 <= lr, "learning rate", lr, "lr >= 0")
+def check_tensor_hyperparameter(name: str, value, foreach=None, capturable=None) -> None:
+    """A tensor hyperparameter must hold one element; with ``foreach`` and
+    ``capturable`` given (Adam's rule), it must not meet foreach=True without
+    capturable=True."""
+    if not isinstance(value, torch.Tensor):
+        return
+    if capturable is not None and foreach and not capturable:
+        raise ValueError(f"{name} as a Tensor is not supported for capturable=False and foreach=True")
+    if value.numel() != 1:
+        raise ValueError(f"Tensor {name} must be 1-element")
+
+
+def check_beta_range(betas) -> None:
+    """Adam's betas each in [0, 1)."""
+    for index, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+
+
+def check_beta_types(betas, foreach, capturable) -> None:
+    """Adam's betas both floats or both one-element tensors (checked after
+    every range, as torch.optim.Adam does)."""
+    if not (all(isinstance(beta, float) for beta in betas) or all(isinstance(beta, torch.Tensor) for beta in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for index, beta in enumerate(betas):
+        check_tensor_hyperparameter(f"betas[{index}]", beta, foreach, capturable)
+
+
+def check_fused_flags(fused, foreach, differentiable) -> None:
+    """fused=True with differentiable=True or foreach=True: torch's RuntimeErrors."""
+    if fused:
+        if differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
 def check_implementation_flags(name: str, capturable: bool, differentiable: bool) -> None:

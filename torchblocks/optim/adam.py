@@ -5,9 +5,12 @@ import torch
 
 from torchblocks.optim._multi_tensor import (
     MultiTensorOptimizer,
-    check_hyperparameter,
+    check_beta_range,
+    check_beta_types,
+    check_fused_flags,
     check_implementation_flags,
-    check_learning_rate,
+    check_non_negative,
+    check_tensor_hyperparameter,
 )
 
 
@@ -50,12 +53,16 @@ class Adam(MultiTensorOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False):
-        check_learning_rate(lr)
-        check_hyperparameter(0.0 <= eps, "epsilon value", eps, "eps >= 0")
-        for index, beta in enumerate(betas):
-            check_hyperparameter(0.0 <= beta < 1.0, f"beta parameter at index {index}", beta, "0 <= beta < 1")
-        check_hyperparameter(0.0 <= weight_decay, "weight_decay value", weight_decay, "weight_decay >= 0")
+        check_tensor_hyperparameter("lr", lr, foreach, capturable)
+        check_non_negative(lr, "learning rate")
+        check_non_negative(eps, "epsilon value")
+        check_beta_range(betas)
+        check_non_negative(weight_decay, "weight_decay value")
+        check_beta_types(betas, foreach, capturable)
+        check_fused_flags(fused, foreach, differentiable)
         check_implementation_flags(type(self).__name__, capturable, differentiable)
+        # one-element tensors of any rank become 0-dim ones, as torch.optim.Adam keeps them
+        betas = tuple(beta.squeeze() if isinstance(beta, torch.Tensor) and beta.dim() else beta for beta in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)

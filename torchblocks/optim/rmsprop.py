@@ -4,9 +4,9 @@ import torch
 
 from torchblocks.optim._multi_tensor import (
     MultiTensorOptimizer,
-    check_hyperparameter,
     check_implementation_flags,
-    check_learning_rate,
+    check_non_negative,
+    check_tensor_hyperparameter,
 )
 
 
@@ -53,11 +53,12 @@ class RMSprop(MultiTensorOptimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False):
-        check_learning_rate(lr)
-        check_hyperparameter(0.0 <= eps, "epsilon value", eps, "eps >= 0")
-        check_hyperparameter(0.0 <= momentum, "momentum value", momentum, "momentum >= 0")
-        check_hyperparameter(0.0 <= weight_decay, "weight_decay value", weight_decay, "weight_decay >= 0")
-        check_hyperparameter(0.0 <= alpha, "alpha value", alpha, "alpha >= 0")
+        check_tensor_hyperparameter("lr", lr)
+        check_non_negative(lr, "learning rate")
+        check_non_negative(eps, "epsilon value")
+        check_non_negative(momentum, "momentum value")
+        check_non_negative(weight_decay, "weight_decay value")
+        check_non_negative(alpha, "alpha value")
         check_implementation_flags("RMSprop", capturable, differentiable)
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
                         capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable)

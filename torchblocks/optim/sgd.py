@@ -4,9 +4,10 @@ import torch
 
 from torchblocks.optim._multi_tensor import (
     MultiTensorOptimizer,
-    check_hyperparameter,
+    check_fused_flags,
     check_implementation_flags,
-    check_learning_rate,
+    check_non_negative,
+    check_tensor_hyperparameter,
 )
 
 
@@ -45,12 +46,13 @@ class SGD(MultiTensorOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *, maximize=False,
                  foreach=None, differentiable=False, fused=None):
-        check_learning_rate(lr)
-        check_hyperparameter(0.0 <= momentum, "momentum value", momentum, "momentum >= 0")
-        check_hyperparameter(0.0 <= weight_decay, "weight_decay value", weight_decay, "weight_decay >= 0")
-        check_hyperparameter(not nesterov or (momentum > 0 and dampening == 0), "nesterov",
-                             f"{nesterov} with momentum={momentum}, dampening={dampening}",
-                             "Nesterov momentum to have momentum > 0 and dampening == 0")
+        check_tensor_hyperparameter("lr", lr)
+        check_non_negative(lr, "learning rate")
+        check_non_negative(momentum, "momentum value")
+        check_non_negative(weight_decay, "weight_decay value")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        check_fused_flags(fused, foreach, differentiable)
         check_implementation_flags("SGD", capturable=False, differentiable=differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
