@@ -1,14 +1,23 @@
-"""What the launchers share: block sizes, the grid, dtype tables, and the
-host-side description of a strided layout that ``strided_offsets`` reads."""
+"""What the launchers share: block sizes, the grid, the device guard, dtype
+tables, and the host-side description of a strided layout that
+``strided_offsets`` reads."""
+
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-# One block of an elementwise kernel: 1024 elements, 4 warps (8 per thread in
-# a warp-wide 128-bit access for float32). Shared by every elementwise kernel.
+# One block of an elementwise kernel: 1024 elements. Shared by every elementwise kernel.
 ELEMENTWISE_BLOCK = 1024
-ELEMENTWISE_WARPS = 4
+
+
+def elementwise_warps(dtype: torch.dtype) -> int:
+    """Warps per elementwise block: 4 (8 elements per thread, two 128-bit
+    accesses in float32), 8 for 8-byte dtypes (4 per thread: float64
+    optimizer steps spill registers at 8)."""
+    return 8 if dtype.itemsize == 8 else 4
+
 
 # torch dtype -> Triton dtype, for the dtypes the kernels take.
 TRITON_DTYPES = {
@@ -31,6 +40,12 @@ def triton_accumulation_dtype(dtype: torch.dtype):
 
 # The strided path addresses up to this many (collapsed) dimensions.
 MAX_STRIDED_RANK = 4
+
+
+def device_guard(tensor: torch.Tensor):
+    """Make ``tensor``'s GPU the current one for a launch (a tensor on cuda:1
+    would otherwise launch on the current device); nothing for other devices."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def elementwise_grid(n_elements: int, block: int = ELEMENTWISE_BLOCK) -> tuple:
@@ -121,12 +136,13 @@ def launch_elementwise(kernel, *tensors: torch.Tensor) -> None:
             return
         padded = [padded_layout(collapsed, s) for s in per_tensor]
         sizes, strides = padded[0][0], [s for _, s in padded]
-    kernel[elementwise_grid(n_elements)](
-        *tensors,
-        n_elements,
-        *sizes,
-        *(s for tensor_strides in strides for s in tensor_strides),
-        CONTIGUOUS=contiguous,
-        BLOCK_SIZE=ELEMENTWISE_BLOCK,
-        num_warps=ELEMENTWISE_WARPS,
-    )
+    with device_guard(tensors[0]):
+        kernel[elementwise_grid(n_elements)](
+            *tensors,
+            n_elements,
+            *sizes,
+            *(s for tensor_strides in strides for s in tensor_strides),
+            CONTIGUOUS=contiguous,
+            BLOCK_SIZE=ELEMENTWISE_BLOCK,
+            num_warps=elementwise_warps(tensors[0].dtype),
+        )

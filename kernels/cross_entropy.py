@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulation_dtype, triton_accumulation_dtype
+from ._launch import accumulation_dtype, device_guard, triton_accumulation_dtype
 
 # Widest chunk of a row one program holds at once.
 MAX_BLOCK_C = 4096
@@ -92,6 +92,9 @@ def cross_entropy_forward_kernel(
     y = tl.load(target_ptr + row * stride_target).to(tl.int64)
     valid = y != ignore_index
     in_range = (y >= 0) & (y < C)
+    # x_y before any reduction's barrier: with WRITE_GRAD in place, warps past
+    # the last barrier store gradients over this very row
+    x_y = tl.load(logits_row_ptr + y * stride_col, mask=in_range, other=float("nan")).to(ACC_DTYPE)
 
     # online log-sum-exp: running max m, running sum d of exp(x - m)
     m = tl.full((), -float("inf"), ACC_DTYPE)
@@ -105,7 +108,6 @@ def cross_entropy_forward_kernel(
         m = m_new
     lse = m + tl.log(d)
 
-    x_y = tl.load(logits_row_ptr + y * stride_col, mask=in_range, other=float("nan")).to(ACC_DTYPE)
     label_smoothing = tl.load(constants_ptr)
     weight_total = tl.load(constants_ptr + 1)
     w_y = _target_weight(weight_ptr, stride_weight, y, C, HAS_WEIGHT, ACC_DTYPE)
@@ -157,19 +159,23 @@ def cross_entropy_backward_kernel(
     label_smoothing = tl.load(constants_ptr)
     weight_total = tl.load(constants_ptr + 1)
     w_y = _target_weight(weight_ptr, stride_weight, y, C, HAS_WEIGHT, ACC_DTYPE)
+    lse = tl.load(lse_ptr + row * stride_lse)
     row_scale = tl.load(scale_ptr + row * stride_scale).to(ACC_DTYPE)
     _row_gradient(logits_ptr + row * stride_row, grad_ptr + row * grad_stride_row, weight_ptr, stride_col,
-                  grad_stride_col, stride_weight, C, y, tl.load(lse_ptr + row * stride_lse), w_y, weight_total, row_scale,
+                  grad_stride_col, stride_weight, C, y, lse, w_y, weight_total, row_scale,
                   y != ignore_index, label_smoothing,
                   HAS_WEIGHT=HAS_WEIGHT, ACC_DTYPE=ACC_DTYPE, BLOCK_C=BLOCK_C)
 
 
 def _launch_meta(logits: torch.Tensor) -> dict:
+    """A chunk of a row per program, a warp per 128 classes of it (1 to 8):
+    more warps than a short row fills only add idle lanes (and, in float64,
+    register spills)."""
     block_c = min(triton.next_power_of_2(max(logits.shape[1], 1)), MAX_BLOCK_C)
     return {
         "ACC_DTYPE": triton_accumulation_dtype(logits.dtype),
         "BLOCK_C": block_c,
-        "num_warps": 4 if block_c <= 1024 else 8,
+        "num_warps": min(max(block_c // 128, 1), 8),
     }
 
 
@@ -201,15 +207,16 @@ def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing,
     loss, lse, row_weight = (torch.empty(rows, dtype=acc, device=logits.device) for _ in range(3))
     if rows == 0:
         return loss, lse, row_weight
-    cross_entropy_forward_kernel[(rows,)](
-        logits, target, weight if weight is not None else logits, _constants(logits, weight, label_smoothing),
-        loss, lse, row_weight, grad if grad is not None else logits,
-        classes, logits.stride(0), logits.stride(1),
-        *(grad.stride() if grad is not None else (0, 0)),
-        *_strides(target, weight),
-        ignore_index,
-        HAS_WEIGHT=weight is not None, WRITE_GRAD=grad is not None, **_launch_meta(logits),
-    )
+    with device_guard(logits):
+        cross_entropy_forward_kernel[(rows,)](
+            logits, target, weight if weight is not None else logits, _constants(logits, weight, label_smoothing),
+            loss, lse, row_weight, grad if grad is not None else logits,
+            classes, logits.stride(0), logits.stride(1),
+            *(grad.stride() if grad is not None else (0, 0)),
+            *_strides(target, weight),
+            ignore_index,
+            HAS_WEIGHT=weight is not None, WRITE_GRAD=grad is not None, **_launch_meta(logits),
+        )
     return loss, lse, row_weight
 
 
@@ -222,12 +229,13 @@ def cross_entropy_backward(logits, target, weight, lse, row_scale, ignore_index,
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if rows == 0:
         return grad
-    cross_entropy_backward_kernel[(rows,)](
-        logits, target, weight if weight is not None else logits, _constants(logits, weight, label_smoothing),
-        lse, row_scale, grad,
-        classes, logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
-        *_strides(target, weight), lse.stride(0), row_scale.stride(0),
-        ignore_index,
-        HAS_WEIGHT=weight is not None, **_launch_meta(logits),
-    )
+    with device_guard(logits):
+        cross_entropy_backward_kernel[(rows,)](
+            logits, target, weight if weight is not None else logits, _constants(logits, weight, label_smoothing),
+            lse, row_scale, grad,
+            classes, logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
+            *_strides(target, weight), lse.stride(0), row_scale.stride(0),
+            ignore_index,
+            HAS_WEIGHT=weight is not None, **_launch_meta(logits),
+        )
     return grad

@@ -14,33 +14,107 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import triton_accumulation_dtype
+from ._launch import device_guard, triton_accumulation_dtype
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _configs():
-    """Tile shapes to autotune over on a GPU; one under the interpreter, which
-    cannot run an autotuner with more."""
-    if INTERPRETER:
+# Tile shapes a GPU autotunes over, by architecture and kind of operand:
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Each list holds shapes
+# that spill no register in any of the three products on that architecture
+# (wgmma on sm_90, mma.sync before) with triton 3.6 and 3.9
+# (tests/test_gpu_compile.py compiles them all); a launch also drops those
+# whose pipelines do not fit its device's shared memory (``launchable_configs``).
+TILES = {
+    90: {
+        "16-bit": [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 32, 4, 4),
+                   (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 5, 4)],
+        "tf32": [(128, 128, 32, 4, 8), (128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (128, 64, 32, 3, 4),
+                 (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (64, 32, 32, 5, 4)],
+        "ieee": [(128, 128, 32, 3, 8), (128, 128, 16, 4, 8), (64, 64, 64, 3, 4), (64, 32, 32, 4, 4),
+                 (32, 64, 32, 4, 4)],
+        "float64": [(64, 64, 32, 3, 4), (64, 64, 16, 4, 4), (64, 32, 32, 5, 2)],
+    },
+    80: {
+        "16-bit": [(128, 128, 64, 4, 8), (128, 128, 64, 3, 8), (128, 128, 32, 4, 8), (128, 64, 64, 4, 4),
+                   (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 5, 4)],
+        "tf32": [(128, 128, 32, 4, 8), (128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (128, 64, 32, 3, 4),
+                 (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (64, 32, 32, 5, 4)],
+        "ieee": [(128, 128, 32, 3, 8), (128, 64, 16, 4, 8), (64, 64, 32, 4, 4), (64, 64, 16, 4, 4),
+                 (64, 32, 32, 4, 4), (32, 64, 32, 4, 4)],
+        "float64": [(128, 64, 32, 3, 4), (64, 64, 32, 3, 4), (64, 64, 16, 4, 4), (64, 32, 32, 5, 2)],
+    },
+}
+
+
+def tile_architecture(capability: tuple) -> int:
+    """The ``TILES`` entry for a GPU of compute capability (major, minor)."""
+    return 90 if capability >= (9, 0) else 80
+
+
+def operand_kind(dtype: torch.dtype, input_precision: str) -> str:
+    """The ``TILES`` list that serves a GEMM on ``dtype`` tiles."""
+    if dtype == torch.float64:
+        return "float64"
+    if dtype == torch.float32:
+        return input_precision
+    return "16-bit"
+
+
+def _shape(config) -> tuple:
+    block = config.kwargs
+    return block["BLOCK_M"], block["BLOCK_N"], block["BLOCK_K"], config.num_stages, config.num_warps
+
+
+def _configs(interpreter: bool = INTERPRETER):
+    """The autotuner's configs: every shape in ``TILES`` (a launch keeps its
+    own list's); one under the interpreter, which cannot run an autotuner with more."""
+    if interpreter:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 128, 64, 4, 4),
-        (128, 128, 32, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 32, 32, 5, 2),
-    ]
+    shapes = dict.fromkeys(shape for kinds in TILES.values() for kind in kinds.values() for shape in kind)
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
         for m, n, k, stages, warps in shapes
     ]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "RELU", "ROW_SUM", "INPUT_PRECISION"])
+def shared_memory_bytes(config, element_size: int) -> int:
+    """Shared memory of a config's software pipeline: ``num_stages`` buffers
+    of an A tile (BLOCK_M, BLOCK_K) and a B tile (BLOCK_K, BLOCK_N)."""
+    block_m, block_n, block_k, stages, _ = _shape(config)
+    return stages * (block_m + block_n) * block_k * element_size
+
+
+def launchable_configs(configs, architecture: int, kind: str, element_size: int, max_shared_memory: int):
+    """The configs of the tile list for ``architecture`` and ``kind`` whose
+    pipelines fit ``max_shared_memory`` bytes."""
+    return [c for c in configs if _shape(c) in TILES[architecture][kind]
+            and shared_memory_bytes(c, element_size) <= max_shared_memory]
+
+
+def _prune_to_launch(configs, named_args, **kwargs):
+    """early_config_prune: keep the configs for the launch's kind of operand
+    that fit its device's shared memory, before any is compiled."""
+    a = named_args["a_ptr"]
+    if a.device.type != "cuda":
+        return configs
+    properties = triton.runtime.driver.active.utils.get_device_properties(a.device.index)
+    architecture = tile_architecture(torch.cuda.get_device_capability(a.device))
+    kind = operand_kind(a.dtype, kwargs["INPUT_PRECISION"])
+    return launchable_configs(configs, architecture, kind, a.element_size(), properties["max_shared_mem"])
+
+
+def m_bucket(m: int) -> int:
+    """The autotuner's key for M: the next power of two, so that batches of
+    96 and 128 rows, or an evaluation batch, share one tuning."""
+    return triton.next_power_of_2(m)
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["M_BUCKET", "N", "K", "HAS_BIAS", "RELU", "ROW_SUM", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_to_launch},
+)
 @triton.jit
 def dense_matmul_kernel(
     # pointers
@@ -55,6 +129,7 @@ def dense_matmul_kernel(
     stride_bk, stride_bn,  # B[k, n] at b_ptr + k * stride_bk + n * stride_bn
     stride_cm, stride_cn,  # C[m, n] at c_ptr + m * stride_cm + n * stride_cn
     stride_bias,  # bias[n] at bias_ptr + n * stride_bias
+    M_BUCKET,  # m_bucket(M): the autotuner's key, not read by the kernel
     # meta-parameters
     HAS_BIAS: tl.constexpr,  # add bias in the epilogue
     RELU: tl.constexpr,  # max(., 0) in the epilogue, after the bias
@@ -89,7 +164,7 @@ def dense_matmul_kernel(
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if ROW_SUM:
             row_sum += tl.sum(a.to(ACC_DTYPE), axis=1)
         a_ptrs += BLOCK_K * stride_ak
@@ -108,9 +183,19 @@ def dense_matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def tf32_allowed() -> bool:
+    """Whether native float32 CUDA matmuls may use TF32. torch >= 2.9 has a
+    new API (``torch.backends[.cuda.matmul].fp32_precision``) and raises on a
+    read of the legacy ``allow_tf32`` once it is used; the new setting is
+    read where it exists (it follows the legacy flag too)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return matmul.allow_tf32 if precision is None else precision == "tf32"
+
+
 def _input_precision(dtype: torch.dtype, device: torch.device) -> str:
     """TF32 for float32 only where the user allowed it for native matmuls."""
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and device.type == "cuda" and tf32_allowed():
         return "tf32"
     return "ieee"
 
@@ -130,19 +215,21 @@ def dense_matmul(a, b, bias=None, relu=False, row_sum=False):
         # no tile of C to compute; the row sums (over K) may still be wanted
         return (c, a.sum(dim=1)) if row_sum else c
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    dense_matmul_kernel[grid](
-        a, b, c,
-        bias if bias is not None else c,
-        row_sums if row_sum else c,
-        M, N, K,
-        a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1),
-        c.stride(0), c.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        HAS_BIAS=bias is not None,
-        RELU=relu,
-        ROW_SUM=row_sum,
-        INPUT_PRECISION=_input_precision(a.dtype, a.device),
-        ACC_DTYPE=triton_accumulation_dtype(a.dtype),
-    )
+    with device_guard(a):
+        dense_matmul_kernel[grid](
+            a, b, c,
+            bias if bias is not None else c,
+            row_sums if row_sum else c,
+            M, N, K,
+            a.stride(0), a.stride(1),
+            b.stride(0), b.stride(1),
+            c.stride(0), c.stride(1),
+            bias.stride(0) if bias is not None else 0,
+            m_bucket(M),
+            HAS_BIAS=bias is not None,
+            RELU=relu,
+            ROW_SUM=row_sum,
+            INPUT_PRECISION=_input_precision(a.dtype, a.device),
+            ACC_DTYPE=triton_accumulation_dtype(a.dtype),
+        )
     return (c, row_sums) if row_sum else c

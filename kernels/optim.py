@@ -22,36 +22,43 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, TRITON_DTYPES, accumulation_dtype
+from ._launch import ELEMENTWISE_BLOCK, TRITON_DTYPES, accumulation_dtype, device_guard, elementwise_warps
 
 
 @triton.jit
 def _chunk(chunk_tensor_ptr, first_chunk_ptr, numel_ptr, BLOCK: tl.constexpr):
-    """(tensor index t, element offsets, in-bounds mask) of this program's chunk."""
+    """(tensor index t, element offsets, in-bounds mask, whether all BLOCK
+    elements are in bounds) of this program's chunk."""
     chunk = tl.program_id(0)
     t = tl.load(chunk_tensor_ptr + chunk)
-    offsets = (chunk - tl.load(first_chunk_ptr + t)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return t, offsets, offsets < tl.load(numel_ptr + t)
+    start = (chunk - tl.load(first_chunk_ptr + t)).to(tl.int64) * BLOCK
+    numel = tl.load(numel_ptr + t)
+    offsets = start + tl.arange(0, BLOCK)
+    return t, offsets, offsets < numel, start + BLOCK <= numel
 
 
 @triton.jit
-def _pointer(pointers_ptr, role, t, T, DTYPE: tl.constexpr):
-    """The data pointer of tensor t in role ``role``, typed as DTYPE."""
-    return tl.load(pointers_ptr + role * T + t).to(tl.pointer_type(DTYPE))
+def _pointer(pointers_ptr, role, t, T, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The data pointer of tensor t in role ``role``, typed as DTYPE; under
+    ALIGNED the compiler is told it is 16-byte aligned (a pointer loaded from
+    a table carries no such hint), so that unmasked chunks load 128 bits at a time."""
+    pointer = tl.load(pointers_ptr + role * T + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
 
 
 @triton.jit
-def _load_param_and_grad(pointers_ptr, numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
-                         DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's chunk of a parameter p and its gradient g (negated under
-    MAXIMIZE), in ACC_DTYPE: (t, offsets, mask, p pointer, p, g)."""
-    t, offsets, mask = _chunk(chunk_tensor_ptr, first_chunk_ptr, numel_ptr, BLOCK)
-    param_ptr = _pointer(pointers_ptr, 0, t, T, DTYPE)
+def _load_param_and_grad(pointers_ptr, t, T, offsets, mask, DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                         MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr):
+    """A chunk of parameter p and its gradient g (negated under MAXIMIZE), in
+    ACC_DTYPE: (p pointer, p, g). ``mask`` is None for a full chunk."""
+    param_ptr = _pointer(pointers_ptr, 0, t, T, DTYPE, ALIGNED)
     param = tl.load(param_ptr + offsets, mask=mask).to(ACC_DTYPE)
-    grad = tl.load(_pointer(pointers_ptr, 1, t, T, DTYPE) + offsets, mask=mask).to(ACC_DTYPE)
+    grad = tl.load(_pointer(pointers_ptr, 1, t, T, DTYPE, ALIGNED) + offsets, mask=mask).to(ACC_DTYPE)
     if MAXIMIZE:
         grad = -grad
-    return t, offsets, mask, param_ptr, param, grad
+    return param_ptr, param, grad
 
 
 @triton.jit
@@ -71,21 +78,17 @@ def _div(a, b):
 
 
 @triton.jit
-def sgd_kernel(
-    pointers_ptr,  # (3, T): param, grad, momentum_buffer (unused without MOMENTUM)
-    scalars_ptr,  # (T,) 1.0 where the momentum buffer is new this step, then lr, weight_decay, momentum, 1 - dampening
-    numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
-    DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    t, offsets, mask, param_ptr, param, grad = _load_param_and_grad(
-        pointers_ptr, numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T, DTYPE, ACC_DTYPE, MAXIMIZE, BLOCK)
+def _sgd_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
+               DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
+               NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr):
+    """One chunk of the update; ``mask`` is None for a full chunk."""
+    param_ptr, param, grad = _load_param_and_grad(
+        pointers_ptr, t, T, offsets, mask, DTYPE, ACC_DTYPE, MAXIMIZE, ALIGNED)
     lr = tl.load(scalars_ptr + T).to(ACC_DTYPE)
     if WEIGHT_DECAY:
         grad += tl.load(scalars_ptr + T + 1).to(ACC_DTYPE) * param
     if MOMENTUM:
-        buffer_ptr = _pointer(pointers_ptr, 2, t, T, DTYPE)
+        buffer_ptr = _pointer(pointers_ptr, 2, t, T, DTYPE, ALIGNED)
         momentum = tl.load(scalars_ptr + T + 2).to(ACC_DTYPE)
         if tl.load(scalars_ptr + t) != 0:
             buffer = grad
@@ -101,17 +104,32 @@ def sgd_kernel(
 
 
 @triton.jit
-def rmsprop_kernel(
-    pointers_ptr,  # (5, T): param, grad, square_avg, grad_avg (CENTERED), momentum_buffer (MOMENTUM)
-    scalars_ptr,  # lr, alpha, 1 - alpha, eps, weight_decay, momentum
+def sgd_kernel(
+    pointers_ptr,  # (3, T): param, grad, momentum_buffer (unused without MOMENTUM)
+    scalars_ptr,  # (T,) 1.0 where the momentum buffer is new this step, then lr, weight_decay, momentum, 1 - dampening
     numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
     DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, MAXIMIZE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every pointer 16-byte aligned
     BLOCK: tl.constexpr,
 ):
-    t, offsets, mask, param_ptr, param, grad = _load_param_and_grad(
-        pointers_ptr, numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T, DTYPE, ACC_DTYPE, MAXIMIZE, BLOCK)
-    square_avg_ptr = _pointer(pointers_ptr, 2, t, T, DTYPE)
+    t, offsets, mask, full = _chunk(chunk_tensor_ptr, first_chunk_ptr, numel_ptr, BLOCK)
+    if full:  # no mask: 128-bit accesses where the pointers are aligned
+        _sgd_chunk(pointers_ptr, scalars_ptr, t, T, offsets, None,
+                   DTYPE, ACC_DTYPE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE, ALIGNED)
+    else:
+        _sgd_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
+                   DTYPE, ACC_DTYPE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE, ALIGNED)
+
+
+@triton.jit
+def _rmsprop_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
+                   DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
+                   CENTERED: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr):
+    """One chunk of the update; ``mask`` is None for a full chunk."""
+    param_ptr, param, grad = _load_param_and_grad(
+        pointers_ptr, t, T, offsets, mask, DTYPE, ACC_DTYPE, MAXIMIZE, ALIGNED)
+    square_avg_ptr = _pointer(pointers_ptr, 2, t, T, DTYPE, ALIGNED)
     lr = tl.load(scalars_ptr).to(ACC_DTYPE)
     alpha = tl.load(scalars_ptr + 1).to(ACC_DTYPE)
     one_minus_alpha = tl.load(scalars_ptr + 2).to(ACC_DTYPE)
@@ -122,7 +140,7 @@ def rmsprop_kernel(
     square_avg = alpha * square_avg + one_minus_alpha * grad * grad
     tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE), mask=mask)
     if CENTERED:
-        grad_avg_ptr = _pointer(pointers_ptr, 3, t, T, DTYPE)
+        grad_avg_ptr = _pointer(pointers_ptr, 3, t, T, DTYPE, ALIGNED)
         grad_avg = tl.load(grad_avg_ptr + offsets, mask=mask).to(ACC_DTYPE)
         grad_avg += one_minus_alpha * (grad - grad_avg)
         tl.store(grad_avg_ptr + offsets, grad_avg.to(DTYPE), mask=mask)
@@ -130,7 +148,7 @@ def rmsprop_kernel(
     else:
         denom = _sqrt(square_avg) + eps
     if MOMENTUM:
-        buffer_ptr = _pointer(pointers_ptr, 4, t, T, DTYPE)
+        buffer_ptr = _pointer(pointers_ptr, 4, t, T, DTYPE, ALIGNED)
         buffer = tl.load(buffer_ptr + offsets, mask=mask).to(ACC_DTYPE)
         buffer = tl.load(scalars_ptr + 5).to(ACC_DTYPE) * buffer + _div(grad, denom)
         tl.store(buffer_ptr + offsets, buffer.to(DTYPE), mask=mask)
@@ -141,18 +159,33 @@ def rmsprop_kernel(
 
 
 @triton.jit
-def adam_kernel(
-    pointers_ptr,  # (5, T): param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (AMSGRAD)
-    scalars_ptr,  # (2, T) lr / (1 - beta1^t) and sqrt(1 - beta2^t), then 1 - lr * wd, wd, 1 - beta1, beta2, 1 - beta2, eps
+def rmsprop_kernel(
+    pointers_ptr,  # (5, T): param, grad, square_avg, grad_avg (CENTERED), momentum_buffer (MOMENTUM)
+    scalars_ptr,  # lr, alpha, 1 - alpha, eps, weight_decay, momentum
     numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
     DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every pointer 16-byte aligned
     BLOCK: tl.constexpr,
 ):
-    t, offsets, mask, param_ptr, param, grad = _load_param_and_grad(
-        pointers_ptr, numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T, DTYPE, ACC_DTYPE, MAXIMIZE, BLOCK)
-    exp_avg_ptr = _pointer(pointers_ptr, 2, t, T, DTYPE)
-    exp_avg_sq_ptr = _pointer(pointers_ptr, 3, t, T, DTYPE)
+    t, offsets, mask, full = _chunk(chunk_tensor_ptr, first_chunk_ptr, numel_ptr, BLOCK)
+    if full:  # no mask: 128-bit accesses where the pointers are aligned
+        _rmsprop_chunk(pointers_ptr, scalars_ptr, t, T, offsets, None,
+                       DTYPE, ACC_DTYPE, WEIGHT_DECAY, MOMENTUM, CENTERED, MAXIMIZE, ALIGNED)
+    else:
+        _rmsprop_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
+                       DTYPE, ACC_DTYPE, WEIGHT_DECAY, MOMENTUM, CENTERED, MAXIMIZE, ALIGNED)
+
+
+@triton.jit
+def _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
+                DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
+                AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr):
+    """One chunk of the update; ``mask`` is None for a full chunk."""
+    param_ptr, param, grad = _load_param_and_grad(
+        pointers_ptr, t, T, offsets, mask, DTYPE, ACC_DTYPE, MAXIMIZE, ALIGNED)
+    exp_avg_ptr = _pointer(pointers_ptr, 2, t, T, DTYPE, ALIGNED)
+    exp_avg_sq_ptr = _pointer(pointers_ptr, 3, t, T, DTYPE, ALIGNED)
     step_size = tl.load(scalars_ptr + t).to(ACC_DTYPE)
     bias_correction2_sqrt = tl.load(scalars_ptr + T + t).to(ACC_DTYPE)
     one_minus_beta1 = tl.load(scalars_ptr + 2 * T + 2).to(ACC_DTYPE)
@@ -171,11 +204,30 @@ def adam_kernel(
     tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE), mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=mask)
     if AMSGRAD:
-        max_exp_avg_sq_ptr = _pointer(pointers_ptr, 4, t, T, DTYPE)
+        max_exp_avg_sq_ptr = _pointer(pointers_ptr, 4, t, T, DTYPE, ALIGNED)
         exp_avg_sq = tl.maximum(tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(ACC_DTYPE), exp_avg_sq)
         tl.store(max_exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=mask)
     denom = _div(_sqrt(exp_avg_sq), bias_correction2_sqrt) + eps
     tl.store(param_ptr + offsets, (param - step_size * _div(exp_avg, denom)).to(DTYPE), mask=mask)
+
+
+@triton.jit
+def adam_kernel(
+    pointers_ptr,  # (5, T): param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (AMSGRAD)
+    scalars_ptr,  # (2, T) lr / (1 - beta1^t) and sqrt(1 - beta2^t), then 1 - lr * wd, wd, 1 - beta1, beta2, 1 - beta2, eps
+    numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
+    DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every pointer 16-byte aligned
+    BLOCK: tl.constexpr,
+):
+    t, offsets, mask, full = _chunk(chunk_tensor_ptr, first_chunk_ptr, numel_ptr, BLOCK)
+    if full:  # no mask: 128-bit accesses where the pointers are aligned
+        _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, None,
+                    DTYPE, ACC_DTYPE, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, ALIGNED)
+    else:
+        _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
+                    DTYPE, ACC_DTYPE, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, ALIGNED)
 
 
 @functools.lru_cache(maxsize=64)
@@ -212,12 +264,14 @@ def multi_tensor_launch(kernel, roles, per_tensor_scalars, group_scalars, **meta
     (numel, first_chunk), chunk_tensor = _chunk_table(tuple(p.numel() for p in params), device)
     if chunk_tensor.numel() == 0:
         return
-    kernel[(chunk_tensor.numel(),)](
-        table, table[pointers.numel():].view(torch.float64),
-        numel, first_chunk, chunk_tensor, len(params),
-        DTYPE=TRITON_DTYPES[dtype], ACC_DTYPE=TRITON_DTYPES[accumulation_dtype(dtype)],
-        BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS, **meta,
-    )
+    aligned = all(tensor.data_ptr() % 16 == 0 for role in roles for tensor in role)
+    with device_guard(params[0]):
+        kernel[(chunk_tensor.numel(),)](
+            table, table[pointers.numel():].view(torch.float64),
+            numel, first_chunk, chunk_tensor, len(params),
+            DTYPE=TRITON_DTYPES[dtype], ACC_DTYPE=TRITON_DTYPES[accumulation_dtype(dtype)], ALIGNED=aligned,
+            BLOCK=ELEMENTWISE_BLOCK, num_warps=elementwise_warps(dtype), **meta,
+        )
 
 
 def sgd_step(params, grads, momentum_buffers, new_buffer, *, lr, weight_decay, momentum, dampening, nesterov,

@@ -1,0 +1,119 @@
+"""What every launcher shares: the device guard, and the reading of the
+TF32 setting under both of torch's APIs."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchblocks
+from conftest import NO_INTERPRETER, NO_TRITON
+from torchblocks.testing import TF32_TOLERANCE, relative_error
+
+
+def _run_every_launcher(device):
+    """One call of each block and one optimizer step, with gradients, on seeded inputs."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=generator).to(device).requires_grad_()
+    w = torch.randn(4, 5, generator=generator).to(device).requires_grad_()
+    hidden = torchblocks.functional.dense(x, w, activation="relu")
+    loss = torchblocks.functional.softmax_cross_entropy(torchblocks.functional.relu(hidden), torch.arange(6, device=device) % 4)
+    loss.backward()
+    torchblocks.optim.Adam([w]).step()
+    return x.grad, w
+
+
+@pytest.mark.triton
+@NO_TRITON
+@NO_INTERPRETER
+def test_every_launcher_runs_under_the_device_guard(monkeypatch):
+    """A launch on a tensor of cuda:1 must go to cuda:1: each launcher enters
+    ``device_guard`` with a tensor of the launch."""
+    from torchblocks.kernels import _launch, cross_entropy, dense, optim
+
+    guarded = []
+
+    def recording_guard(tensor):
+        guarded.append(tensor.device)
+        return contextlib.nullcontext()
+
+    for module in (_launch, dense, cross_entropy, optim):
+        monkeypatch.setattr(module, "device_guard", recording_guard)
+    with torchblocks.use_backend("triton"):
+        _run_every_launcher("cpu")
+    # dense forward, relu, cross-entropy forward and backward, relu backward x2, dx, dW, the step
+    assert len(guarded) >= 9 and set(guarded) == {torch.device("cpu")}
+
+
+def test_device_guard_makes_the_tensors_gpu_current(monkeypatch):
+    pytest.importorskip("triton")
+    from torchblocks.kernels import _launch
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+
+    class OnSecondGpu:
+        is_cuda, device = True, torch.device("cuda", 1)
+
+    with _launch.device_guard(OnSecondGpu()):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    assert isinstance(_launch.device_guard(torch.zeros(1)), contextlib.nullcontext)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_a_second_gpu():
+    torch.cuda.set_device(0)
+    with torchblocks.use_backend("triton"):
+        grad_input, weight = _run_every_launcher("cuda:1")
+    with torchblocks.use_backend("reference"):
+        expected_grad, expected_weight = _run_every_launcher("cuda:1")
+    assert grad_input.device == weight.device == torch.device("cuda", 1)
+    assert relative_error(grad_input, expected_grad) <= TF32_TOLERANCE
+    assert relative_error(weight, expected_weight) <= TF32_TOLERANCE
+
+
+@pytest.mark.parametrize("api", ["new", "legacy"])
+def test_tf32_setting_is_read_under_either_api(api):
+    """torch >= 2.9 raises on a read of the legacy allow_tf32 once the new API
+    was used; the Dense launcher reads the setting either way."""
+    pytest.importorskip("triton")
+    from torchblocks.kernels import dense
+
+    matmul = torch.backends.cuda.matmul
+    if api == "new" and not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision API")
+    saved = matmul.fp32_precision if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    try:
+        for allowed in (True, False):
+            if api == "new":
+                matmul.fp32_precision = "tf32" if allowed else "ieee"
+            else:
+                matmul.allow_tf32 = allowed
+            cuda = torch.device("cuda")
+            assert dense._input_precision(torch.float32, cuda) == ("tf32" if allowed else "ieee")
+            assert dense._input_precision(torch.float16, cuda) == "ieee"
+    finally:
+        if hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision = saved
+        else:
+            matmul.allow_tf32 = saved
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dense_under_the_new_tf32_api_on_cuda():
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision API")
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        x, w = torch.randn(64, 32, device="cuda"), torch.randn(16, 32, device="cuda")
+        with torchblocks.use_backend("triton"):
+            ours = torchblocks.functional.dense(x, w)
+        assert relative_error(ours, F.linear(x, w)) <= TF32_TOLERANCE
+    finally:
+        matmul.fp32_precision = saved
