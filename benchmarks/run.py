@@ -8,12 +8,11 @@ benchmarks/results/<device>/, the folder benchmarks/README.md reports from.
 """
 
 import os
-import re
 import sys
 
 import torch
 
-from torchblocks.bench.harness import environment
+from torchblocks.bench.harness import results_folder_name
 from torchblocks.cli import main
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -24,8 +23,7 @@ def device_folder(argv) -> str:
     device = argv[argv.index("--device") + 1] if "--device" in argv else "auto"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = environment(device)["device"] if device == "cuda" else f"cpu {environment(device)['device']}"
-    return os.path.join(RESULTS, re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
+    return os.path.join(RESULTS, results_folder_name(device))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import platform
+import re
 import subprocess
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -276,6 +277,19 @@ def environment(device: str) -> Dict[str, str]:
     return {"device": name, "driver": driver, "cuda": cuda, "torch": torch.__version__, "triton": triton_version,
             "torchblocks": torchblocks.__version__, "commit": _commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def results_folder_name(device: str) -> str:
+    """The folder under benchmarks/results/ for ``device``'s results: its name
+    as a slug ("nvidia-h100-80gb-hbm3", "cpu-x86-64-2-threads").
+
+    Example::
+
+        >>> results_folder_name("cpu")
+        'cpu-x86-64-2-threads'
+    """
+    name = environment(device)["device"]
+    return re.sub(r"[^a-z0-9]+", "-", (name if device == "cuda" else f"cpu {name}").lower()).strip("-")
 
 
 def _commit() -> str:
