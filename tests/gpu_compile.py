@@ -234,8 +234,6 @@ def compile_variant(arch: int, variant: Variant) -> dict:
         file.flush()
         report = subprocess.run([_ptxas(arch), f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v",
                                  file.name, "-o", os.devnull], capture_output=True, text=True).stderr
-        if os.environ.get("GPU_COMPILE_DEBUG"):
-            print(report, file=sys.stderr)
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", report)
     expected = TENSOR_CORE_INSTRUCTIONS[arch].get(variant.dtype) if variant.module == "dense" else None

@@ -117,3 +117,47 @@ def test_dense_under_the_new_tf32_api_on_cuda():
         assert relative_error(ours, F.linear(x, w)) <= TF32_TOLERANCE
     finally:
         matmul.fp32_precision = saved
+
+
+def test_cross_entropy_forward_reads_the_target_logit_before_any_reduction():
+    """With the gradient written over the logits, warps that pass the last
+    barrier of the log-sum-exp loop store gradients over the row: the
+    target's logit must be loaded before the first reduction. The interpreter
+    runs no warps, so the order is checked in the kernel's source here and
+    the outcome on CUDA (test_cross_entropy's in-place tests, and below)."""
+    import inspect
+
+    pytest.importorskip("triton")
+    from torchblocks.kernels import cross_entropy
+
+    source = inspect.getsource(cross_entropy.cross_entropy_forward_kernel.fn)
+    target_logit = source.index("x_y = tl.load(")
+    assert target_logit < source.index("for start in range(0, C, BLOCK_C)")
+    assert target_logit < source.index("tl.max(") and target_logit < source.index("tl.sum(")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("classes", [4096 * 3 + 7, 50257])
+def test_in_place_gradient_over_long_rows_on_cuda(classes):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, classes, generator=generator).cuda()
+    labels = torch.randint(classes, (16,), generator=generator).cuda()
+    leaf = logits.clone().requires_grad_()
+    with torchblocks.use_backend("triton"):
+        loss = torchblocks.functional.softmax_cross_entropy(leaf * 1, labels, inplace_backward=True)
+    loss.backward()
+    native_leaf = logits.clone().requires_grad_()
+    expected = F.cross_entropy(native_leaf, labels)
+    expected.backward()
+    assert relative_error(loss, expected) <= 1e-5 and relative_error(leaf.grad, native_leaf.grad) <= 1e-5
+
+
+def test_autotuning_is_keyed_on_a_bucket_of_m():
+    """Batches of 96 and 128 rows (the book's last batch and the others)
+    share one tuning; the exact M is no key."""
+    pytest.importorskip("triton")
+    from torchblocks.kernels import dense
+
+    assert "M" not in dense.dense_matmul_kernel.keys and "M_BUCKET" in dense.dense_matmul_kernel.keys
+    assert dense.m_bucket(96) == dense.m_bucket(128) == 128 and dense.m_bucket(129) == 256
