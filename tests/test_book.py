@@ -22,11 +22,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """No network and an empty data directory: the embedded digits stand in."""
+    """No network and no directory named, so an empty default cache: the
+    embedded digits stand in. Returns a directory the user could name."""
     def no_network(url, *args, **kwargs):
         raise OSError("network access is switched off in the tests")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.delenv("TORCHBLOCKS_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return str(tmp_path / "no-mnist-here")
 
 
@@ -91,8 +94,7 @@ def run_mnist(capsys, *argv):
 def test_mnist_command_end_to_end_on_the_embedded_digits(capsys, offline, tmp_path):
     pytest.importorskip("matplotlib")
     plot = tmp_path / "mnist.png"
-    status, out = run_mnist(capsys, "--data-dir", offline, "--limit", "1000", "--epochs", "3", "--seed", "7",
-                            "--plot", str(plot))
+    status, out = run_mnist(capsys, "--limit", "1000", "--epochs", "3", "--seed", "7", "--plot", str(plot))
     assert status == 0
     assert "note: MNIST is not in" in out and "using the embedded scikit-learn 8x8 digits instead" in out
     assert "data: scikit-learn 8x8 digits: 1,437 training and 360 test images of 8x8 pixels" in out
@@ -110,13 +112,14 @@ def test_mnist_command_end_to_end_on_the_embedded_digits(capsys, offline, tmp_pa
 
 
 def test_mnist_command_without_compare_trains_torchblocks_only(capsys, offline):
-    status, out = run_mnist(capsys, "--data-dir", offline, "--limit", "256", "--epochs", "1", "--no-compare")
+    status, out = run_mnist(capsys, "--limit", "256", "--epochs", "1", "--no-compare")
     assert status == 0 and "torchblocks epoch 1/1" in out and "native torch" not in out
+    assert "1 epoch of batch 128" in out
 
 
 @NO_CUDA
 def test_mnist_command_on_cuda(capsys, offline):
-    status, out = run_mnist(capsys, "--data-dir", offline, "--device", "cuda", "--epochs", "2")
+    status, out = run_mnist(capsys, "--device", "cuda", "--epochs", "2")
     assert status == 0 and "on cuda" in out
 
 
@@ -130,6 +133,28 @@ def test_mnist_command_refuses_bad_options(capsys, offline, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "matplotlib" else True)
     with pytest.raises(RuntimeError, match="--plot needs matplotlib.*pip install 'torchblocks\\[plot\\]'"):
         cli.main(["mnist", "--data-dir", offline, "--plot", "x.png"])
+
+
+@pytest.mark.parametrize("download", [[], ["--no-download"]], ids=["download", "no-download"])
+def test_a_named_data_dir_without_mnist_is_an_error_not_a_fallback(capsys, offline, download):
+    status = cli.main(["mnist", "--data-dir", offline, *download])
+    err = capsys.readouterr().err
+    assert status == 1 and f"torchblocks mnist: MNIST is not in {offline}" in err
+    assert "Traceback" not in err and not os.path.exists(offline)
+
+
+def test_data_errors_print_the_message_alone_and_the_traceback_on_request(capsys, offline, monkeypatch):
+    os.makedirs(offline)
+    with open(os.path.join(offline, "train-images-idx3-ubyte.gz"), "wb") as f:
+        f.write(b"\x1f\x8b\x08\x00" + bytes(6) + b"truncated")
+    assert cli.main(["mnist", "--data-dir", offline]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train-images-idx3-ubyte.gz" in err and "Traceback" not in err
+    assert cli.main(["--debug", "mnist", "--data-dir", offline]) == 1
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHBLOCKS_DEBUG", "1")
+    assert cli.main(["mnist", "--data-dir", offline]) == 1
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_report_shows_the_book_next_to_mnist():
@@ -151,11 +176,11 @@ def load_example():
 
 def test_from_scratch_example_runs_and_learns(capsys, offline):
     example = load_example()
-    example.main(["--data-dir", offline, "--limit", "512", "--epochs", "3"])
+    example.main(["--limit", "512", "--epochs", "3"])
     out = capsys.readouterr().out
     losses = [float(loss) for loss in re.findall(r"epoch \d/3: mean loss (\S+)", out)]
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
     assert re.search(r"test accuracy: \d\.\d{4} \(scikit-learn 8x8 digits\)", out)
     # The book's learning rate barely moves on 1,437 images; a larger one shows the loop learns.
-    accuracy = example.main(["--data-dir", offline, "--learning-rate", "0.1"])
+    accuracy = example.main(["--learning-rate", "0.1"])
     assert accuracy > 0.5

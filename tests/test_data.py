@@ -210,23 +210,59 @@ def _no_network(url, *args, **kwargs):
     raise urllib.error.URLError("network access is switched off in this test")
 
 
-def test_no_files_and_no_network_fall_back_to_the_embedded_digits(tmp_path, monkeypatch):
+@pytest.fixture
+def default_dir(tmp_path, monkeypatch):
+    """No directory named by the user: the default cache, under tmp_path."""
+    monkeypatch.delenv("TORCHBLOCKS_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "torchblocks" / "mnist"
+
+
+def test_no_files_and_no_network_fall_back_to_the_embedded_digits(default_dir, monkeypatch):
     _no_network.urls = []
     monkeypatch.setattr(urllib.request, "urlopen", _no_network)
-    loaded = data.load_mnist(str(tmp_path / "cache"))
+    loaded = data.load_mnist()
     assert loaded.name == "scikit-learn 8x8 digits" and loaded.image_shape == (8, 8)
     assert "could not download" in loaded.note and "network access is switched off" in loaded.note
     assert "using the embedded scikit-learn 8x8 digits instead" in loaded.note
     assert _no_network.urls == [mirror + "train-images-idx3-ubyte.gz" for mirror in mnist.MNIST.mirrors]
     with pytest.raises(data.MissingDataError, match="could not download"):
-        data.load_mnist(str(tmp_path / "cache"), fallback=False)
+        data.load_mnist(fallback=False)
 
 
-def test_no_download_means_no_network_access(tmp_path, monkeypatch):
+def test_no_download_means_no_network_access(default_dir, monkeypatch):
     _no_network.urls = []
     monkeypatch.setattr(urllib.request, "urlopen", _no_network)
-    assert data.load_mnist(str(tmp_path), download_missing=False).name == "scikit-learn 8x8 digits"
+    assert data.load_mnist(download_missing=False).name == "scikit-learn 8x8 digits"
     assert _no_network.urls == []
+
+
+@pytest.mark.parametrize("download", [True, False], ids=["download", "no-download"])
+def test_a_named_directory_must_hold_mnist_or_receive_it(tmp_path, monkeypatch, download):
+    """A typo in --data-dir is an error, never the embedded digits; and the
+    directory is not left behind."""
+    monkeypatch.setattr(urllib.request, "urlopen", _no_network)
+    typo = tmp_path / "mnsit"
+    with pytest.raises(data.MissingDataError, match=f"MNIST is not in {typo}"):
+        data.load_mnist(str(typo), download_missing=download)
+    assert not typo.exists()
+    monkeypatch.setenv("TORCHBLOCKS_DATA_DIR", str(typo))  # named through the environment too
+    with pytest.raises(data.MissingDataError):
+        data.load_mnist(download_missing=download)
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named", "default"])
+def test_a_corrupt_file_is_an_error_even_when_the_others_are_missing(tmp_path, monkeypatch, default_dir, named):
+    monkeypatch.setattr(urllib.request, "urlopen", _no_network)
+    directory = tmp_path / "data" if named else default_dir
+    directory.mkdir(parents=True)
+    (directory / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + bytes(20))
+    with pytest.raises(data.DataFileError, match=f"{directory / 'train-images-idx3-ubyte'}: checksum mismatch"):
+        data.load_mnist(str(directory) if named else None)
+    (directory / "train-images-idx3-ubyte").unlink()
+    (directory / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(range(256)) * 8)[:40])
+    with pytest.raises(data.DataFileError, match="t10k-labels-idx1-ubyte.gz: truncated"):
+        data.load_mnist(str(directory) if named else None, download_missing=False)
 
 
 def test_embedded_digits_pass_their_checksums_and_hold_every_class():

@@ -231,6 +231,9 @@ def load_directory(directory: str, spec: DataSetSpec = MNIST) -> Digits:
         paths = {role: _find(directory, spec.files[role]) for role in ROLES}
         missing = [spec.files[role].name for role, path in paths.items() if path is None]
         if missing:
+            for role, path in paths.items():  # a file that is there is checked, whatever else is missing
+                if path is not None:
+                    _read_checked(path, spec.files[role])
             wanted = f"{spec.npz.name} or " if spec.npz is not None else ""
             raise MissingDataError(f"{spec.name} is not in {directory}: it needs {wanted}the four IDX files "
                                    f"(raw or .gz); missing {', '.join(missing)}")
@@ -304,7 +307,7 @@ def download(directory: str, spec: DataSetSpec = MNIST, stream: Optional[TextIO]
             raise DownloadError("could not download " + spec_file.name + ".gz: " + "; ".join(failures))
 
 
-def load_mnist(data_dir: Optional[str] = None, download_missing: bool = True, fallback: bool = True,
+def load_mnist(data_dir: Optional[str] = None, download_missing: bool = True, fallback: Optional[bool] = None,
                stream: Optional[TextIO] = None) -> Digits:
     """Real MNIST when it is in ``data_dir`` or can be downloaded there, else the embedded digits.
 
@@ -314,16 +317,20 @@ def load_mnist(data_dir: Optional[str] = None, download_missing: bool = True, fa
         download_missing: fetch missing files from the mirrors.
         fallback: when MNIST cannot be had, return scikit-learn's 8x8 digits
             (shipped with torchblocks; needs no network) with ``note`` saying
-            why, instead of raising.
+            why, instead of raising. By default only when no directory was
+            named (neither ``data_dir`` nor ``$TORCHBLOCKS_DATA_DIR``): a
+            directory the user names must hold MNIST or receive it.
         stream: where download progress goes (default ``sys.stderr``).
 
     Returns:
         a ``Digits``: images ``(N, 784)`` for MNIST, ``(N, 64)`` for the stand-in.
 
     Raises:
-        DataFileError: a file is corrupt, truncated or fails its checksum
-            (never silently replaced by the stand-in).
-        MissingDataError, DownloadError: no MNIST and ``fallback=False``.
+        DataFileError: a file that is there is corrupt, truncated or fails its
+            checksum, whatever else is missing (never silently replaced).
+        MissingDataError: no MNIST where the user said, or no MNIST and
+            ``fallback=False``. A directory that did not exist is not left
+            behind when nothing could be downloaded into it.
 
     Example::
 
@@ -331,7 +338,10 @@ def load_mnist(data_dir: Optional[str] = None, download_missing: bool = True, fa
         >>> print(data.describe())
         MNIST: 60,000 training and 10,000 test images of 28x28 pixels, from /home/me/.cache/torchblocks/mnist
     """
+    named = data_dir is not None or bool(os.environ.get("TORCHBLOCKS_DATA_DIR"))
+    fallback = not named if fallback is None else fallback
     directory = os.path.expanduser(data_dir or default_data_dir())
+    existed = os.path.isdir(directory)
     try:
         return load_directory(directory, MNIST)
     except MissingDataError as missing:
@@ -342,6 +352,10 @@ def load_mnist(data_dir: Optional[str] = None, download_missing: bool = True, fa
                 return load_directory(directory, MNIST)
             except DownloadError as error:
                 reason += f", and {error}"
+                if not existed and os.path.isdir(directory) and not os.listdir(directory):
+                    os.rmdir(directory)
+        else:
+            reason += " (downloading is switched off)"
         if not fallback:
             raise MissingDataError(reason) from None
     embedded = load_directory(EMBEDDED_DIR, DIGITS)
