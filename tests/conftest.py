@@ -56,3 +56,5 @@ def target(request):
 def pytest_configure(config):
     config.addinivalue_line("markers", "triton: runs the Triton kernels (on CUDA, or under the interpreter)")
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
+    # the interpreter computes with numpy, which warns on the inf and NaN some cases feed it on purpose
+    config.addinivalue_line("filterwarnings", r"ignore::RuntimeWarning:triton\.runtime\.interpreter")

@@ -3,17 +3,19 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
+import torchblocks
 from torchblocks import check, cli
 
 
-def test_check_passes_and_prints_a_table(capsys, tmp_path):
+def test_check_passes_and_prints_a_table_with_progress(capsys, tmp_path):
     out = tmp_path / "rows.json"
     # the reference only: the interpreter's rows are the next test's
     assert cli.main(["check", "--device", "cpu", "--backend", "reference", "--json", str(out)]) == 0
-    table = capsys.readouterr().out
-    assert "block" in table and "max rel err" in table
+    captured = capsys.readouterr()
+    assert "block" in captured.out and "max rel err" in captured.out
     rows = json.loads(out.read_text())
     assert {(r["backend"], r["check"]) for r in rows if r["block"] == "relu"} == {
         ("reference", "parity"),
@@ -21,6 +23,8 @@ def test_check_passes_and_prints_a_table(capsys, tmp_path):
         ("reference", "gradgradcheck"),
     }
     assert all(r["status"] in ("PASS", "SKIP") for r in rows)
+    progress = [line for line in captured.err.splitlines() if line.startswith("[")]
+    assert len(progress) == len(rows) and progress[0].startswith("[1/8] relu cpu/reference float32 parity: PASS (")
 
 
 def test_check_exits_1_on_a_failure(capsys, monkeypatch):
@@ -35,14 +39,53 @@ def test_check_exits_1_on_a_failure(capsys, monkeypatch):
     assert "broken" in table and "FAIL" in table and "off by one" in table
 
 
+def test_a_check_that_ran_nothing_is_an_error(capsys, monkeypatch):
+    monkeypatch.setattr(check, "targets", lambda device, backends: [])
+    assert cli.main(["check", "--device", "cpu", "--backend", "triton"]) == 2
+    assert "nothing to check on device cpu with backend triton" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_check_on_cuda_without_a_gpu_says_so_like_mnist_and_bench(capsys):
+    for command in (["check"], ["bench"], ["mnist"]):
+        assert cli.main([*command, "--device", "cuda"]) == 2
+        assert f"torchblocks {command[0]}: --device cuda, but CUDA is not available here" in capsys.readouterr().err
+
+
+def test_quick_check_narrows_dtypes_and_option_sets():
+    rows = check.run("cpu", "reference", only=["dense", "Adam"], quick=True)
+    assert {r.block for r in rows} == {"dense", "Adam"}
+    assert {r.dtype for r in rows} == {"float32", "float64"}
+    assert {r.cases for r in rows if r.block == "Adam"} == {check.QUICK_OPTION_SETS}
+
+
+def test_version_and_help_are_plain_text(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"torchblocks {torchblocks.__version__}"
+    for argv in (["--help"], ["check", "--help"], ["mnist", "--help"], ["bench", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        text = capsys.readouterr().out
+        assert "``" not in text and "usage: torchblocks" in text
+    with pytest.raises(SystemExit):
+        cli.main(["check", "--help"])
+    check_help = capsys.readouterr().out
+    assert "Check every block" in check_help and "(default: all present)" in check_help
+
+
 def test_check_interpreter_flag_from_a_plain_process():
+    """--interpreter from a process without TRITON_INTERPRET: the Triton rows come
+    from a child that has it; the interpreter's expected numpy warnings stay out."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "torchblocks", "check", "--device", "cpu", "--interpreter"],
+        [sys.executable, "-m", "torchblocks", "check", "--device", "cpu", "--interpreter", "--quick",
+         "--block", "relu", "cross_entropy", "SGD"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    triton_rows = [line.split() for line in result.stdout.splitlines() if line.startswith("relu") and " triton " in line]
-    assert any(row[4] == "parity" and row[-1] == "PASS" for row in triton_rows)
-    assert any(row[4] == "gradcheck" and row[-1] == "PASS" for row in triton_rows)
-    assert any(row[4] == "gradgradcheck" and row[-1] == "PASS" for row in triton_rows)
+    triton_rows = [line.split() for line in result.stdout.splitlines() if " triton " in line]
+    assert {row[0] for row in triton_rows} == {"relu", "cross_entropy", "SGD"}
+    assert all(row[-1] == "PASS" or row[-3] == "PASS" for row in triton_rows)
+    assert {row[4] for row in triton_rows if row[0] == "relu"} == {"parity", "gradcheck", "gradgradcheck"}
+    assert "RuntimeWarning" not in result.stderr and "cross_entropy cpu/triton float64 parity: PASS" in result.stderr

@@ -262,6 +262,11 @@ def test_optimizer_built_before_patch_still_trains():
         assert_close(ours, native, what="trained parameter")
 
 
+def test_patch_takes_a_module():
+    with pytest.raises(TypeError, match="patch: model must be a torch.nn.Module, got list"):
+        torchblocks.patch([nn.Linear(3, 2)])
+
+
 def test_patch_root_and_leaves_hooked_modules_alone():
     assert isinstance(torchblocks.patch(nn.Linear(3, 2)), torchblocks.nn.Dense)
     assert torchblocks.patch(nn.ReLU(inplace=True)).inplace

@@ -251,7 +251,8 @@ def main(args, device: str) -> int:
     print()
     print(f"network: Dense({data.train_images.shape[1]}, {HIDDEN_FEATURES}, relu) -> "
           f"Dense({HIDDEN_FEATURES}, {NUM_CLASSES}), softmax cross-entropy, RMSprop(lr=1e-3, alpha=0.9, eps=1e-7), "
-          f"{args.epochs} epochs of batch {args.batch_size}, seed {args.seed}, on {device}", flush=True)
+          f"{args.epochs} epoch{'s' if args.epochs > 1 else ''} of batch {args.batch_size}, seed {args.seed}, "
+          f"on {device}", flush=True)
     runs = []
     for native in (False, True) if args.compare else (False,):
         model, loss_fn = build_network(data.train_images.shape[1], native, args.seed, device)

@@ -231,6 +231,8 @@ def patch(model: nn.Module) -> nn.Module:
         >>> net = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
         >>> torchblocks.patch(net)  # Dense(relu), Identity, Dense
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
     replacement = _replacement(model)
     if replacement is not None:
         return replacement
