@@ -14,10 +14,14 @@ COMPAT_VENV="${COMPAT_VENV:-.venv-compat}"
 compat_status=0
 if [ "$COMPAT_TRITON" != "none" ]; then
     [ -x "$COMPAT_VENV/bin/python" ] || python3 -m venv "$COMPAT_VENV"
-    "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${TORCH_SPEC:-torch>=2.4}"
-    "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$COMPAT_TRITON" "numpy<2.4" \
-        pytest matplotlib
-    "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+    install_compat() {
+        "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${TORCH_SPEC:-torch>=2.4}"
+        "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$COMPAT_TRITON" \
+            "numpy<2.4" pytest matplotlib
+        "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+            --no-build-isolation -e .
+    }
+    install_once "$COMPAT_VENV" "${TORCH_SPEC:-torch>=2.4} $COMPAT_TRITON" install_compat
     compat_log="$(mktemp)"
     # triton 3.6's interpreter converts arrays to scalars the way numpy 2.3 deprecates
     "$COMPAT_VENV/bin/python" -m pytest tests -m triton \
