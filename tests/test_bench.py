@@ -8,6 +8,7 @@ import contextlib
 import csv
 import io
 import itertools
+import re
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def test_quick_suite_runs_every_block_and_every_output_matches(quick_run):
     assert status == 0, text
     assert "device: " in text and "torch: " in text and "triton: " in text and "peaks measured in this run" in text
     for block in bench.BLOCKS:
-        assert f"\n{block}\n" in text
+        assert f"\n{block}: median ms of" in text
         with open(out / f"{block}.csv") as f:
             rows = list(csv.DictReader(f))
         assert rows and all(row["matched"] == "True" for row in rows), block
@@ -43,6 +44,31 @@ def test_quick_suite_runs_every_block_and_every_output_matches(quick_run):
         assert width > 300 and height > 200
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# torchblocks bench --quick") and "| case | dtype |" in summary
+
+
+def test_tables_are_readable(quick_run):
+    """At most ~120 characters, no column without data, the direction of every
+    speed in words, named dimensions, what is timed said above, no torch log noise."""
+    _, text, _ = quick_run
+    tables = [part for part in text.split("\n\n")[1:] if "torchblocks ms" in part]
+    assert len(tables) == len(bench.BLOCKS)
+    for table in tables:
+        caption, lines = table.splitlines()[:2], table.splitlines()[2:]
+        assert "median ms of" in caption[0] and ("forward + backward" in caption[0] or "one step" in caption[0])
+        assert max(len(line) for line in table.splitlines()) <= 120
+        header, rule, *body = lines
+        columns = [(start, start + len(dashes)) for start, dashes in _spans(rule)]
+        for start, end in columns:
+            assert any(line[start:end].strip() not in ("", "-") for line in body), header[start:end]
+        speeds = [cell for line in body for cell in re.findall(r"\d\.\d\dx (faster|slower)", line)]
+        assert speeds
+    assert "M=128 N=512 K=784" in text and "N=1024 C=1000" in text
+    assert "Profiler record function" not in text
+
+
+def _spans(rule: str):
+    """(start, dashes) of each column of a table's rule line."""
+    return [(match.start(), match.group()) for match in re.finditer(r"-+", rule)]
 
 
 def test_optimizer_cases_include_the_fused_twin_where_torch_has_one(quick_run):
@@ -100,3 +126,16 @@ def test_bench_refuses_cuda_without_cuda(capsys):
 def test_quick_suite_on_cuda_measures_memory(tmp_path):
     rows = bench.run(["relu"], "cuda", [torch.float32], quick=True, out_dir=str(tmp_path))
     assert all(row.matched and row.peak_mb is not None for row in rows)
+
+
+def test_bench_plots_start_throughput_at_zero(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figures = []
+    monkeypatch.setattr(pyplot, "close", figures.append)
+    case = tiny_case({"torchblocks": lambda inputs: [inputs[0]], "native": lambda inputs: [inputs[0]]})
+    rows = harness.measure(case, "cpu", torch.float32, peak=1.0, quick=True)
+    bench._plot_block(str(tmp_path / "toy.png"), "toy", rows, harness.environment("cpu"))
+    assert all(axis.get_ylim()[0] == 0 for axis in figures[0].axes if axis.get_visible())

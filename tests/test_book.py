@@ -184,3 +184,25 @@ def test_from_scratch_example_runs_and_learns(capsys, offline):
     # The book's learning rate barely moves on 1,437 images; a larger one shows the loop learns.
     accuracy = example.main(["--learning-rate", "0.1"])
     assert accuracy > 0.5
+
+
+def test_plot_keeps_identical_runs_visible_and_ticks_whole_epochs(tmp_path, monkeypatch):
+    """torchblocks and native often agree to the last digit: native's curve is
+    drawn under torchblocks' with other line and marker styles; a one-epoch
+    run ticks epoch 1 only."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    epoch = book.Epoch(train_loss=0.5, train_accuracy=0.8, test_loss=0.6, test_accuracy=0.75, seconds=1.0)
+    runs = [book.Run("torchblocks", [epoch]), book.Run("native torch", [epoch])]
+    panels = book.plot_panels(runs)
+    for lines in panels.values():
+        ours, theirs = lines["torchblocks test"], lines["native torch test"]
+        assert ours[:2] == theirs[:2]
+        assert ours[3]["linestyle"] != theirs[3]["linestyle"] and ours[3]["markersize"] < theirs[3]["markersize"]
+        assert ours[3]["zorder"] > theirs[3]["zorder"] and theirs[3]["markerfacecolor"] == "none"
+    figures = []
+    monkeypatch.setattr(pyplot, "close", figures.append)
+    book.plot(runs, embedded_digits(), str(tmp_path / "one-epoch.png"))
+    assert [list(axis.get_xticks()) for axis in figures[0].axes] == [[1], [1]]

@@ -2,10 +2,12 @@
 
 import importlib.util
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
-# One line: x values, y values, matplotlib format string ("C0-o": first colour, solid, dots).
-Series = Tuple[Sequence[float], Sequence[float], str]
+# One line: x values, y values, a matplotlib format string ("C0-o": first
+# colour, solid, dots), and optionally more line properties (e.g. {"markersize": 9}).
+Series = Union[Tuple[Sequence[float], Sequence[float], str],
+               Tuple[Sequence[float], Sequence[float], str, Dict[str, object]]]
 
 
 def has_matplotlib() -> bool:
@@ -20,7 +22,8 @@ def require_matplotlib(option: str) -> None:
 
 
 def save_line_plots(path: str, title: str, subtitle: str, xlabel: str, panels: Dict[str, Dict[str, Series]],
-                    xscale: str = "linear", columns: Optional[int] = None) -> None:
+                    xscale: str = "linear", columns: Optional[int] = None, y_from_zero: bool = False,
+                    integer_x: bool = False) -> None:
     """One PNG at ``path``: a grid of panels, one per ``panels`` entry, ``columns`` to a row (default: one row).
 
     Args:
@@ -30,6 +33,8 @@ def save_line_plots(path: str, title: str, subtitle: str, xlabel: str, panels: D
         panels: panel y label -> {line label -> (xs, ys, format)}.
         xscale: ``"linear"`` or ``"log"``.
         columns: panels per row.
+        y_from_zero: start every y axis at 0 (for throughputs and sizes).
+        integer_x: tick exactly the x values (integers such as epochs).
 
     Example::
 
@@ -47,11 +52,15 @@ def save_line_plots(path: str, title: str, subtitle: str, xlabel: str, panels: D
     for axis in axes.flat[len(panels):]:
         axis.set_visible(False)
     for axis, (ylabel, lines) in zip(axes.flat, panels.items()):
-        for label, (xs, ys, style) in lines.items():
-            axis.plot(xs, ys, style, label=label)
+        for label, (xs, ys, style, *options) in lines.items():
+            axis.plot(xs, ys, style, label=label, **(options[0] if options else {}))
         axis.set_xscale(xscale)
-        if xscale == "linear":
+        if integer_x:
+            axis.set_xticks(sorted({x for xs, *_ in lines.values() for x in xs}))
+        elif xscale == "linear":
             axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        if y_from_zero:
+            axis.set_ylim(bottom=0)
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)

@@ -217,6 +217,27 @@ def format_report(runs: List[Run], data: Digits) -> str:
     return _table.format_table(header, body)
 
 
+# How each run is drawn, so that identical curves stay visible: torchblocks
+# solid with small filled markers, on top of native dashed with large hollow ones.
+RUN_STYLES = [{"linestyle": "-", "markersize": 4, "zorder": 3},
+              {"linestyle": "--", "markersize": 10, "markerfacecolor": "none", "zorder": 2}]
+
+
+def plot_panels(runs: List[Run]) -> dict:
+    """The panels of ``plot``: loss and accuracy, a line per run and split
+    (colour: the run; marker: o for training, s for test; line and marker
+    style: ``RUN_STYLES``)."""
+    panels = {"loss": {}, "accuracy": {}}
+    for index, run in enumerate(runs):
+        options = RUN_STYLES[index % len(RUN_STYLES)]
+        xs = list(range(1, len(run.epochs) + 1))
+        for metric in panels:
+            for split, marker in (("train", "o"), ("test", "s")):
+                values = [getattr(epoch, f"{split}_{metric}") for epoch in run.epochs]
+                panels[metric][f"{run.name} {split}"] = (xs, values, f"C{index}{marker}", options)
+    return panels
+
+
 def plot(runs: List[Run], data: Digits, path: str) -> None:
     """A PNG at ``path``: loss and accuracy per epoch, training and test, for every run.
 
@@ -224,14 +245,8 @@ def plot(runs: List[Run], data: Digits, path: str) -> None:
 
         >>> plot([torchblocks_run, native_run], data, "mnist.png")
     """
-    panels = {"loss": {}, "accuracy": {}}
-    for color, run in enumerate(runs):
-        xs = range(1, len(run.epochs) + 1)
-        for metric in panels:
-            for split, style in (("train", "-o"), ("test", "--s")):
-                values = [getattr(epoch, f"{split}_{metric}") for epoch in run.epochs]
-                panels[metric][f"{run.name} {split}"] = (xs, values, f"C{color}{style}")
-    _plot.save_line_plots(path, f"The book's first network on {data.name}", "", "epoch", panels)
+    _plot.save_line_plots(path, f"The book's first network on {data.name}", "", "epoch", plot_panels(runs),
+                          integer_x=True)
 
 
 def main(args, device: str) -> int:

@@ -40,5 +40,5 @@ def cases(device: str, dtype: torch.dtype, quick: bool):
                      "native": training_step(native_cross_entropy),
                      "compiled": training_step(torch.compile(native_cross_entropy))}
         logits_bytes = rows * classes * dtype.itemsize
-        yield Case("cross_entropy", f"{rows}x{classes}", logits_bytes / 2**20, "MiB of logits",
+        yield Case("cross_entropy", f"N={rows} C={classes}", logits_bytes / 2**20, "MiB of logits",
                    LOGITS_MOVED * logits_bytes, "GB/s", make_inputs, providers)

@@ -44,5 +44,5 @@ def cases(device: str, dtype: torch.dtype, quick: bool):
         providers = {"torchblocks": training_step(ours_dense), "native": training_step(native_dense),
                      "compiled": training_step(torch.compile(native_dense))}
         flops = GEMMS * 2 * m * n * k
-        yield Case("dense", f"{m}x{n}x{k}", flops / 1e9, "GFLOP per pass", flops, "TFLOP/s", make_inputs, providers,
+        yield Case("dense", f"M={m} N={n} K={k}", flops / 1e9, "GFLOP per pass", flops, "TFLOP/s", make_inputs, providers,
                    matmul=True)

@@ -41,5 +41,5 @@ def cases(device: str, dtype: torch.dtype, quick: bool):
         providers = {"torchblocks": training_step(dense_cross_entropy), "native": training_step(native_head),
                      "compiled": training_step(torch.compile(native_head))}
         flops = GEMMS * 2 * rows * hidden * classes
-        yield Case("dense_cross_entropy", f"{rows}x{hidden}x{classes}", classes, "classes", flops, "TFLOP/s",
+        yield Case("dense_cross_entropy", f"N={rows} K={hidden} C={classes}", classes, "classes", flops, "TFLOP/s",
                    make_inputs, providers, matmul=True)
