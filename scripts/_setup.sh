@@ -1,9 +1,10 @@
 # Sourced by scripts/main.sh and scripts/test.sh: make the virtual environment
 # (once) and install torchblocks into it with its test extra, editable, so
 # that later runs reinstall only when setup.py, this file or TORCH_SPEC change.
-#   TORCH_SPEC   the torch requirement to install first (default: torch>=2.4,
-#                which on Linux is a CUDA build of several GB from PyPI);
-#                .ci/run pins torch==2.13.0, the CPU build on the CI machines.
+#   TORCH_SPEC   the torch requirement to install first, pip options allowed
+#                (default: torch>=2.4, which on Linux is a CUDA build of
+#                several GB from PyPI); .ci/run pins torch==2.13.0, the CPU
+#                build on the CI machines.
 #   VENV         where the virtual environment lives (default: .venv).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,7 +25,9 @@ install_once() {
 }
 
 install_main() {
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check "${TORCH_SPEC:-torch>=2.4}"
+    # unquoted: a spec may carry pip options, e.g. "torch --index-url https://download.pytorch.org/whl/cpu"
+    # shellcheck disable=SC2086
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check ${TORCH_SPEC:-torch>=2.4}
     "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]"
 }
 install_once "$VENV" "${TORCH_SPEC:-torch>=2.4}" install_main

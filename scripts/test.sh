@@ -15,7 +15,8 @@ compat_status=0
 if [ "$COMPAT_TRITON" != "none" ]; then
     [ -x "$COMPAT_VENV/bin/python" ] || python3 -m venv "$COMPAT_VENV"
     install_compat() {
-        "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${TORCH_SPEC:-torch>=2.4}"
+        # shellcheck disable=SC2086
+        "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check ${TORCH_SPEC:-torch>=2.4}
         "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$COMPAT_TRITON" \
             "numpy<2.4" pytest matplotlib
         "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
