@@ -25,9 +25,10 @@ install_once() {
 }
 
 install_main() {
+    echo "== setting up $VENV: ${TORCH_SPEC:-torch>=2.4}, then torchblocks with its test extra"
     # unquoted: a spec may carry pip options, e.g. "torch --index-url https://download.pytorch.org/whl/cpu"
     # shellcheck disable=SC2086
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check ${TORCH_SPEC:-torch>=2.4}
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+    "$PYTHON" -m pip install --disable-pip-version-check --progress-bar off ${TORCH_SPEC:-torch>=2.4}
+    "$PYTHON" -m pip install --disable-pip-version-check --progress-bar off -e ".[test]"
 }
 install_once "$VENV" "${TORCH_SPEC:-torch>=2.4}" install_main
