@@ -148,9 +148,11 @@ def test_checkpoint_saved_on_two_ranks_resumes_on_any_number(fsdp_run, world_siz
 def test_distributed_mnist_example_runs_under_torchrun(tmp_path, mode):
     example = os.path.join(os.path.dirname(HERE), "examples", "distributed_mnist.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", example,
-               "--epochs", "3", "--data-dir", str(tmp_path / "none"), "--no-download", *mode]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+               "--epochs", "3", "--no-download", *mode]
+    # no directory named and an empty default cache: the embedded digits stand in
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
     env.pop("TRITON_INTERPRET", None)
+    env.pop("TORCHBLOCKS_DATA_DIR", None)
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as timeout:
