@@ -8,8 +8,9 @@ Rows whose target is ignore_index have loss 0 and gradient 0 (NaN where the
 row holds NaN, as native). A target out of
 [0, C) reads nothing out of bounds: its loss and gradient are NaN.
 
-The log-sum-exp is online (running max and running sum, one read of the row)
-in chunks of BLOCK_C classes, so rows of any length work; everything is
+A program takes BLOCK_R rows (several only when rows are short). The
+log-sum-exp is online (running max and running sum, one read of the row) in
+chunks of BLOCK_C classes, so rows of any length work; everything is
 accumulated in float32 (float64 for float64 logits).
 """
 
@@ -21,6 +22,15 @@ from ._launch import accumulation_dtype, device_guard, triton_accumulation_dtype
 
 # Widest chunk of a row one program holds at once.
 MAX_BLOCK_C = 4096
+# Short rows are handled several to a program, up to a tile of this many
+# elements: one row of C = 10 classes would leave most lanes idle.
+ROW_TILE = 1024
+
+
+@triton.jit
+def _as_accumulation(value, ACC_DTYPE: tl.constexpr):
+    """A float64 scalar argument in ACC_DTYPE (the interpreter passes a Python float)."""
+    return (value + tl.zeros((), ACC_DTYPE)).to(ACC_DTYPE)
 
 
 @triton.jit
@@ -33,34 +43,50 @@ def _class_weights(weight_ptr, stride_weight, cols, mask,
 
 
 @triton.jit
-def _target_weight(weight_ptr, stride_weight, y, C, HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """w_y, NaN when y is out of [0, C): nothing is read out of bounds."""
+def _target_weight(weight_ptr, stride_weight, y, C, row_mask, HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """w_y for a block of rows, NaN where y is out of [0, C): nothing is read out of bounds."""
     in_range = (y >= 0) & (y < C)
     if HAS_WEIGHT:
-        return tl.load(weight_ptr + y * stride_weight, mask=in_range, other=float("nan")).to(ACC_DTYPE)
+        return tl.load(weight_ptr + y * stride_weight, mask=row_mask & in_range, other=float("nan")).to(ACC_DTYPE)
     return tl.where(in_range, 1.0, float("nan")).to(ACC_DTYPE)
 
 
 @triton.jit
-def _row_gradient(
-    logits_row_ptr, grad_row_ptr, weight_ptr,
-    stride_col, grad_stride_col, stride_weight, C, y, lse, w_y, weight_total, scale, valid, label_smoothing,
-    HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
+def _weight_total(weight_total_ptr, C, HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr):
+    """W = sum_c w_c: read (computed on the device) with weights and smoothing,
+    C without weights; unused (0) otherwise."""
+    if SMOOTHING and HAS_WEIGHT:
+        return tl.load(weight_total_ptr).to(ACC_DTYPE)
+    return (C + tl.zeros((), ACC_DTYPE)).to(ACC_DTYPE)
+
+
+@triton.jit
+def _block_gradient(
+    row_ptrs, grad_row_ptrs, weight_ptr,
+    stride_col, grad_stride_col, stride_weight, C, y, lse, w_y, weight_total, scale, valid, row_mask,
+    label_smoothing,
+    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Write scale * dloss_i/dx for one row (the formula at the top of the
-    file). An ignored row gets the factor 0 and w_y = 0, not a select: a NaN
-    row stays NaN (native's 0 - p * 0) and a 0/0 mean scale never reaches it."""
+    """Write scale * dloss_i/dx for a block of rows (the formula at the top of
+    the file). An ignored row gets the factor 0 and w_y = 0, not a select: a
+    NaN row stays NaN (native's 0 - p * 0) and a 0/0 mean scale never reaches it."""
     factor = tl.where(valid, scale, 0.0)
     w_y = tl.where(valid, w_y, 0.0)
     coef = (1 - label_smoothing) * w_y + label_smoothing / C * weight_total
     for start in range(0, C, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask = cols < C
-        x = tl.load(logits_row_ptr + cols * stride_col, mask=mask, other=0.0).to(ACC_DTYPE)
-        w = _class_weights(weight_ptr, stride_weight, cols, mask, HAS_WEIGHT, ACC_DTYPE, BLOCK_C)
-        p = tl.exp(x - lse)
-        grad = (p * coef - label_smoothing / C * w - tl.where(cols == y, (1 - label_smoothing) * w_y, 0.0)) * factor
-        tl.store(grad_row_ptr + cols * grad_stride_col, grad.to(grad_row_ptr.dtype.element_ty), mask=mask)
+        col_mask = cols < C
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(row_ptrs[:, None] + cols[None, :] * stride_col, mask=mask, other=0.0).to(ACC_DTYPE)
+        grad = tl.exp(x - lse[:, None]) * coef[:, None]
+        if SMOOTHING:
+            w = _class_weights(weight_ptr, stride_weight, cols, col_mask, HAS_WEIGHT, ACC_DTYPE, BLOCK_C)
+            grad -= label_smoothing / C * w[None, :]
+        grad -= tl.where(cols[None, :] == y[:, None], ((1 - label_smoothing) * w_y)[:, None], 0.0)
+        grad *= factor[:, None]
+        tl.store(grad_row_ptrs[:, None] + cols[None, :] * grad_stride_col,
+                 grad.to(grad_row_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -69,66 +95,74 @@ def cross_entropy_forward_kernel(
     logits_ptr,  # *T, x (R, C)
     target_ptr,  # *int64 or *uint8, y (R,)
     weight_ptr,  # *T, w (C,) class weights; read only if HAS_WEIGHT
-    constants_ptr,  # *ACC, (2,) label smoothing eps and W = sum_c w_c, in the accumulation dtype
+    weight_total_ptr,  # *ACC, () W = sum_c w_c; read only if HAS_WEIGHT and SMOOTHING
     loss_ptr,  # *ACC, (R,) loss_i, written
     lse_ptr,  # *ACC, (R,) log-sum-exp of each row, written
     row_weight_ptr,  # *ACC, (R,) w_y, 0 where ignored: the weighted mean's divisor, written
     grad_ptr,  # *T, (R, C) dloss_i/dx, written only if WRITE_GRAD; may be logits_ptr itself
     # dimensions
-    C,  # classes per row
+    R, C,  # rows, classes per row
     stride_row, stride_col,  # x[i, c] at logits_ptr + i * stride_row + c * stride_col
     grad_stride_row, grad_stride_col,  # the same for the gradient
     stride_target,  # y[i] at target_ptr + i * stride_target
     stride_weight,  # w[c] at weight_ptr + c * stride_weight
     ignore_index,  # target value whose row is skipped
+    label_smoothing: tl.float64,  # eps, as data: float64, for float64 logits' precision
     # meta-parameters
     HAS_WEIGHT: tl.constexpr,
+    SMOOTHING: tl.constexpr,  # eps > 0
     WRITE_GRAD: tl.constexpr,  # also write the unscaled gradient (in place when grad_ptr is logits_ptr)
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
+    BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_C: tl.constexpr,  # classes per chunk
 ):
-    row = tl.program_id(0).to(tl.int64)
-    logits_row_ptr = logits_ptr + row * stride_row
-    y = tl.load(target_ptr + row * stride_target).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    row_ptrs = logits_ptr + rows * stride_row
+    y = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=0).to(tl.int64)
     valid = y != ignore_index
     in_range = (y >= 0) & (y < C)
     # x_y before any reduction's barrier: with WRITE_GRAD in place, warps past
-    # the last barrier store gradients over this very row
-    x_y = tl.load(logits_row_ptr + y * stride_col, mask=in_range, other=float("nan")).to(ACC_DTYPE)
+    # the last barrier store gradients over these very rows
+    x_y = tl.load(row_ptrs + y * stride_col, mask=row_mask & in_range, other=float("nan")).to(ACC_DTYPE)
 
-    # online log-sum-exp: running max m, running sum d of exp(x - m)
-    m = tl.full((), -float("inf"), ACC_DTYPE)
-    d = tl.zeros((), ACC_DTYPE)
+    # online log-sum-exp: running max m, running sum d of exp(x - m), per row
+    m = tl.full((BLOCK_R,), -float("inf"), ACC_DTYPE)
+    d = tl.zeros((BLOCK_R,), ACC_DTYPE)
     for start in range(0, C, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
-        x = tl.load(logits_row_ptr + cols * stride_col, mask=cols < C, other=-float("inf")).to(ACC_DTYPE)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
+        mask = row_mask[:, None] & (cols < C)[None, :]
+        x = tl.load(row_ptrs[:, None] + cols[None, :] * stride_col, mask=mask, other=-float("inf")).to(ACC_DTYPE)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
         # a chunk (or a row so far) of only -inf adds nothing, rather than exp(-inf + inf) = NaN
-        d = d * tl.where(m == m_new, 1.0, tl.exp(m - m_new)) + tl.sum(tl.where(x == -float("inf"), 0.0, tl.exp(x - m_new)), axis=0)
+        d = d * tl.where(m == m_new, 1.0, tl.exp(m - m_new)) + tl.sum(
+            tl.where(x == -float("inf"), 0.0, tl.exp(x - m_new[:, None])), axis=1)
         m = m_new
     lse = m + tl.log(d)
 
-    label_smoothing = tl.load(constants_ptr)
-    weight_total = tl.load(constants_ptr + 1)
-    w_y = _target_weight(weight_ptr, stride_weight, y, C, HAS_WEIGHT, ACC_DTYPE)
-    loss = (1 - label_smoothing) * w_y * (lse - x_y)
-    if label_smoothing > 0:
+    eps = _as_accumulation(label_smoothing, ACC_DTYPE)
+    w_y = _target_weight(weight_ptr, stride_weight, y, C, row_mask, HAS_WEIGHT, ACC_DTYPE)
+    loss = (1 - eps) * w_y * (lse - x_y)
+    if SMOOTHING:
         # -(eps / C) * sum_c w_c * (x_c - lse), summed in that order as native does
-        smooth = tl.zeros((), ACC_DTYPE)
+        smooth = tl.zeros((BLOCK_R,), ACC_DTYPE)
         for start in range(0, C, BLOCK_C):
             cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
-            mask = cols < C
-            x = tl.load(logits_row_ptr + cols * stride_col, mask=mask, other=0.0).to(ACC_DTYPE)
-            w = _class_weights(weight_ptr, stride_weight, cols, mask, HAS_WEIGHT, ACC_DTYPE, BLOCK_C)
-            smooth += tl.sum(tl.where(mask, w * (x - lse), 0.0), axis=0)
-        loss -= label_smoothing / C * smooth
-    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
-    tl.store(lse_ptr + row, lse)
-    tl.store(row_weight_ptr + row, tl.where(valid, w_y, 0.0))
+            col_mask = cols < C
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(row_ptrs[:, None] + cols[None, :] * stride_col, mask=mask, other=0.0).to(ACC_DTYPE)
+            w = _class_weights(weight_ptr, stride_weight, cols, col_mask, HAS_WEIGHT, ACC_DTYPE, BLOCK_C)
+            smooth += tl.sum(tl.where(mask, w[None, :] * (x - lse[:, None]), 0.0), axis=1)
+        loss -= eps / C * smooth
+    tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    tl.store(row_weight_ptr + rows, tl.where(valid, w_y, 0.0), mask=row_mask)
     if WRITE_GRAD:
-        _row_gradient(logits_row_ptr, grad_ptr + row * grad_stride_row, weight_ptr, stride_col, grad_stride_col,
-                      stride_weight, C, y, lse, w_y, weight_total, 1.0, valid, label_smoothing,
-                      HAS_WEIGHT=HAS_WEIGHT, ACC_DTYPE=ACC_DTYPE, BLOCK_C=BLOCK_C)
+        weight_total = _weight_total(weight_total_ptr, C, HAS_WEIGHT, SMOOTHING, ACC_DTYPE)
+        _block_gradient(row_ptrs, grad_ptr + rows * grad_stride_row, weight_ptr, stride_col, grad_stride_col,
+                        stride_weight, C, y, lse, w_y, weight_total, tl.full((BLOCK_R,), 1.0, ACC_DTYPE), valid,
+                        row_mask, eps, HAS_WEIGHT=HAS_WEIGHT, SMOOTHING=SMOOTHING, ACC_DTYPE=ACC_DTYPE,
+                        BLOCK_C=BLOCK_C)
 
 
 @triton.jit
@@ -137,62 +171,64 @@ def cross_entropy_backward_kernel(
     logits_ptr,  # *T, x (R, C)
     target_ptr,  # *int64 or *uint8, y (R,)
     weight_ptr,  # *T, w (C,); read only if HAS_WEIGHT
-    constants_ptr,  # *ACC, (2,) eps and W, as in the forward kernel
+    weight_total_ptr,  # *ACC, () W, as in the forward kernel
     lse_ptr,  # *ACC, (R,) saved by the forward kernel
     scale_ptr,  # *ACC, (R,) dL/dloss_i: the reduction's factor times the incoming gradient
     grad_ptr,  # *T, (R, C) dL/dx, written
     # dimensions
-    C,
+    R, C,
     stride_row, stride_col,
     grad_stride_row, grad_stride_col,
     stride_target, stride_weight,
     stride_lse,  # lse_i at lse_ptr + i * stride_lse
     stride_scale,  # s_i at scale_ptr + i * stride_scale: 0 for the one scale of a reduced loss
     ignore_index,
+    label_smoothing: tl.float64,
     # meta-parameters
     HAS_WEIGHT: tl.constexpr,
+    SMOOTHING: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    y = tl.load(target_ptr + row * stride_target).to(tl.int64)
-    label_smoothing = tl.load(constants_ptr)
-    weight_total = tl.load(constants_ptr + 1)
-    w_y = _target_weight(weight_ptr, stride_weight, y, C, HAS_WEIGHT, ACC_DTYPE)
-    lse = tl.load(lse_ptr + row * stride_lse)
-    row_scale = tl.load(scale_ptr + row * stride_scale).to(ACC_DTYPE)
-    _row_gradient(logits_ptr + row * stride_row, grad_ptr + row * grad_stride_row, weight_ptr, stride_col,
-                  grad_stride_col, stride_weight, C, y, lse, w_y, weight_total, row_scale,
-                  y != ignore_index, label_smoothing,
-                  HAS_WEIGHT=HAS_WEIGHT, ACC_DTYPE=ACC_DTYPE, BLOCK_C=BLOCK_C)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    y = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=0).to(tl.int64)
+    w_y = _target_weight(weight_ptr, stride_weight, y, C, row_mask, HAS_WEIGHT, ACC_DTYPE)
+    lse = tl.load(lse_ptr + rows * stride_lse, mask=row_mask, other=0.0)
+    row_scale = tl.load(scale_ptr + rows * stride_scale, mask=row_mask, other=0.0).to(ACC_DTYPE)
+    _block_gradient(logits_ptr + rows * stride_row, grad_ptr + rows * grad_stride_row, weight_ptr, stride_col,
+                    grad_stride_col, stride_weight, C, y, lse, w_y,
+                    _weight_total(weight_total_ptr, C, HAS_WEIGHT, SMOOTHING, ACC_DTYPE), row_scale,
+                    y != ignore_index, row_mask, _as_accumulation(label_smoothing, ACC_DTYPE),
+                    HAS_WEIGHT=HAS_WEIGHT, SMOOTHING=SMOOTHING, ACC_DTYPE=ACC_DTYPE, BLOCK_C=BLOCK_C)
 
 
-def _launch_meta(logits: torch.Tensor) -> dict:
-    """A chunk of a row per program, a warp per 128 classes of it (1 to 8):
-    more warps than a short row fills only add idle lanes (and, in float64,
-    register spills)."""
-    block_c = min(triton.next_power_of_2(max(logits.shape[1], 1)), MAX_BLOCK_C)
+def launch_meta(classes: int, dtype: torch.dtype) -> dict:
+    """The tile of a launch: a chunk of BLOCK_C classes of BLOCK_R rows per
+    program (several rows only where a row is shorter than ROW_TILE), a warp
+    per 128 elements of the tile (1 to 8): more warps than a short row fills
+    only add idle lanes (and, in float64, register spills)."""
+    block_c = min(triton.next_power_of_2(max(classes, 1)), MAX_BLOCK_C)
+    block_r = max(ROW_TILE // block_c, 1)
     return {
-        "ACC_DTYPE": triton_accumulation_dtype(logits.dtype),
+        "ACC_DTYPE": triton_accumulation_dtype(dtype),
+        "BLOCK_R": block_r,
         "BLOCK_C": block_c,
-        "num_warps": min(max(block_c // 128, 1), 8),
+        "num_warps": min(max(block_r * block_c // 128, 1), 8),
     }
 
 
-def _constants(logits, weight, label_smoothing):
-    """(eps, W) in the accumulation dtype: Triton would pass a Python float
-    as float32, short of float64 logits' precision. No host sync."""
-    constants = torch.full((2,), label_smoothing, dtype=accumulation_dtype(logits.dtype), device=logits.device)
-    if weight is not None:
-        constants[1] = weight.sum(dtype=constants.dtype)
-    else:
-        constants[1] = logits.shape[1]
-    return constants
-
-
-def _strides(target, weight):
-    """(stride of target, stride of weight): both are read through their strides."""
-    return target.stride(0), weight.stride(0) if weight is not None else 0
+def _scalars(logits, weight, label_smoothing) -> dict:
+    """The launch's class-weight and smoothing arguments. W = sum_c w_c is
+    only needed with both (a device reduction, no host sync); without
+    weights the kernel uses C."""
+    smoothing = label_smoothing > 0
+    acc = accumulation_dtype(logits.dtype)
+    weight_total = weight.sum(dtype=acc) if weight is not None and smoothing else logits
+    return dict(weight=weight if weight is not None else logits, weight_total=weight_total,
+                label_smoothing=float(label_smoothing), SMOOTHING=smoothing, HAS_WEIGHT=weight is not None,
+                stride_weight=weight.stride(0) if weight is not None else 0)
 
 
 def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, grad=None):
@@ -207,15 +243,17 @@ def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing,
     loss, lse, row_weight = (torch.empty(rows, dtype=acc, device=logits.device) for _ in range(3))
     if rows == 0:
         return loss, lse, row_weight
+    meta = launch_meta(classes, logits.dtype)
+    scalars = _scalars(logits, weight, label_smoothing)
     with device_guard(logits):
-        cross_entropy_forward_kernel[(rows,)](
-            logits, target, weight if weight is not None else logits, _constants(logits, weight, label_smoothing),
+        cross_entropy_forward_kernel[(triton.cdiv(rows, meta["BLOCK_R"]),)](
+            logits, target, scalars["weight"], scalars["weight_total"],
             loss, lse, row_weight, grad if grad is not None else logits,
-            classes, logits.stride(0), logits.stride(1),
+            rows, classes, logits.stride(0), logits.stride(1),
             *(grad.stride() if grad is not None else (0, 0)),
-            *_strides(target, weight),
-            ignore_index,
-            HAS_WEIGHT=weight is not None, WRITE_GRAD=grad is not None, **_launch_meta(logits),
+            target.stride(0), scalars["stride_weight"], ignore_index, scalars["label_smoothing"],
+            HAS_WEIGHT=scalars["HAS_WEIGHT"], SMOOTHING=scalars["SMOOTHING"], WRITE_GRAD=grad is not None,
+            **meta,
         )
     return loss, lse, row_weight
 
@@ -229,13 +267,14 @@ def cross_entropy_backward(logits, target, weight, lse, row_scale, ignore_index,
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if rows == 0:
         return grad
+    meta = launch_meta(classes, logits.dtype)
+    scalars = _scalars(logits, weight, label_smoothing)
     with device_guard(logits):
-        cross_entropy_backward_kernel[(rows,)](
-            logits, target, weight if weight is not None else logits, _constants(logits, weight, label_smoothing),
-            lse, row_scale, grad,
-            classes, logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
-            *_strides(target, weight), lse.stride(0), row_scale.stride(0),
-            ignore_index,
-            HAS_WEIGHT=weight is not None, **_launch_meta(logits),
+        cross_entropy_backward_kernel[(triton.cdiv(rows, meta["BLOCK_R"]),)](
+            logits, target, scalars["weight"], scalars["weight_total"], lse, row_scale, grad,
+            rows, classes, logits.stride(0), logits.stride(1), grad.stride(0), grad.stride(1),
+            target.stride(0), scalars["stride_weight"], lse.stride(0), row_scale.stride(0),
+            ignore_index, scalars["label_smoothing"],
+            HAS_WEIGHT=scalars["HAS_WEIGHT"], SMOOTHING=scalars["SMOOTHING"], **meta,
         )
     return grad

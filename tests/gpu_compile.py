@@ -126,30 +126,31 @@ def relu_variants(arch: int):
 def cross_entropy_variants(arch: int):
     import torch
 
-    from torchblocks.kernels.cross_entropy import _launch_meta
+    from torchblocks.kernels.cross_entropy import launch_meta
 
     for dtype in DTYPES:
         acc = "fp64" if dtype == "float64" else "fp32"
         for classes in (10, 300, 1000, 128256):  # the book's digits ... a large vocabulary
-            launch = _launch_meta(torch.empty(0, classes))
-            rows = dict(C=classes, stride_row=classes, stride_col=1, stride_target=1, stride_weight=1,
+            launch = launch_meta(classes, getattr(torch, dtype))
+            rows = dict(R=4096, C=classes, stride_row=classes, stride_col=1, stride_target=1, stride_weight=1,
                         ignore_index=-100)
             warps = launch["num_warps"]
-            for weighted in (False, True):
-                meta = dict(HAS_WEIGHT=weighted, ACC_DTYPE=_accumulation(dtype), BLOCK_C=launch["BLOCK_C"])
+            for weighted in (False, True):  # weighted: also smoothed, the longest code path
+                meta = dict(HAS_WEIGHT=weighted, SMOOTHING=weighted, ACC_DTYPE=_accumulation(dtype),
+                            BLOCK_R=launch["BLOCK_R"], BLOCK_C=launch["BLOCK_C"])
                 yield Variant(
-                    f"cross_entropy forward C={classes}{' weighted, grad in place' if weighted else ''}",
+                    f"cross_entropy forward C={classes}{' weighted, smoothed, grad in place' if weighted else ''}",
                     "cross_entropy", "cross_entropy_forward_kernel", dtype,
                     pointers=dict(logits_ptr=TYPE_NAMES[dtype], target_ptr="i64", weight_ptr=TYPE_NAMES[dtype],
-                                  constants_ptr=acc, loss_ptr=acc, lse_ptr=acc, row_weight_ptr=acc,
+                                  weight_total_ptr=acc, loss_ptr=acc, lse_ptr=acc, row_weight_ptr=acc,
                                   grad_ptr=TYPE_NAMES[dtype]),
                     integers=dict(rows, grad_stride_row=classes if weighted else 0, grad_stride_col=int(weighted)),
                     constants=dict(meta, WRITE_GRAD=weighted), num_warps=warps)
                 yield Variant(
-                    f"cross_entropy backward C={classes}{' weighted' if weighted else ''}",
+                    f"cross_entropy backward C={classes}{' weighted, smoothed' if weighted else ''}",
                     "cross_entropy", "cross_entropy_backward_kernel", dtype,
                     pointers=dict(logits_ptr=TYPE_NAMES[dtype], target_ptr="i64", weight_ptr=TYPE_NAMES[dtype],
-                                  constants_ptr=acc, lse_ptr=acc, scale_ptr=acc, grad_ptr=TYPE_NAMES[dtype]),
+                                  weight_total_ptr=acc, lse_ptr=acc, scale_ptr=acc, grad_ptr=TYPE_NAMES[dtype]),
                     integers=dict(rows, grad_stride_row=classes, grad_stride_col=1, stride_lse=1, stride_scale=0),
                     constants=meta, num_warps=warps)
 
@@ -164,11 +165,15 @@ def optimizer_variants(arch: int):
     every_option = {
         "sgd": dict(WEIGHT_DECAY=True, MOMENTUM=True, NESTEROV=True, MAXIMIZE=True),
         "rmsprop": dict(WEIGHT_DECAY=True, MOMENTUM=True, CENTERED=True, MAXIMIZE=True),
-        "adam": dict(WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=True, MAXIMIZE=True),
+        "adam": dict(WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=True, MAXIMIZE=True, CAPTURABLE=False,
+                     STEP_DTYPE="tl.float32"),
+        "adam capturable": dict(WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=True, MAXIMIZE=True, CAPTURABLE=True,
+                                STEP_DTYPE="tl.float32"),
     }
     for name, flags in every_option.items():
         for dtype in DTYPES:
-            yield Variant(f"{name} step", "optim", f"{name}_kernel", dtype, pointers=table, integers=dict(T=200),
+            kernel = f"{name.split()[0]}_kernel"
+            yield Variant(f"{name} step", "optim", kernel, dtype, pointers=table, integers=dict(T=200),
                           constants=dict(flags, DTYPE=f"tl.{dtype}", ACC_DTYPE=_accumulation(dtype), ALIGNED=True,
                                          BLOCK=ELEMENTWISE_BLOCK),
                           num_warps=elementwise_warps(getattr(torch, dtype)), wide_accesses=True)
@@ -215,6 +220,8 @@ def compile_variant(arch: int, variant: Variant) -> dict:
         elif name in variant.pointers:
             signature[name] = "*" + variant.pointers[name]
             hints.append(index)
+        elif fn.params[index].annotation_type:  # a scalar typed in the kernel's signature ("fp64")
+            signature[name] = fn.params[index].annotation_type
         elif variant.integers[name] == 1:
             signature[name], constants[name] = "constexpr", 1
         else:

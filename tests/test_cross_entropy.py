@@ -87,6 +87,19 @@ def test_row_lengths(target, classes, smoothing):
                          label_smoothing=smoothing)
 
 
+@pytest.mark.parametrize("classes", [3, 10, 300], ids=lambda c: f"C={c}")
+@pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace_backward"])
+@pytest.mark.parametrize("weighted, smoothing", [(False, 0.0), (True, 0.1)], ids=["plain", "weighted-smoothed"])
+def test_short_rows_several_to_a_program(target, classes, inplace, weighted, smoothing):
+    # short rows are tiled several to a program: 200 rows end in a partial
+    # block whatever the block size, and the rows ignored, weighted, strided
+    # (every other column) land in every position of a block
+    x = randn(200, 2 * classes, device=target.device)[:, ::2]
+    weight = randn(classes, device=target.device, seed=3).abs() if weighted else None
+    check_against_native(x, index_target((200,), classes, target.device, ignore=True), weight=weight,
+                         label_smoothing=smoothing, reduction="none", inplace_backward=inplace)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_extreme_and_non_finite_logits(target, dtype, smoothing):

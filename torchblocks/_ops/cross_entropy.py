@@ -175,11 +175,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         logits, target, weight, ignore_index, label_smoothing, inplace_backward = inputs
         _, row_weight, lse = output
         ctx.mark_non_differentiable(row_weight, lse)
+        ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs
         ctx.options = (ignore_index, label_smoothing, inplace_backward)
         ctx.save_for_backward(logits, target, weight, lse)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_row_weight, grad_lse):
+        if grad_loss is None:
+            return None, None, None, None, None, None
         logits, target, weight, lse = ctx.saved_tensors
         ignore_index, label_smoothing, inplace_backward = ctx.options
         if not inplace_backward:

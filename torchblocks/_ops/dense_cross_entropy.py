@@ -111,11 +111,14 @@ class DenseCrossEntropyFunction(torch.autograd.Function):
         input, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_rows, grads_now = inputs
         _, divisor, grad_input, grad_weight, grad_bias = output
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs
         ctx.options = (ignore_index, reduction, label_smoothing, chunk_rows, grads_now)
         ctx.save_for_backward(input, weight, bias, target, divisor, grad_input, grad_weight, grad_bias)
 
     @staticmethod
     def backward(ctx, grad_output, *_):
+        if grad_output is None:
+            return (None,) * 9
         input, weight, bias, target, divisor, grad_input, grad_weight, grad_bias = ctx.saved_tensors
         ignore_index, reduction, label_smoothing, chunk_rows, grads_now = ctx.options
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
