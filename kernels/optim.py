@@ -17,6 +17,7 @@ optimizer's docstring); the order of operations follows torch.optim's.
 """
 
 import functools
+import math
 
 import torch
 import triton
@@ -180,23 +181,34 @@ def rmsprop_kernel(
 @triton.jit
 def _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
                 DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
-                AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr):
+                AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, CAPTURABLE: tl.constexpr, STEP_DTYPE: tl.constexpr,
+                ALIGNED: tl.constexpr):
     """One chunk of the update; ``mask`` is None for a full chunk."""
     param_ptr, param, grad = _load_param_and_grad(
         pointers_ptr, t, T, offsets, mask, DTYPE, ACC_DTYPE, MAXIMIZE, ALIGNED)
     exp_avg_ptr = _pointer(pointers_ptr, 2, t, T, DTYPE, ALIGNED)
     exp_avg_sq_ptr = _pointer(pointers_ptr, 3, t, T, DTYPE, ALIGNED)
-    step_size = tl.load(scalars_ptr + t).to(ACC_DTYPE)
-    bias_correction2_sqrt = tl.load(scalars_ptr + T + t).to(ACC_DTYPE)
-    one_minus_beta1 = tl.load(scalars_ptr + 2 * T + 2).to(ACC_DTYPE)
-    beta2 = tl.load(scalars_ptr + 2 * T + 3).to(ACC_DTYPE)
-    one_minus_beta2 = tl.load(scalars_ptr + 2 * T + 4).to(ACC_DTYPE)
-    eps = tl.load(scalars_ptr + 2 * T + 5).to(ACC_DTYPE)
+    if CAPTURABLE:
+        # the bias corrections from tensor t's step count, read on the device:
+        # lr / (1 - beta1^t) and sqrt(1 - beta2^t), with beta^t = 2^(t * log2(beta))
+        group_ptr = scalars_ptr
+        step = tl.load(_pointer(pointers_ptr, 5, t, T, STEP_DTYPE, False)).to(ACC_DTYPE)
+        lr = tl.load(group_ptr + 6).to(ACC_DTYPE)
+        step_size = _div(lr, 1 - tl.exp2(step * tl.load(group_ptr + 7).to(ACC_DTYPE)))
+        bias_correction2_sqrt = _sqrt(1 - tl.exp2(step * tl.load(group_ptr + 8).to(ACC_DTYPE)))
+    else:
+        group_ptr = scalars_ptr + 2 * T
+        step_size = tl.load(scalars_ptr + t).to(ACC_DTYPE)
+        bias_correction2_sqrt = tl.load(scalars_ptr + T + t).to(ACC_DTYPE)
+    one_minus_beta1 = tl.load(group_ptr + 2).to(ACC_DTYPE)
+    beta2 = tl.load(group_ptr + 3).to(ACC_DTYPE)
+    one_minus_beta2 = tl.load(group_ptr + 4).to(ACC_DTYPE)
+    eps = tl.load(group_ptr + 5).to(ACC_DTYPE)
     if WEIGHT_DECAY:
         if DECOUPLED:
-            param *= tl.load(scalars_ptr + 2 * T).to(ACC_DTYPE)
+            param *= tl.load(group_ptr).to(ACC_DTYPE)
         else:
-            grad += tl.load(scalars_ptr + 2 * T + 1).to(ACC_DTYPE) * param
+            grad += tl.load(group_ptr + 1).to(ACC_DTYPE) * param
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(ACC_DTYPE)
     exp_avg += one_minus_beta1 * (grad - exp_avg)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(ACC_DTYPE)
@@ -213,21 +225,49 @@ def _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
 
 @triton.jit
 def adam_kernel(
-    pointers_ptr,  # (5, T): param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (AMSGRAD)
-    scalars_ptr,  # (2, T) lr / (1 - beta1^t) and sqrt(1 - beta2^t), then 1 - lr * wd, wd, 1 - beta1, beta2, 1 - beta2, eps
+    pointers_ptr,  # (5, T): param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (AMSGRAD); (6, T) + step (CAPTURABLE)
+    scalars_ptr,  # (2, T) lr / (1 - beta1^t) and sqrt(1 - beta2^t) (not CAPTURABLE), then
+                  # 1 - lr * wd, wd, 1 - beta1, beta2, 1 - beta2, eps, and (CAPTURABLE) lr, log2(beta1), log2(beta2)
     numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
     DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    CAPTURABLE: tl.constexpr,  # step counts are device tensors, read here
+    STEP_DTYPE: tl.constexpr,  # their dtype
     ALIGNED: tl.constexpr,  # every pointer 16-byte aligned
     BLOCK: tl.constexpr,
 ):
     t, offsets, mask, full = _chunk(chunk_tensor_ptr, first_chunk_ptr, numel_ptr, BLOCK)
     if full:  # no mask: 128-bit accesses where the pointers are aligned
-        _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, None,
-                    DTYPE, ACC_DTYPE, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, ALIGNED)
+        _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, None, DTYPE, ACC_DTYPE, WEIGHT_DECAY, DECOUPLED,
+                    AMSGRAD, MAXIMIZE, CAPTURABLE, STEP_DTYPE, ALIGNED)
     else:
-        _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
-                    DTYPE, ACC_DTYPE, WEIGHT_DECAY, DECOUPLED, AMSGRAD, MAXIMIZE, ALIGNED)
+        _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask, DTYPE, ACC_DTYPE, WEIGHT_DECAY, DECOUPLED,
+                    AMSGRAD, MAXIMIZE, CAPTURABLE, STEP_DTYPE, ALIGNED)
+
+
+def _upload(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device``: on a GPU copied from pinned host
+    memory without waiting (the caching host allocator keeps the buffer
+    until the copy is done), not from pageable memory, which synchronises."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+# The tables are cached by content, so a hit is always the right table: the
+# pointer table of a parameter group is rebuilt only when a data pointer
+# changes, and the scalars only when a hyperparameter or step count does.
+@functools.lru_cache(maxsize=256)
+def _pointer_table(pointers: tuple, device: torch.device) -> torch.Tensor:
+    """The (ROLES, T) int64 table of data pointers, on ``device``."""
+    return _upload(pointers, torch.int64, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _scalar_table(scalars: tuple, device: torch.device) -> torch.Tensor:
+    """The float64 scalars of a launch, on ``device``."""
+    return _upload(scalars, torch.float64, device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -242,7 +282,7 @@ def _chunk_table(numels: tuple, device: torch.device):
     return torch.stack([numel, first_chunk]).to(device), chunk_tensor.to(device)
 
 
-def multi_tensor_launch(kernel, roles, per_tensor_scalars, group_scalars, **meta):
+def multi_tensor_launch(kernel, roles, per_tensor_scalars, group_scalars, scalar_roles=(), **meta):
     """Launch ``kernel`` once over T tensors.
 
     Args:
@@ -252,23 +292,28 @@ def multi_tensor_launch(kernel, roles, per_tensor_scalars, group_scalars, **meta
             An empty list stands for a role the kernel's flags leave unread.
         per_tensor_scalars: lists of T floats each, the kernel's per-tensor rows.
         group_scalars: floats shared by every tensor (lr, betas, ...).
+        scalar_roles: lists of T one-element tensors each (capturable step
+            counts), whose pointers follow the roles' in the table.
         meta: the kernel's constexpr flags.
+
+    In a training loop the step uploads nothing: the pointer, scalar and
+    chunk tables are found in their caches (Adam's per-tensor bias
+    corrections change every step and are uploaded without a host sync).
     """
     params = roles[0]
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
-    pointers = torch.tensor([tensor.data_ptr() for role in roles for tensor in (role or params)], dtype=torch.int64)
-    scalars = torch.tensor([x for row in per_tensor_scalars for x in row] + list(group_scalars), dtype=torch.float64)
-    table = torch.cat([pointers, scalars.view(torch.int64)]).to(device, non_blocking=True)
     (numel, first_chunk), chunk_tensor = _chunk_table(tuple(p.numel() for p in params), device)
     if chunk_tensor.numel() == 0:
         return
+    pointers = _pointer_table(tuple(tensor.data_ptr() for role in (*roles, *scalar_roles)
+                                    for tensor in (role or params)), device)
+    scalars = _scalar_table(tuple(x for row in per_tensor_scalars for x in row) + tuple(group_scalars), device)
     aligned = all(tensor.data_ptr() % 16 == 0 for role in roles for tensor in role)
     with device_guard(params[0]):
         kernel[(chunk_tensor.numel(),)](
-            table, table[pointers.numel():].view(torch.float64),
-            numel, first_chunk, chunk_tensor, len(params),
+            pointers, scalars, numel, first_chunk, chunk_tensor, len(params),
             DTYPE=TRITON_DTYPES[dtype], ACC_DTYPE=TRITON_DTYPES[accumulation_dtype(dtype)], ALIGNED=aligned,
             BLOCK=ELEMENTWISE_BLOCK, num_warps=elementwise_warps(dtype), **meta,
         )
@@ -296,14 +341,21 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr,
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
-              decoupled_weight_decay, amsgrad, maximize):
+              decoupled_weight_decay, amsgrad, maximize, capturable=False):
     """Adam (AdamW with ``decoupled_weight_decay``) on lists of same-device,
     same-dtype tensors, in one launch. ``steps[i]``: tensor i's step count t,
-    already advanced; its bias corrections are computed here in float64."""
+    already advanced: a float, whose bias corrections are computed here in
+    float64; or, with ``capturable``, its step tensor, read by the kernel."""
+    group = [1 - lr * weight_decay, weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
+    flags = dict(WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad,
+                 MAXIMIZE=maximize, CAPTURABLE=capturable)
+    roles = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+    if capturable:
+        log2_betas = [math.log2(beta) if beta > 0 else -math.inf for beta in (beta1, beta2)]
+        multi_tensor_launch(adam_kernel, roles, [], group + [lr, *log2_betas], scalar_roles=[steps],
+                            STEP_DTYPE=TRITON_DTYPES[steps[0].dtype] if steps else tl.float32, **flags)
+        return
     step_sizes = [lr / (1 - beta1**step) for step in steps]
     bias_corrections2_sqrt = [(1 - beta2**step) ** 0.5 for step in steps]
-    multi_tensor_launch(
-        adam_kernel, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], [step_sizes, bias_corrections2_sqrt],
-        [1 - lr * weight_decay, weight_decay, 1 - beta1, beta2, 1 - beta2, eps],
-        WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad, MAXIMIZE=maximize,
-    )
+    multi_tensor_launch(adam_kernel, roles, [step_sizes, bias_corrections2_sqrt], group, STEP_DTYPE=tl.float32,
+                        **flags)

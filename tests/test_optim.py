@@ -9,7 +9,7 @@ import torch
 
 import torchblocks
 import torchblocks.optim
-from torchblocks import check
+from torchblocks import check, testing
 from torchblocks.testing import assert_close, tolerance
 
 CASES = [
@@ -325,14 +325,119 @@ def test_bad_hyperparameters_fail_as_in_torch_optim(name, options):
     assert str(ours_error.value) == str(native_error.value)
 
 
-@pytest.mark.parametrize("name, options", [
-    ("SGD", dict(differentiable=True)),
-    ("RMSprop", dict(capturable=True)),
-    ("Adam", dict(capturable=True)),
-])
-def test_unsupported_modes_say_so(name, options):
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam", "AdamW"])
+def test_differentiable_says_it_is_not_supported(name):
     with pytest.raises(ValueError, match="is not supported"):
-        getattr(torchblocks.optim, name)([torch.nn.Parameter(torch.ones(2))], **options)
+        getattr(torchblocks.optim, name)([torch.nn.Parameter(torch.ones(2))], differentiable=True)
+
+
+CAPTURABLE_CASES = [
+    ("RMSprop", dict(lr=0.01)),
+    ("RMSprop", dict(lr=0.01, alpha=0.9, eps=1e-4, momentum=0.5, centered=True, weight_decay=0.1)),
+    ("Adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    ("Adam", dict(lr=0.01, betas=(0.0, 0.9), maximize=True)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1)),
+]
+
+
+@pytest.fixture
+def capturable_on_cpu(monkeypatch):
+    """torch.optim takes capturable=True only on devices that capture graphs.
+    On the CPU the capturable step is checked for what capture needs (state
+    on the device, no host reads) with the CPU allowed, for the twin as for ours."""
+    import importlib
+
+    from torchblocks.optim import _multi_tensor
+
+    def allowed(supports_xla=True):
+        return ["cuda", "cpu"]
+
+    for module in (importlib.import_module("torch.optim.adam"), importlib.import_module("torch.optim.rmsprop"),
+                   _multi_tensor):
+        monkeypatch.setattr(module, "_get_capturable_supported_devices", allowed)
+
+
+def _capturable_pair(target, name, options, tensor_lr):
+    model, ours, native_model, native = _pair(ENTRIES[name], dict(options, capturable=True), target.device)
+    if tensor_lr:
+        for group in (*ours.param_groups, *native.param_groups):
+            group["lr"] = torch.tensor(group["lr"], device=target.device)
+    return model, ours, native_model, native
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["", "tensor-lr"])
+@pytest.mark.parametrize("name, options", CAPTURABLE_CASES, ids=lambda v: str(v))
+def test_capturable_trajectory_and_state_match_twin(target, capturable_on_cpu, name, options, tensor_lr):
+    model, ours, native_model, native = _capturable_pair(target, name, options, tensor_lr)
+    check.train(model, ours, 10)
+    check.train(native_model, native, 10)
+    _assert_same_parameters(model, native_model)
+    for param, native_param in zip(model.parameters(), native_model.parameters()):
+        if param in ours.state:
+            step, native_step = ours.state[param]["step"], native.state[native_param]["step"]
+            assert (step.device, step.dtype, step.shape) == (native_step.device, native_step.dtype, native_step.shape)
+            assert step.item() == native_step.item()
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["", "tensor-lr"])
+@pytest.mark.parametrize("name", ["RMSprop", "Adam", "AdamW"])
+def test_capturable_step_reads_nothing_on_the_host(target, capturable_on_cpu, name, tensor_lr):
+    """No .item(), float(), .tolist(), .cpu() on the step path, from the first
+    step (which creates the state) on; the non-capturable step, which reads
+    its step counts, is caught by the same guard."""
+    model, ours, native_model, native = _capturable_pair(target, name, {}, tensor_lr)
+    inputs = torch.randn(8, 40, device=target.device)
+    for optimizer, network in ((ours, model), (native, native_model)):
+        for _ in range(2):
+            network(inputs).square().mean().backward()
+            with testing.no_host_reads():
+                optimizer.step()
+    model, ours, _, _ = _pair(ENTRIES[name], {}, target.device)
+    model(inputs).square().mean().backward()
+    with pytest.raises(testing.HostRead), testing.no_host_reads():
+        ours.step()
+
+
+@pytest.mark.parametrize("name", ["RMSprop", "Adam", "AdamW"])
+def test_capturable_on_a_device_torch_cannot_capture_fails_as_in_torch_optim(name):
+    for optimizer_class in (getattr(torch.optim, name), getattr(torchblocks.optim, name)):
+        param = torch.nn.Parameter(torch.ones(3))
+        param.grad = torch.ones(3)
+        with pytest.raises(AssertionError, match="If capturable=True, params and state_steps must be on supported "
+                                                 r"devices: \['cuda'"):
+            optimizer_class([param], capturable=True).step()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["RMSprop", "Adam", "AdamW"])
+def test_capturable_step_replays_in_a_cuda_graph(target, name):
+    """Ours captured once in a CUDA graph and replayed, against the twin's
+    capturable step run eagerly, on the same gradients."""
+    model, ours, native_model, native = _pair(ENTRIES[name], dict(lr=0.01, capturable=True), "cuda")
+    params = [p for p in model.parameters() if p is not model.unused]
+    native_params = [p for p in native_model.parameters() if p is not native_model.unused]
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for param in (*params, *native_params):
+        param.grad = torch.zeros_like(param)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up: state, autotuning and the launch tables
+            ours.step()
+            native.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ours.step()
+    for _ in range(5):
+        for param, native_param in zip(params, native_params):
+            param.grad.copy_(torch.randn(param.shape, device="cuda", generator=generator))
+            native_param.grad.copy_(param.grad)
+        graph.replay()
+        native.step()
+    torch.cuda.synchronize()
+    _assert_same_parameters(model, native_model)
 
 
 @pytest.mark.parametrize("name, options", [

@@ -10,10 +10,12 @@ every output and every input gradient: dtype, shape, the places of NaN and
 infinities, and the values, and it reports the worst element.
 """
 
+import contextlib
 import dataclasses
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 # Largest allowed ||actual - expected|| / ||expected||, by dtype.
 TOLERANCES = {
@@ -234,3 +236,72 @@ def assert_parity(ours: Callable, native: Callable, inputs: Sequence, what: str 
     if not report.ok:
         raise AssertionError(f"{what + ': ' if what else ''}{report}")
     return report
+
+
+@contextlib.contextmanager
+def around_triton_launches(context: Callable[[], contextlib.AbstractContextManager]):
+    """Run every Triton kernel launch (``kernel[grid](...)``, of any kernel)
+    made in the block inside a fresh ``context()``: a hook for tools that
+    count launches or must not see the launch's own work (the interpreter
+    copies arguments to host memory).
+
+    Example::
+
+        >>> launches = []
+        >>> with around_triton_launches(lambda: contextlib.nullcontext(launches.append(1))):
+        ...     torchblocks.functional.relu(x)  # on CUDA, or under TRITON_INTERPRET=1
+    """
+    try:
+        from triton.runtime.jit import KernelInterface
+    except ImportError:  # no triton: no launches to wrap
+        yield
+        return
+    launcher = KernelInterface.__getitem__
+
+    def wrapped(self, grid):
+        launch = launcher(self, grid)
+
+        def run(*args, **kwargs):
+            with context():
+                return launch(*args, **kwargs)
+        return run
+
+    KernelInterface.__getitem__ = wrapped
+    try:
+        yield
+    finally:
+        KernelInterface.__getitem__ = launcher
+
+
+class HostRead(RuntimeError):
+    """A device value was read on the host where none may be."""
+
+
+class _NoHostReads(TorchFunctionMode):
+    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.__float__,
+             torch.Tensor.__int__, torch.Tensor.__bool__, torch.Tensor.__index__}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        cpu_copy = func in (torch.Tensor.to, torch.Tensor.copy_) and "cpu" in map(str, (*args[1:], *(
+            kwargs or {}).values()))
+        if func in self.READS or cpu_copy:
+            raise HostRead(f"{getattr(func, '__name__', func)} reads a tensor's value on the host")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Raise ``HostRead`` on any read of a tensor's value by the host in the
+    block: ``.item()``, ``float()``, ``int()``, ``bool()``, ``.tolist()``,
+    ``.numpy()``, ``.cpu()`` or ``.to("cpu")``. On a GPU each is a
+    synchronisation and breaks CUDA graph capture; under this guard code can
+    be checked free of them on the CPU too. Triton launches are exempt (the
+    interpreter reads its arguments; a GPU launch reads nothing).
+
+    Example::
+
+        >>> with no_host_reads():
+        ...     optimizer.step()  # capturable=True: no step count read back
+    """
+    with around_triton_launches(torch._C.DisableTorchFunction), _NoHostReads():
+        yield

@@ -15,6 +15,8 @@ shards of parameter, gradient and state with no communication. That holds
 for ``Shard`` and ``Replicate`` placements; any other placement raises.
 """
 
+from typing import Optional
+
 import torch
 
 if not torch.distributed.is_available():  # a torch built without distributed has no DTensors to meet
@@ -24,6 +26,8 @@ else:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch < 2.5 keeps it private
         from torch.distributed._tensor import DTensor
+
+from torch.optim.optimizer import _get_capturable_supported_devices
 
 from torchblocks import backend
 
@@ -79,14 +83,19 @@ def check_fused_flags(fused, foreach, differentiable) -> None:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
-def check_implementation_flags(name: str, capturable: bool, differentiable: bool) -> None:
-    """The twins' ``capturable`` and ``differentiable`` modes are not implemented."""
-    if capturable:
-        raise ValueError(f"{name}: capturable=True (CUDA graph capture of the step) is not supported; "
-                         "expected capturable=False")
+def check_differentiable(name: str, differentiable: bool) -> None:
+    """The twins' ``differentiable`` mode (autograd through the step) is not implemented."""
     if differentiable:
         raise ValueError(f"{name}: differentiable=True (autograd through the step) is not supported; "
                          "expected differentiable=False")
+
+
+def check_capturable_devices(params, steps, supports_xla: bool = True) -> None:
+    """capturable=True: every parameter and its ``step`` on one device type
+    that torch.optim can capture in a graph, as torch.optim checks it."""
+    supported = _get_capturable_supported_devices(supports_xla)
+    if not all(p.device.type == step.device.type and p.device.type in supported for p, step in zip(params, steps)):
+        raise AssertionError(f"If capturable=True, params and state_steps must be on supported devices: {supported}.")
 
 
 def _describe(group: dict, group_index: int, param_index: int, param: torch.Tensor) -> str:
@@ -175,31 +184,36 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
     def _update(self, group: dict, params: list) -> None:
         raise NotImplementedError
 
-    def _advance_steps(self, params, state_keys) -> list:
+    def _advance_steps(self, params, state_keys, capturable: bool = False) -> list:
         """Give each parameter without state a ``step`` of 0 and a zero tensor
         like it per name in ``state_keys``; then add 1 to every ``step``
-        counter and return the new counts as floats."""
+        counter. Returns the new counts as floats, read on the host; or,
+        when ``capturable``, the step tensors themselves, kept on the
+        parameters' device and never read by the host."""
         for param in params:
             state = self.state[param]
             if not state:
-                state["step"] = torch.zeros((), dtype=scalar_dtype())
+                state["step"] = torch.zeros((), dtype=scalar_dtype(), device=param.device if capturable else None)
                 for key in state_keys:
                     state[key] = torch.zeros_like(param)
         steps = [self.state[p]["step"] for p in params]
         torch._foreach_add_(steps, 1)
+        if capturable:
+            return steps
         return torch.stack([s.to("cpu") for s in steps]).tolist()
 
     @staticmethod
-    def _apply(reference, triton_name: str, roles, per_tensor, **options) -> None:
+    def _apply(reference, triton_name: Optional[str], roles, per_tensor, **options) -> None:
         """Run the update on ``roles`` (lists of tensors: params, grads, state;
         an empty list for a state the options leave unused) and the
-        ``per_tensor`` lists of floats, with ``torchblocks.kernels.optim.<triton_name>``
-        in one launch, or with the reference in cache-sized batches. DTensors
-        are replaced by their local shards first."""
+        ``per_tensor`` lists (floats, or capturable step tensors), with
+        ``torchblocks.kernels.optim.<triton_name>`` in one launch, or with the
+        reference in cache-sized batches (always, when ``triton_name`` is
+        None). DTensors are replaced by their local shards first."""
         roles = [[_local(tensor) for tensor in role] for role in roles]
         params = roles[0]
         indices = range(len(params))
-        if backend.use_triton(params[0]):
+        if triton_name is not None and backend.use_triton(params[0]):
             from torchblocks.kernels import optim as kernels
             from torchblocks.kernels._launch import shares_flat_layout
 

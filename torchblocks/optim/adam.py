@@ -7,8 +7,9 @@ from torchblocks.optim._multi_tensor import (
     MultiTensorOptimizer,
     check_beta_range,
     check_beta_types,
+    check_capturable_devices,
+    check_differentiable,
     check_fused_flags,
-    check_implementation_flags,
     check_non_negative,
     check_tensor_hyperparameter,
 )
@@ -38,9 +39,13 @@ class Adam(MultiTensorOptimizer):
         amsgrad: divide by the running maximum of v.
         maximize: ascend the objective instead.
         decoupled_weight_decay: decay the parameters directly (AdamW).
+        capturable: keep ``step`` on the parameters' device and compute the
+            bias corrections there, never reading a device value on the host,
+            so that the step can be captured in a CUDA graph; ``lr`` and the
+            betas may then be tensors on that device.
         foreach, fused: accepted for drop-in use and kept in the state dict; the
             step is always torchblocks' multi-tensor step, chosen by the backend.
-        capturable, differentiable: must be False.
+        differentiable: must be False.
 
     Example::
 
@@ -60,7 +65,7 @@ class Adam(MultiTensorOptimizer):
         check_non_negative(weight_decay, "weight_decay value")
         check_beta_types(betas, foreach, capturable)
         check_fused_flags(fused, foreach, differentiable)
-        check_implementation_flags(type(self).__name__, capturable, differentiable)
+        check_differentiable(type(self).__name__, differentiable)
         # one-element tensors of any rank become 0-dim ones, as torch.optim.Adam keeps them
         betas = tuple(beta.squeeze() if isinstance(beta, torch.Tensor) and beta.dim() else beta for beta in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
@@ -69,17 +74,25 @@ class Adam(MultiTensorOptimizer):
         super().__init__(params, defaults)
 
     def _update(self, group, params):
-        amsgrad = group["amsgrad"]
-        steps = self._advance_steps(params, ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else []))
+        amsgrad, capturable = group["amsgrad"], group["capturable"]
+        steps = self._advance_steps(params, ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else []),
+                                    capturable)
+        if capturable and not torch.compiler.is_compiling():
+            check_capturable_devices(params, steps, supports_xla=False)
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        # capturable tensor hyperparameters are read on the device, never with float()
+        on_device = capturable and any(isinstance(value, torch.Tensor) for value in (lr, beta1, beta2))
+        if not on_device:
+            lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
         states = [self.state[p] for p in params]
-        beta1, beta2 = (float(beta) for beta in group["betas"])
         self._apply(
-            adam_reference, "adam_step",
+            adam_reference, None if on_device else "adam_step",
             [params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
              [s["max_exp_avg_sq"] for s in states] if amsgrad else []],
             [steps],
-            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad, maximize=group["maximize"],
+            capturable=capturable,
         )
 
 
@@ -108,10 +121,12 @@ class AdamW(Adam):
 
 
 def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-                   weight_decay, decoupled_weight_decay, amsgrad, maximize):
+                   weight_decay, decoupled_weight_decay, amsgrad, maximize, capturable=False):
     """The Adam update (the class docstring) with ``torch._foreach_*`` ops, on
     lists of same-device, same-dtype tensors. ``steps[i]``: tensor i's step
-    count t, already advanced."""
+    count t, already advanced: a float, or with ``capturable`` its step
+    tensor, from which the bias corrections are computed on the device
+    (``lr`` and the betas may then be one-element tensors there too)."""
     if maximize:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:
@@ -126,6 +141,22 @@ def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
         exp_avg_sqs = max_exp_avg_sqs
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, [(1 - beta2**step) ** 0.5 for step in steps])
+    if not capturable:
+        torch._foreach_div_(denom, [(1 - beta2**step) ** 0.5 for step in steps])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1**step) for step in steps])
+        return
+    bias_corrections2_sqrt = torch._foreach_pow(beta2, steps)  # -> sqrt(1 - beta2^t)
+    torch._foreach_neg_(bias_corrections2_sqrt)
+    torch._foreach_add_(bias_corrections2_sqrt, 1)
+    torch._foreach_sqrt_(bias_corrections2_sqrt)
+    torch._foreach_div_(denom, bias_corrections2_sqrt)
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1**step) for step in steps])
+    step_sizes = torch._foreach_pow(beta1, steps)  # -> lr / (1 - beta1^t)
+    torch._foreach_neg_(step_sizes)
+    torch._foreach_add_(step_sizes, 1)
+    torch._foreach_reciprocal_(step_sizes)
+    torch._foreach_mul_(step_sizes, lr)
+    updates = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(updates, step_sizes)
+    torch._foreach_sub_(params, updates)

@@ -4,7 +4,8 @@ import torch
 
 from torchblocks.optim._multi_tensor import (
     MultiTensorOptimizer,
-    check_implementation_flags,
+    check_capturable_devices,
+    check_differentiable,
     check_non_negative,
     check_tensor_hyperparameter,
 )
@@ -39,9 +40,12 @@ class RMSprop(MultiTensorOptimizer):
         weight_decay, momentum: as above, default 0.
         centered: divide by the estimated variance instead of the raw second moment.
         maximize: ascend the objective instead.
+        capturable: keep ``step`` on the parameters' device and never read a
+            device value on the host, so that the step can be captured in a
+            CUDA graph; ``lr`` may then be a tensor on that device.
         foreach: accepted for drop-in use and kept in the state dict; the step is
             always torchblocks' multi-tensor step, chosen by the backend.
-        capturable, differentiable: must be False.
+        differentiable: must be False.
 
     Example::
 
@@ -59,31 +63,36 @@ class RMSprop(MultiTensorOptimizer):
         check_non_negative(momentum, "momentum value")
         check_non_negative(weight_decay, "weight_decay value")
         check_non_negative(alpha, "alpha value")
-        check_implementation_flags("RMSprop", capturable, differentiable)
+        check_differentiable("RMSprop", differentiable)
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
                         capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable)
         super().__init__(params, defaults)
 
     def _update(self, group, params):
-        momentum, centered = group["momentum"], group["centered"]
-        self._advance_steps(params, ["square_avg"] + (["momentum_buffer"] if momentum > 0 else [])
-                            + (["grad_avg"] if centered else []))
+        momentum, centered, capturable = group["momentum"], group["centered"], group["capturable"]
+        steps = self._advance_steps(params, ["square_avg"] + (["momentum_buffer"] if momentum > 0 else [])
+                                    + (["grad_avg"] if centered else []), capturable)
+        if capturable and not torch.compiler.is_compiling():
+            check_capturable_devices(params, steps)
+        lr = group["lr"]
+        device_lr = capturable and isinstance(lr, torch.Tensor)  # read on the device, not with float()
         states = [self.state[p] for p in params]
         self._apply(
-            rmsprop_reference, "rmsprop_step",
+            rmsprop_reference, None if device_lr else "rmsprop_step",
             [params, [p.grad for p in params], [s["square_avg"] for s in states],
              [s["grad_avg"] for s in states] if centered else [],
              [s["momentum_buffer"] for s in states] if momentum > 0 else []],
             [],
-            lr=float(group["lr"]), alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-            momentum=momentum, centered=centered, maximize=group["maximize"],
+            lr=lr if device_lr else float(lr), alpha=group["alpha"], eps=group["eps"],
+            weight_decay=group["weight_decay"], momentum=momentum, centered=centered, maximize=group["maximize"],
         )
 
 
 def rmsprop_reference(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha, eps, weight_decay,
                       momentum, centered, maximize):
     """The RMSprop update (the class docstring) with ``torch._foreach_*`` ops,
-    on lists of same-device, same-dtype tensors."""
+    on lists of same-device, same-dtype tensors. ``lr``: a float, or a
+    one-element tensor on their device (capturable)."""
     if maximize:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:
@@ -100,6 +109,12 @@ def rmsprop_reference(params, grads, square_avgs, grad_avgs, momentum_buffers, *
     if momentum > 0:
         torch._foreach_mul_(momentum_buffers, momentum)
         torch._foreach_addcdiv_(momentum_buffers, grads, denom)
-        torch._foreach_add_(params, momentum_buffers, alpha=-lr)
+        if isinstance(lr, torch.Tensor):  # capturable: lr stays on the device
+            torch._foreach_add_(params, torch._foreach_mul(momentum_buffers, -lr))
+        else:
+            torch._foreach_add_(params, momentum_buffers, alpha=-lr)
+    elif isinstance(lr, torch.Tensor):
+        torch._foreach_div_(denom, -lr)
+        torch._foreach_addcdiv_(params, grads, denom)
     else:
         torch._foreach_addcdiv_(params, grads, denom, value=-lr)

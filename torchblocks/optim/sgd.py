@@ -5,7 +5,7 @@ import torch
 from torchblocks.optim._multi_tensor import (
     MultiTensorOptimizer,
     check_fused_flags,
-    check_implementation_flags,
+    check_differentiable,
     check_non_negative,
     check_tensor_hyperparameter,
 )
@@ -53,7 +53,7 @@ class SGD(MultiTensorOptimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         check_fused_flags(fused, foreach, differentiable)
-        check_implementation_flags("SGD", capturable=False, differentiable=differentiable)
+        check_differentiable("SGD", differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults)
