@@ -8,6 +8,7 @@ The row sum of A over the reduction dimension comes from the A tiles the GEMM
 loads anyway, so the bias gradient costs no extra pass over g.
 """
 
+import inspect
 import os
 
 import torch
@@ -110,10 +111,18 @@ def m_bucket(m: int) -> int:
     return triton.next_power_of_2(m)
 
 
+def _autotune_cache() -> dict:
+    """Keep each tuning on disk (triton >= 3.2 can), keyed by the kernel's
+    source, the shape bucket and the device: a training run, or the next
+    process, tunes a layer shape once, not once per process."""
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 @triton.autotune(
     configs=_configs(),
     key=["M_BUCKET", "N", "K", "HAS_BIAS", "RELU", "ROW_SUM", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_to_launch},
+    **_autotune_cache(),
 )
 @triton.jit
 def dense_matmul_kernel(

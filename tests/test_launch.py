@@ -161,3 +161,18 @@ def test_autotuning_is_keyed_on_a_bucket_of_m():
 
     assert "M" not in dense.dense_matmul_kernel.keys and "M_BUCKET" in dense.dense_matmul_kernel.keys
     assert dense.m_bucket(96) == dense.m_bucket(128) == 128 and dense.m_bucket(129) == 256
+
+
+def test_autotuning_results_are_kept_across_processes():
+    """triton >= 3.2 keeps each tuning on disk when asked (not under the
+    interpreter, which does not tune); the Dense kernel asks."""
+    triton = pytest.importorskip("triton")
+    import inspect
+
+    from torchblocks.kernels import dense
+
+    if "cache_results" not in inspect.signature(triton.autotune).parameters:
+        pytest.skip(f"triton {triton.__version__} cannot keep tunings on disk")
+    assert dense._autotune_cache() == {"cache_results": True}
+    if not dense.INTERPRETER:
+        assert dense.dense_matmul_kernel.cache_results
