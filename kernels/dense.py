@@ -1,11 +1,14 @@
-"""The dense layer's GEMM: C = act(A @ B + bias), with float32 accumulation.
+"""The dense layer's GEMM: C = act(A @ B + bias), or C += A @ B, with float32 accumulation.
 
 One tiled kernel serves all three products of a dense layer through strides:
     forward  y  = act(x @ W^T + b)   A = x   (M, K),  B = W^T (K, N): W's strides swapped
     backward dx = g @ W              A = g   (M, N),  B = W   (N, K)
              dW = g^T @ x            A = g^T (N, M),  B = x   (M, K), with ROW_SUM: db = sum_m g
 The row sum of A over the reduction dimension comes from the A tiles the GEMM
-loads anyway, so the bias gradient costs no extra pass over g.
+loads anyway, so the bias gradient costs no extra pass over g. With
+ACCUMULATE the epilogue adds the product to C (and the row sums to theirs)
+in place: a float32 C sums 16-bit products chunk after chunk, never rounded
+to 16 bits in between.
 """
 
 import inspect
@@ -86,11 +89,23 @@ def shared_memory_bytes(config, element_size: int) -> int:
     return stages * (block_m + block_n) * block_k * element_size
 
 
-def launchable_configs(configs, architecture: int, kind: str, element_size: int, max_shared_memory: int):
+# C += A @ B loads a tile of C next to the accumulator: each thread then holds
+# two tiles' worth, and above this many accumulator elements per thread the
+# epilogue spills (sm_90: 128x128 tiles on 4 warps, 128x256 on 8).
+MAX_ACCUMULATE_ELEMENTS_PER_THREAD = 64
+
+
+def launchable_configs(configs, architecture: int, kind: str, element_size: int, max_shared_memory: int,
+                       accumulate: bool = False):
     """The configs of the tile list for ``architecture`` and ``kind`` whose
-    pipelines fit ``max_shared_memory`` bytes."""
+    pipelines fit ``max_shared_memory`` bytes, and under ``accumulate`` whose
+    epilogue holds two tiles without spilling."""
+    def fits(config):
+        block_m, block_n, _, _, warps = _shape(config)
+        return not accumulate or block_m * block_n <= MAX_ACCUMULATE_ELEMENTS_PER_THREAD * 32 * warps
+
     return [c for c in configs if _shape(c) in TILES[architecture][kind]
-            and shared_memory_bytes(c, element_size) <= max_shared_memory]
+            and shared_memory_bytes(c, element_size) <= max_shared_memory and fits(c)]
 
 
 def _prune_to_launch(configs, named_args, **kwargs):
@@ -102,7 +117,8 @@ def _prune_to_launch(configs, named_args, **kwargs):
     properties = triton.runtime.driver.active.utils.get_device_properties(a.device.index)
     architecture = tile_architecture(torch.cuda.get_device_capability(a.device))
     kind = operand_kind(a.dtype, kwargs["INPUT_PRECISION"])
-    return launchable_configs(configs, architecture, kind, a.element_size(), properties["max_shared_mem"])
+    return launchable_configs(configs, architecture, kind, a.element_size(), properties["max_shared_mem"],
+                              kwargs["ACCUMULATE"])
 
 
 def m_bucket(m: int) -> int:
@@ -120,7 +136,7 @@ def _autotune_cache() -> dict:
 
 @triton.autotune(
     configs=_configs(),
-    key=["M_BUCKET", "N", "K", "HAS_BIAS", "RELU", "ROW_SUM", "INPUT_PRECISION"],
+    key=["M_BUCKET", "N", "K", "HAS_BIAS", "RELU", "ROW_SUM", "ACCUMULATE", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_to_launch},
     **_autotune_cache(),
 )
@@ -129,9 +145,9 @@ def dense_matmul_kernel(
     # pointers
     a_ptr,  # *T, A (M, K)
     b_ptr,  # *T, B (K, N)
-    c_ptr,  # *T, C (M, N), written
+    c_ptr,  # *T or *ACC, C (M, N), written (read first under ACCUMULATE)
     bias_ptr,  # *T, bias (N,), added to every row of C; read only if HAS_BIAS
-    row_sum_ptr,  # *T, (M,) sums over k of A[m, k]; written only if ROW_SUM
+    row_sum_ptr,  # *T or *ACC, (M,) contiguous, sums over k of A[m, k]; written only if ROW_SUM
     # dimensions
     M, N, K,
     stride_am, stride_ak,  # A[m, k] at a_ptr + m * stride_am + k * stride_ak
@@ -143,6 +159,7 @@ def dense_matmul_kernel(
     HAS_BIAS: tl.constexpr,  # add bias in the epilogue
     RELU: tl.constexpr,  # max(., 0) in the epilogue, after the bias
     ROW_SUM: tl.constexpr,  # also write the row sums of A
+    ACCUMULATE: tl.constexpr,  # C += A @ B (and row sums +=) instead of C = ...; no bias, no ReLU
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32", for float32 tiles
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 inputs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile of C, step along K
@@ -183,13 +200,18 @@ def dense_matmul_kernel(
     mask_n = offs_n < N
     if ROW_SUM:
         if block_n == 0:  # one column of programs writes the row sums
+            if ACCUMULATE:
+                row_sum += tl.load(row_sum_ptr + offs_m, mask=mask_m).to(ACC_DTYPE)
             tl.store(row_sum_ptr + offs_m, row_sum.to(row_sum_ptr.dtype.element_ty), mask=mask_m)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     if RELU:
         acc = tl.where(acc < 0, 0, acc)  # NaN passes through, as in torch.relu
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    mask_c = mask_m[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=mask_c).to(ACC_DTYPE)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
 def tf32_allowed() -> bool:
@@ -209,26 +231,40 @@ def _input_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
-def dense_matmul(a, b, bias=None, relu=False, row_sum=False):
+def dense_matmul(a, b, bias=None, relu=False, row_sum=False, out=None, row_sums=None, accumulate=False):
     """C = act(A @ B + bias) for 2-D ``a`` (M, K) and ``b`` (K, N) of any strides.
 
     Every argument is read through its strides (``bias`` (N,) too); none is
     copied. Returns ``C`` (M, N), contiguous, the dtype of ``a``, and, when
     ``row_sum``, also the sums of each row of ``a`` (M,).
+
+    With ``out`` (M, N), of any strides and dtype (a float32 accumulator for
+    16-bit ``a``), C is written there instead, and added to what it holds
+    when ``accumulate``; ``row_sums`` (M,), contiguous, then receives (or
+    accumulates) the row sums. Returns ``out``.
     """
     M, K = a.shape
     N = b.shape[1]
-    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    row_sums = torch.empty(M, dtype=a.dtype, device=a.device) if row_sum else None
+    if out is None:
+        c = torch.empty((M, N), dtype=a.dtype, device=a.device)
+        row_sums = torch.empty(M, dtype=a.dtype, device=a.device) if row_sum else None
+    else:
+        c = out
     if M * N == 0:
         # no tile of C to compute; the row sums (over K) may still be wanted
-        return (c, a.sum(dim=1)) if row_sum else c
+        if out is None:
+            return (c, a.sum(dim=1)) if row_sum else c
+        if row_sums is not None and accumulate:
+            row_sums.add_(a.sum(dim=1))
+        elif row_sums is not None:
+            row_sums.copy_(a.sum(dim=1))
+        return out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     with device_guard(a):
         dense_matmul_kernel[grid](
             a, b, c,
             bias if bias is not None else c,
-            row_sums if row_sum else c,
+            row_sums if row_sums is not None else c,
             M, N, K,
             a.stride(0), a.stride(1),
             b.stride(0), b.stride(1),
@@ -237,8 +273,11 @@ def dense_matmul(a, b, bias=None, relu=False, row_sum=False):
             m_bucket(M),
             HAS_BIAS=bias is not None,
             RELU=relu,
-            ROW_SUM=row_sum,
+            ROW_SUM=row_sums is not None,
+            ACCUMULATE=accumulate,
             INPUT_PRECISION=_input_precision(a.dtype, a.device),
             ACC_DTYPE=triton_accumulation_dtype(a.dtype),
         )
+    if out is not None:
+        return out
     return (c, row_sums) if row_sum else c

@@ -83,20 +83,29 @@ def dense_variants(arch: int):
         for config in dense.launchable_configs(dense._configs(interpreter=False), arch, kind, torch_dtype.itemsize,
                                                MAX_SHARED_MEMORY[arch]):
             block = config.kwargs
-            for epilogue, flags, strides in (
+            grad_weight = dict(stride_am=1, stride_ak=4096, stride_bk=4096, stride_bn=1, stride_bias=0)
+            products = [
                 # forward: A = x (M, K), B = W^T (W is (N, K)), bias and ReLU
-                ("forward", dict(HAS_BIAS=True, RELU=True, ROW_SUM=False),
+                ("forward", dict(HAS_BIAS=True, RELU=True, ROW_SUM=False, ACCUMULATE=False),
                  dict(stride_am=4096, stride_ak=1, stride_bk=1, stride_bn=4096, stride_bias=1)),
                 # dx: A = g (M, N), B = W (N, K)
-                ("grad_input", dict(HAS_BIAS=False, RELU=False, ROW_SUM=False),
+                ("grad_input", dict(HAS_BIAS=False, RELU=False, ROW_SUM=False, ACCUMULATE=False),
                  dict(stride_am=4096, stride_ak=1, stride_bk=4096, stride_bn=1, stride_bias=0)),
                 # dW with db: A = g^T (g is (M, N)), B = x, the row sums of A
-                ("grad_weight", dict(HAS_BIAS=False, RELU=False, ROW_SUM=True),
-                 dict(stride_am=1, stride_ak=4096, stride_bk=4096, stride_bn=1, stride_bias=0)),
-            ):
+                ("grad_weight", dict(HAS_BIAS=False, RELU=False, ROW_SUM=True, ACCUMULATE=False), grad_weight),
+            ]
+            accumulating = dense.launchable_configs([config], arch, kind, torch_dtype.itemsize,
+                                                    MAX_SHARED_MEMORY[arch], accumulate=True)
+            if base in ("float16", "bfloat16") and accumulating:
+                # the fused head's dW and db, added to float32 accumulators (the tiles a launch may choose)
+                products.append(("grad_weight accumulate", dict(HAS_BIAS=False, RELU=False, ROW_SUM=True,
+                                                                ACCUMULATE=True), grad_weight))
+            for epilogue, flags, strides in products:
+                accumulator = "fp32" if flags["ACCUMULATE"] else TYPE_NAMES[base]
                 yield Variant(
                     f"dense_matmul {epilogue}", "dense", "dense_matmul_kernel", dtype,
-                    pointers={p: TYPE_NAMES[base] for p in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "row_sum_ptr")},
+                    pointers=dict(a_ptr=TYPE_NAMES[base], b_ptr=TYPE_NAMES[base], bias_ptr=TYPE_NAMES[base],
+                                  c_ptr=accumulator, row_sum_ptr=accumulator),
                     integers=dict(M=4096, N=4096, K=4096, stride_cm=4096, stride_cn=1, M_BUCKET=4096, **strides),
                     constants=dict(flags, INPUT_PRECISION="tf32" if dtype.endswith("tf32") else "ieee",
                                    ACC_DTYPE=_accumulation(base), **block),

@@ -176,3 +176,17 @@ def test_autotuning_results_are_kept_across_processes():
     assert dense._autotune_cache() == {"cache_results": True}
     if not dense.INTERPRETER:
         assert dense.dense_matmul_kernel.cache_results
+
+
+def test_the_fused_heads_skinny_gemm_has_a_tile_that_fills_an_h100():
+    """At LLM size (8192 rows x 4096 hidden x 128256 classes, bf16) a chunk's
+    dx GEMM is skinny: (chunk rows x 4096), reduced over 128256 classes. The
+    autotuner's sm_90 list must hold a tile that gives the 132 SMs work each."""
+    triton = pytest.importorskip("triton")
+    from torchblocks._ops.dense_cross_entropy import default_chunk_rows
+    from torchblocks.kernels import dense
+
+    rows = default_chunk_rows(8192, 4096, 128256)
+    configs = dense.launchable_configs(dense._configs(interpreter=False), 90, "16-bit", 2, 232448)
+    programs = [triton.cdiv(rows, c.kwargs["BLOCK_M"]) * triton.cdiv(4096, c.kwargs["BLOCK_N"]) for c in configs]
+    assert max(programs) >= 132, f"{rows} rows: at most {max(programs)} programs"

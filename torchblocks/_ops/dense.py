@@ -61,6 +61,34 @@ def _(a, b):
     return a.new_empty((a.shape[0], b.shape[1])), a.new_empty((a.shape[0],))
 
 
+def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False,
+                row_sums: Optional[torch.Tensor] = None) -> None:
+    """out = A @ B, or out += A @ B with ``accumulate``, written through
+    ``out``'s strides in ``out``'s dtype (a float32 accumulator sums 16-bit
+    products unrounded); ``row_sums`` (M,) likewise receives the row sums of
+    A. For the fused head, inside its custom op: no autograd, no new C.
+
+    Example::
+
+        >>> grad_weight = torch.zeros(10, 784)
+        >>> matmul_into(grad_logits.t(), x, grad_weight, accumulate=True)
+    """
+    if backend.use_triton(a):
+        from torchblocks.kernels.dense import dense_matmul
+
+        dense_matmul(a, b, out=out, row_sums=row_sums, accumulate=accumulate)
+        return
+    a, b = a.to(out.dtype), b.to(out.dtype)
+    if accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+    if row_sums is not None and accumulate:
+        row_sums.add_(a.sum(dim=1))
+    elif row_sums is not None:
+        torch.sum(a, dim=1, out=row_sums)
+
+
 class DenseFunction(torch.autograd.Function):
     """dense on a 2-D input; saves x only if dW is needed, W only if dx is,
     and y only under relu. Its backward is made of Functions (the ReLU mask,

@@ -5,10 +5,12 @@ in memory at once.
 Per chunk of rows, with g = dloss_i/dz from the cross-entropy kernel (written
 over the chunk's logits) scaled by s_i = dL/dloss_i:
     dL/dx = g @ W,    dL/dW += g^T @ x,    dL/db += sum over rows of g
-For "mean" and "sum" every s_i is one scalar, so the forward computes the
-gradients with s_i = 1 and the backward only scales them; for "none" the
-backward recomputes them with its per-row s_i. A backward that is itself
-differentiated recomputes them through the differentiable blocks instead.
+dL/dx is written straight into the chunk's rows; dL/dW and dL/db are summed
+in float32 (float64) by the GEMM's epilogue. For "mean" and "sum" every s_i
+is one scalar, so the forward computes the gradients with s_i = 1 and the
+backward only scales them, in place; for "none" the backward recomputes them
+with its per-row s_i. A backward that is itself differentiated recomputes
+them through the differentiable blocks instead.
 """
 
 from typing import Optional
@@ -23,7 +25,7 @@ from torchblocks._ops.cross_entropy import (
     forward_rows,
     reduce_rows,
 )
-from torchblocks._ops.dense import DenseFunction, MatmulFunction
+from torchblocks._ops.dense import DenseFunction, MatmulFunction, matmul_into
 from torchblocks._validate import require_class_indices
 
 
@@ -53,8 +55,14 @@ def dense_cross_entropy(
     loss = input.new_empty(rows, dtype=acc)
     row_weight = input.new_empty(rows, dtype=acc)
     grad_input = torch.empty_like(input) if compute_grads else input.new_empty(0)
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if compute_grads else None
-    grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if compute_grads and bias is not None else None
+    # float32 (float64) accumulators: the first chunk writes them, the others add
+    # in the GEMM's epilogue, so no chunk's dW or db is rounded to a 16-bit dtype
+    grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device) if compute_grads else None
+    grad_bias = torch.empty(weight.shape[0], dtype=acc, device=weight.device) if compute_grads and bias is not None else None
+    if compute_grads and rows == 0:
+        grad_weight.zero_()
+        if grad_bias is not None:
+            grad_bias.zero_()
     for start in range(0, rows, chunk_rows):
         chunk = slice(start, start + chunk_rows)
         x, y = input[chunk], target[chunk]
@@ -64,13 +72,8 @@ def dense_cross_entropy(
         if not compute_grads:
             continue
         grad_logits = logits if row_scale is None else logits.mul_(row_scale[chunk, None].to(logits.dtype))
-        grad_input[chunk] = ops.matmul(grad_logits, weight)
-        if grad_bias is not None:
-            chunk_grad_weight, chunk_grad_bias = ops.matmul_row_sum(grad_logits.t(), x)
-            grad_bias += chunk_grad_bias
-        else:
-            chunk_grad_weight = ops.matmul(grad_logits.t(), x)
-        grad_weight += chunk_grad_weight
+        matmul_into(grad_logits, weight, grad_input[chunk])
+        matmul_into(grad_logits.t(), x, grad_weight, accumulate=start > 0, row_sums=grad_bias)
     return (
         loss, row_weight, grad_input,
         grad_weight.to(weight.dtype) if grad_weight is not None else weight.new_empty(0),
@@ -113,13 +116,15 @@ class DenseCrossEntropyFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs
         ctx.options = (ignore_index, reduction, label_smoothing, chunk_rows, grads_now)
-        ctx.save_for_backward(input, weight, bias, target, divisor, grad_input, grad_weight, grad_bias)
+        ctx.save_for_backward(input, weight, bias, target, divisor)
+        # held, not saved: the first backward scales them in place and lets them go
+        ctx.gradients = (grad_input, grad_weight, grad_bias) if grads_now else None
 
     @staticmethod
     def backward(ctx, grad_output, *_):
         if grad_output is None:
             return (None,) * 9
-        input, weight, bias, target, divisor, grad_input, grad_weight, grad_bias = ctx.saved_tensors
+        input, weight, bias, target, divisor = ctx.saved_tensors
         ignore_index, reduction, label_smoothing, chunk_rows, grads_now = ctx.options
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if reduction == "none":
@@ -133,8 +138,14 @@ class DenseCrossEntropyFunction(torch.autograd.Function):
             grad_input, grad_weight, grad_bias = differentiable_gradients(
                 input, weight, bias, target, row_scale, ignore_index, label_smoothing, chunk_rows)
         elif grads_now:
-            # out of place: a retained graph may run this backward again
-            grad_input, grad_weight, grad_bias = grad_input * scale, grad_weight * scale, grad_bias * scale
+            if ctx.gradients is not None:
+                grad_input, grad_weight, grad_bias = ctx.gradients
+                ctx.gradients = None
+            else:  # a retained graph's second backward: the very same gradients, recomputed
+                _, _, grad_input, grad_weight, grad_bias = torch.ops.torchblocks.dense_cross_entropy(
+                    input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, None, True)
+            for grad in (grad_input, grad_weight, grad_bias):
+                grad.mul_(scale)
         else:
             _, _, grad_input, grad_weight, grad_bias = torch.ops.torchblocks.dense_cross_entropy(
                 input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, row_scale, True
