@@ -50,9 +50,10 @@ def test_tables_are_readable(quick_run):
     """At most ~120 characters, no column without data, the direction of every
     speed in words, named dimensions, what is timed said above, no torch log noise."""
     _, text, _ = quick_run
-    tables = [part for part in text.split("\n\n")[1:] if "torchblocks ms" in part]
-    assert len(tables) == len(bench.BLOCKS)
-    for table in tables:
+    parts = [part.split("\nbytes: ") for part in text.split("\n\n")[1:] if "torchblocks ms" in part]
+    assert len(parts) == len(bench.BLOCKS) and all(len(part) == 2 for part in parts)
+    for table, bytes_table in parts:
+        assert max(len(line) for line in bytes_table.splitlines()) <= 120
         caption, lines = table.splitlines()[:2], table.splitlines()[2:]
         assert "median ms of" in caption[0] and ("forward + backward" in caption[0] or "one step" in caption[0])
         assert max(len(line) for line in table.splitlines()) <= 120
@@ -81,7 +82,8 @@ def tiny_case(providers, rotate=True):
     def make_inputs(seed, provider):
         return (torch.full((4,), float(seed + 1)),)
 
-    return harness.Case("toy", "4", 4, "elements", 32, "GB/s", make_inputs, providers, rotate=rotate)
+    return harness.Case("toy", "4", 4, "elements", 32, "GB/s", make_inputs, providers, min_bytes=32, our_bytes=32,
+                        rotate=rotate)
 
 
 def test_a_wrong_provider_is_flagged_not_timed_as_a_win():
@@ -113,6 +115,21 @@ def test_every_block_yields_cases_for_every_device_and_mode():
         found = list(cases(device, torch.float32, quick))
         assert found and all(case.block == name and case.work > 0 for case in found)
         assert all({"torchblocks", "native", "compiled"} <= set(case.providers) for case in found)
+
+
+def test_every_case_has_a_bytes_model_at_or_above_the_minimum():
+    """And the summary shows it: min and ours, and GB/s against each."""
+    for cases, device, dtype in itertools.product(bench.BLOCKS.values(), ("cpu", "cuda"),
+                                                  (torch.float32, torch.bfloat16, torch.float64)):
+        for case in cases(device, dtype, False):
+            assert 0 < case.min_bytes <= case.our_bytes, (case.label, device, dtype)
+
+
+def test_the_summary_has_the_bytes_model_and_the_step_counts(quick_run):
+    summary = (quick_run[2] / "summary.md").read_text()
+    assert summary.count("| case | dtype | min MB | ours MB | ours / min | GB/s of min | GB/s of ours |") == len(
+        bench.BLOCKS)
+    assert re.search(r"\d+ Triton launches, \d+ other tensor ops, \d+ allocations", summary)
 
 
 def test_bench_refuses_cuda_without_cuda(capsys):

@@ -22,10 +22,10 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 import torch
 
 from torchblocks import _plot, _table
-from torchblocks.bench import cross_entropy, dense, dense_cross_entropy, harness, optim, relu
+from torchblocks.bench import cross_entropy, dense, dense_cross_entropy, harness, optim, relu, step
 from torchblocks.bench.harness import Row
 
-__all__ = ["BLOCKS", "block_table", "run"]
+__all__ = ["BLOCKS", "block_table", "bytes_table", "run"]
 
 BLOCKS = {
     "relu": relu.cases,
@@ -97,6 +97,27 @@ def block_table(rows: List[Row]) -> Tuple[Tuple[str, ...], List[Tuple[str, ...]]
     return header, body
 
 
+BYTES_CAPTION = ("bytes: the fewest one call must move (min), and what torchblocks' Triton kernels move by "
+                 "construction (ours);\nGB/s: torchblocks' time against each")
+
+
+def bytes_table(rows: List[Row]) -> Tuple[Tuple[str, ...], List[Tuple[str, ...]]]:
+    """The bytes model of one block's cases as ``(header, body)``: per case
+    and dtype the minimum bytes and the bytes of torchblocks' design (MB),
+    their ratio, and torchblocks' achieved bandwidth against each: how near
+    the memory's speed the kernels run, and how much the design leaves.
+
+    Example::
+
+        >>> header, body = bytes_table(harness.measure(case, "cuda", torch.bfloat16, peak=3000.0))
+    """
+    header = ("case", "dtype", "min MB", "ours MB", "ours / min", "GB/s of min", "GB/s of ours")
+    body = [(row.case, row.dtype, _number(row.min_bytes / 1e6), _number(row.our_bytes / 1e6),
+             f"{row.our_bytes / row.min_bytes:.2f}x", _number(row.min_gbs), _number(row.our_gbs))
+            for row in rows if row.provider == "torchblocks"]
+    return header, body
+
+
 def _write_csv(path: str, rows: List[Row], env: Dict[str, str]) -> None:
     fields = [field.name for field in dataclasses.fields(Row)]
     with open(path, "w", newline="") as f:
@@ -165,14 +186,15 @@ def run(blocks: Sequence[str], device: str, dtypes: Sequence[torch.dtype], quick
     matmul_line = ", ".join(f"{str(dtype).split('.')[-1]} {tflops:.1f} TFLOP/s"
                             for dtype, tflops in matmul_peaks.items())
     peak_line = f"peaks measured in this run: copy {copy_peak:.1f} GB/s; native matmul {matmul_line}"
-    print(header, peak_line, sep="\n", file=stream, flush=True)
+    step_line = step.describe(step.count_training_step(device))
+    print(header, peak_line, step_line, sep="\n", file=stream, flush=True)
     plots = out_dir is not None and _plot.has_matplotlib()
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         if not plots:
             print("no plots: matplotlib is not installed (pip install 'torchblocks[plot]')", file=stream)
     summary = [f"# torchblocks bench{' --quick' if quick else ''}", "", header.replace(" | ", "  \n"), "",
-               peak_line, ""]
+               peak_line, "", step_line, ""]
     every_row = []
     for block in blocks:
         rows = []
@@ -182,9 +204,12 @@ def run(blocks: Sequence[str], device: str, dtypes: Sequence[torch.dtype], quick
                 peak = matmul_peaks[dtype] if case.unit == "TFLOP/s" else copy_peak
                 rows += harness.measure(case, device, dtype, peak, quick)
         header, body = block_table(rows)
-        print(f"\n{caption(block, rows)}\n{_table.format_table(header, body)}", file=stream, flush=True)
+        bytes_header, bytes_body = bytes_table(rows)
+        print(f"\n{caption(block, rows)}\n{_table.format_table(header, body)}\n{BYTES_CAPTION}\n"
+              f"{_table.format_table(bytes_header, bytes_body)}", file=stream, flush=True)
         summary += [f"## {block}", "", caption(block, rows).replace("\n", "  \n"), "",
-                    _table.format_markdown(header, body), ""]
+                    _table.format_markdown(header, body), "", BYTES_CAPTION.replace("\n", "  \n"), "",
+                    _table.format_markdown(bytes_header, bytes_body), ""]
         if out_dir:
             _write_csv(os.path.join(out_dir, f"{block}.csv"), rows, env)
         if plots:

@@ -9,6 +9,18 @@ from torchblocks.functional import dense
 GEMMS = 3  # y = x W^T forward; dx = g W and dW = g^T x backward
 
 
+def bytes_moved(m: int, n: int, k: int, itemsize: int):
+    """(minimum, ours) bytes of a forward + backward with bias and ReLU.
+    Minimum: x, W, b, dy and y read once each way they are needed (x, W
+    twice), y, dx, dW, db written once: 3MK + 3NK + 3MN + 2N elements.
+    Ours, each GEMM operand once: the forward (MK + NK + N + MN), the ReLU
+    mask g = dy * 1[y > 0] (3MN), dx = g W (MN + NK + MK) and dW, db from one
+    pass over g (MN + MK + NK + N): 3MK + 3NK + 6MN + 2N."""
+    minimum = 3 * m * k + 3 * n * k + 3 * m * n + 2 * n
+    ours = 3 * m * k + 3 * n * k + 6 * m * n + 2 * n
+    return minimum * itemsize, ours * itemsize
+
+
 def native_dense(x, weight, bias):
     return F.relu(F.linear(x, weight, bias))
 
@@ -44,5 +56,6 @@ def cases(device: str, dtype: torch.dtype, quick: bool):
         providers = {"torchblocks": training_step(ours_dense), "native": training_step(native_dense),
                      "compiled": training_step(torch.compile(native_dense))}
         flops = GEMMS * 2 * m * n * k
+        minimum, ours = bytes_moved(m, n, k, dtype.itemsize)
         yield Case("dense", f"M={m} N={n} K={k}", flops / 1e9, "GFLOP per pass", flops, "TFLOP/s", make_inputs, providers,
-                   matmul=True)
+                   matmul=True, min_bytes=minimum, our_bytes=ours)

@@ -48,6 +48,12 @@ class Case:
         make_inputs: ``make_inputs(seed, provider)``: a fresh input set for
             that provider, the same values for one seed whichever the provider.
         providers: name -> provider; ``"native"`` is the twin every other is checked against.
+        min_bytes: the fewest bytes one call must move to and from memory
+            (every input read once, every output written once).
+        our_bytes: the bytes torchblocks' implementation moves by
+            construction (each kernel's reads and writes, each GEMM operand
+            once: no cache effects); its GB/s against both say how close to
+            the bandwidth it runs and how much its design leaves on the table.
         variant: a sub-series of the block (an optimizer's name), or "".
         matmul: the work is GEMMs (float32 may run in TF32 on a GPU).
         rotate: cycle through several input sets (off where a provider holds
@@ -61,6 +67,8 @@ class Case:
     unit: str
     make_inputs: Callable[[int, str], Any]
     providers: Dict[str, Provider]
+    min_bytes: float
+    our_bytes: float
     variant: str = ""
     matmul: bool = False
     rotate: bool = True
@@ -83,6 +91,10 @@ class Row:
     of_peak: float
     error: float
     matched: bool
+    min_bytes: float
+    our_bytes: float
+    min_gbs: float  # min_bytes / ms: the bandwidth the call achieves as if it moved the minimum
+    our_gbs: float  # our_bytes / ms: the bandwidth torchblocks' kernels achieve (torchblocks' row only)
 
 
 def training_step(forward: Callable[..., torch.Tensor]) -> Provider:
@@ -251,7 +263,8 @@ def measure(case: Case, device: str, dtype: torch.dtype, peak: float, quick: boo
         error = max(relative_error(mine, theirs) for mine, theirs in zip(result, native))
         matched = len(result) == len(native) and error <= allowed
         rows.append(Row(case.block, case.variant, case.label, case.size, case.size_unit, str(dtype).split(".")[-1],
-                        name, ms, peak_mb, achieved, case.unit, achieved / peak, error, matched))
+                        name, ms, peak_mb, achieved, case.unit, achieved / peak, error, matched, case.min_bytes,
+                        case.our_bytes, case.min_bytes / ms / 1e6, case.our_bytes / ms / 1e6))
     return rows
 
 
