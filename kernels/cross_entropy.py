@@ -22,9 +22,12 @@ from ._launch import accumulation_dtype, device_guard, triton_accumulation_dtype
 
 # Widest chunk of a row one program holds at once.
 MAX_BLOCK_C = 4096
-# Short rows are handled several to a program, up to a tile of this many
-# elements: one row of C = 10 classes would leave most lanes idle.
+# Short rows (up to SHORT_ROW classes) are handled several to a program, a
+# tile of ROW_TILE elements: one row of C = 10 classes would leave most lanes
+# idle. Longer rows fill a program alone (wider tiles of several rows spill
+# registers in some variants on sm_80 and sm_90).
 ROW_TILE = 1024
+SHORT_ROW = 32
 
 
 @triton.jit
@@ -206,11 +209,11 @@ def cross_entropy_backward_kernel(
 
 def launch_meta(classes: int, dtype: torch.dtype) -> dict:
     """The tile of a launch: a chunk of BLOCK_C classes of BLOCK_R rows per
-    program (several rows only where a row is shorter than ROW_TILE), a warp
+    program (several rows only for rows of up to SHORT_ROW classes), a warp
     per 128 elements of the tile (1 to 8): more warps than a short row fills
     only add idle lanes (and, in float64, register spills)."""
     block_c = min(triton.next_power_of_2(max(classes, 1)), MAX_BLOCK_C)
-    block_r = max(ROW_TILE // block_c, 1)
+    block_r = ROW_TILE // block_c if block_c <= SHORT_ROW else 1
     return {
         "ACC_DTYPE": triton_accumulation_dtype(dtype),
         "BLOCK_R": block_r,

@@ -87,7 +87,7 @@ def test_row_lengths(target, classes, smoothing):
                          label_smoothing=smoothing)
 
 
-@pytest.mark.parametrize("classes", [3, 10, 300], ids=lambda c: f"C={c}")
+@pytest.mark.parametrize("classes", [3, 10, 32, 300], ids=lambda c: f"C={c}")
 @pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace_backward"])
 @pytest.mark.parametrize("weighted, smoothing", [(False, 0.0), (True, 0.1)], ids=["plain", "weighted-smoothed"])
 def test_short_rows_several_to_a_program(target, classes, inplace, weighted, smoothing):
