@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
+from torchblocks._ops._dispatch import call, custom_op
 from torchblocks._ops._vmap import by_loop, fold_rows
 from torchblocks._validate import require_class_indices
 
@@ -120,7 +121,7 @@ def forward_rows(logits, target, weight, ignore_index, label_smoothing, write_gr
     return loss, lse, row_weight
 
 
-@torch.library.custom_op("torchblocks::cross_entropy_forward", mutates_args=())
+@custom_op("torchblocks::cross_entropy_forward", mutates_args=())
 def cross_entropy_forward(
     logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
     label_smoothing: float,
@@ -130,7 +131,7 @@ def cross_entropy_forward(
     return forward_rows(logits, target, weight, ignore_index, label_smoothing, write_grad=False)
 
 
-@torch.library.custom_op("torchblocks::cross_entropy_forward_grad_", mutates_args=("logits",))
+@custom_op("torchblocks::cross_entropy_forward_grad_", mutates_args=("logits",))
 def cross_entropy_forward_grad_(
     logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
     label_smoothing: float,
@@ -147,7 +148,7 @@ def _(logits, target, weight, ignore_index, label_smoothing):
     return tuple(logits.new_empty(logits.shape[0], dtype=acc) for _ in range(3))
 
 
-@torch.library.custom_op("torchblocks::cross_entropy_backward", mutates_args=())
+@custom_op("torchblocks::cross_entropy_backward", mutates_args=())
 def cross_entropy_backward(
     logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], lse: torch.Tensor,
     row_scale: torch.Tensor, ignore_index: int, label_smoothing: float,
@@ -184,7 +185,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(logits, target, weight, ignore_index, label_smoothing, inplace_backward):
         forward = (torch.ops.torchblocks.cross_entropy_forward_grad_ if inplace_backward
                    else torch.ops.torchblocks.cross_entropy_forward)
-        loss, lse, row_weight = forward(logits, target, weight, ignore_index, label_smoothing)
+        loss, lse, row_weight = call(forward, logits, target, weight, ignore_index, label_smoothing)
         return loss, row_weight, lse
 
     @staticmethod
@@ -233,8 +234,8 @@ class CrossEntropyBackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
-        return torch.ops.torchblocks.cross_entropy_backward(
-            logits, target, weight, lse, row_scale, ignore_index, label_smoothing)
+        return call(torch.ops.torchblocks.cross_entropy_backward,
+                    logits, target, weight, lse, row_scale, ignore_index, label_smoothing)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

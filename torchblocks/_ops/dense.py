@@ -12,11 +12,12 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
+from torchblocks._ops._dispatch import call, custom_op
 from torchblocks._ops._vmap import fold_rows
 from torchblocks._ops.relu import ReLUBackwardFunction
 
 
-@torch.library.custom_op("torchblocks::dense", mutates_args=())
+@custom_op("torchblocks::dense", mutates_args=())
 def dense(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
     if backend.use_triton(input):
         from torchblocks.kernels.dense import dense_matmul
@@ -31,7 +32,7 @@ def _(input, weight, bias, relu):
     return input.new_empty((input.shape[0], weight.shape[0]))
 
 
-@torch.library.custom_op("torchblocks::matmul", mutates_args=())
+@custom_op("torchblocks::matmul", mutates_args=())
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """A @ B for 2-D tensors of any strides: the gradient GEMMs."""
     if backend.use_triton(a):
@@ -46,7 +47,7 @@ def _(a, b):
     return a.new_empty((a.shape[0], b.shape[1]))
 
 
-@torch.library.custom_op("torchblocks::matmul_row_sum", mutates_args=())
+@custom_op("torchblocks::matmul_row_sum", mutates_args=())
 def matmul_row_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(A @ B, the row sums of A): dW and db from one pass over g."""
     if backend.use_triton(a):
@@ -96,7 +97,7 @@ class DenseFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, relu):
-        return torch.ops.torchblocks.dense(input, weight, bias, relu)
+        return call(torch.ops.torchblocks.dense, input, weight, bias, relu)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -134,7 +135,7 @@ class MatmulFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(a, b):
-        return torch.ops.torchblocks.matmul(a, b)
+        return call(torch.ops.torchblocks.matmul, a, b)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -161,7 +162,7 @@ class MatmulRowSumFunction(MatmulFunction):
 
     @staticmethod
     def forward(a, b):
-        return torch.ops.torchblocks.matmul_row_sum(a, b)
+        return call(torch.ops.torchblocks.matmul_row_sum, a, b)
 
     @staticmethod
     def backward(ctx, grad_c, grad_row_sum):

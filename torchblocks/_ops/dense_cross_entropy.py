@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from torchblocks._ops._dispatch import call, custom_op
 from torchblocks._ops._vmap import by_loop
 from torchblocks._ops.cross_entropy import (
     CrossEntropyBackwardFunction,
@@ -39,7 +40,7 @@ def default_chunk_rows(rows: int, in_features: int, classes: int) -> int:
     return max(1, min(rows, max(MIN_CHUNK_ROWS, -(-rows * max(in_features, 1) // max(classes, 1)))))
 
 
-@torch.library.custom_op("torchblocks::dense_cross_entropy", mutates_args=())
+@custom_op("torchblocks::dense_cross_entropy", mutates_args=())
 def dense_cross_entropy(
     input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
     ignore_index: int, label_smoothing: float, chunk_rows: int, row_scale: Optional[torch.Tensor],
@@ -66,7 +67,7 @@ def dense_cross_entropy(
     for start in range(0, rows, chunk_rows):
         chunk = slice(start, start + chunk_rows)
         x, y = input[chunk], target[chunk]
-        logits = ops.dense(x, weight, bias, False)
+        logits = call(ops.dense, x, weight, bias, False)
         # targets were checked once above: the unchecked body, not the ops
         loss[chunk], _, row_weight[chunk] = forward_rows(logits, y, None, ignore_index, label_smoothing, compute_grads)
         if not compute_grads:
@@ -103,8 +104,9 @@ class DenseCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_rows, grads_now):
-        loss, row_weight, grad_input, grad_weight, grad_bias = torch.ops.torchblocks.dense_cross_entropy(
-            input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, None, grads_now
+        loss, row_weight, grad_input, grad_weight, grad_bias = call(
+            torch.ops.torchblocks.dense_cross_entropy,
+            input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, None, grads_now,
         )
         divisor = row_weight.sum()
         return reduce_rows(loss, divisor, reduction, input.dtype), divisor, grad_input, grad_weight, grad_bias
@@ -142,13 +144,15 @@ class DenseCrossEntropyFunction(torch.autograd.Function):
                 grad_input, grad_weight, grad_bias = ctx.gradients
                 ctx.gradients = None
             else:  # a retained graph's second backward: the very same gradients, recomputed
-                _, _, grad_input, grad_weight, grad_bias = torch.ops.torchblocks.dense_cross_entropy(
+                _, _, grad_input, grad_weight, grad_bias = call(
+                    torch.ops.torchblocks.dense_cross_entropy,
                     input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, None, True)
             for grad in (grad_input, grad_weight, grad_bias):
                 grad.mul_(scale)
         else:
-            _, _, grad_input, grad_weight, grad_bias = torch.ops.torchblocks.dense_cross_entropy(
-                input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, row_scale, True
+            _, _, grad_input, grad_weight, grad_bias = call(
+                torch.ops.torchblocks.dense_cross_entropy,
+                input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, row_scale, True,
             )
         return (
             grad_input if needs_input else None, grad_weight if needs_weight else None,

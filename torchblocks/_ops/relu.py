@@ -9,10 +9,11 @@ backward is the same mask, applied to the incoming gradient.
 import torch
 
 from torchblocks import backend
+from torchblocks._ops._dispatch import call, custom_op
 from torchblocks._ops._vmap import batch_first
 
 
-@torch.library.custom_op("torchblocks::relu", mutates_args=())
+@custom_op("torchblocks::relu", mutates_args=())
 def relu(input: torch.Tensor) -> torch.Tensor:
     if backend.use_triton(input):
         from torchblocks.kernels import relu as kernels
@@ -26,7 +27,7 @@ def _(input):
     return torch.empty_like(input)
 
 
-@torch.library.custom_op("torchblocks::relu_", mutates_args=("input",))
+@custom_op("torchblocks::relu_", mutates_args=("input",))
 def relu_(input: torch.Tensor) -> None:
     if backend.use_triton(input):
         from torchblocks.kernels import relu as kernels
@@ -41,7 +42,7 @@ def _(input):
     return None
 
 
-@torch.library.custom_op("torchblocks::relu_backward", mutates_args=())
+@custom_op("torchblocks::relu_backward", mutates_args=())
 def relu_backward(grad_output: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     if backend.use_triton(output):
         from torchblocks.kernels import relu as kernels
@@ -63,9 +64,9 @@ class ReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(input, inplace):
         if inplace:
-            torch.ops.torchblocks.relu_(input)
+            call(torch.ops.torchblocks.relu_, input)
             return input
-        return torch.ops.torchblocks.relu(input)
+        return call(torch.ops.torchblocks.relu, input)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -92,7 +93,7 @@ class ReLUBackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_output, output):
-        return torch.ops.torchblocks.relu_backward(grad_output, output)
+        return call(torch.ops.torchblocks.relu_backward, grad_output, output)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

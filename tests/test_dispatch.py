@@ -1,0 +1,47 @@
+"""Plain eager calls run a custom op's body directly; everything that must see
+the op (a dispatch mode, fake tensors, a compiling trace) still gets it."""
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torchblocks
+from torchblocks._ops import _dispatch
+
+
+class OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_dispatcher_and_modes_see_the_op(target, monkeypatch):
+    direct = []
+    body = _dispatch._BODIES["torchblocks::relu"]
+    monkeypatch.setitem(_dispatch._BODIES, "torchblocks::relu", lambda x: direct.append(x) or body(x))
+    x = torch.randn(6, device=target.device) - 0.5
+    assert torch.equal(torchblocks.functional.relu(x), torch.relu(x)) and len(direct) == 1
+    with OpNames() as mode:
+        torchblocks.functional.relu(x)
+    assert "torchblocks::relu" in mode.names and len(direct) == 1
+    with FakeTensorMode():
+        fake = torchblocks.functional.relu(torch.empty(3, 5))
+    assert fake.shape == (3, 5) and len(direct) == 1
+
+
+def test_a_compiled_call_keeps_the_op_in_its_graph(target):
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    x = torch.randn(6, device=target.device)
+    compiled = torch.compile(lambda x: torchblocks.functional.relu(x) * 2, backend=backend, fullgraph=True)
+    assert torch.equal(compiled(x), torch.relu(x) * 2)
+    assert any("torchblocks" in str(node.target) for graph in graphs for node in graph.graph.nodes)

@@ -1,0 +1,53 @@
+"""The custom ops, and the way eager calls reach them.
+
+Each op is a ``torch.library.custom_op``, so that ``torch.compile`` and
+``torch.export`` see one opaque op with a fake (shape-only) implementation.
+A call through the dispatcher costs about 40 us on a CPU, more than the
+whole computation of a small block; so in plain eager mode ``call`` runs the
+op's own Python body directly. Anything that must see the op gets it: a
+compiling or exporting trace, a fake or other tensor subclass, an active
+dispatch mode (a profiler's counter, FakeTensorMode), a torch.func transform.
+"""
+
+from typing import Callable, Dict
+
+import torch
+
+_BODIES: Dict[str, Callable] = {}
+
+
+def custom_op(name: str, mutates_args=()):
+    """``torch.library.custom_op(name, mutates_args=...)`` that also keeps
+    the body for ``call``.
+
+    Example::
+
+        >>> @custom_op("torchblocks::twice")
+        ... def twice(x: torch.Tensor) -> torch.Tensor:
+        ...     return x * 2
+    """
+    def register(body: Callable):
+        _BODIES[name] = body
+        return torch.library.custom_op(name, mutates_args=mutates_args)(body)
+
+    return register
+
+
+def _plain_eager(args) -> bool:
+    return (not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._are_functorch_transforms_active()
+            and all(type(arg) is torch.Tensor for arg in args if isinstance(arg, torch.Tensor)))
+
+
+def call(op, *args):
+    """``op(*args)`` for a custom op ``op`` (``torch.ops.torchblocks.<name>``):
+    its body directly in plain eager mode, the dispatcher otherwise.
+
+    Example::
+
+        >>> call(torch.ops.torchblocks.relu, torch.randn(4))
+    """
+    if _plain_eager(args):
+        return _BODIES[op.default.name()](*args)
+    return op(*args)
