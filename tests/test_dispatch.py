@@ -25,6 +25,9 @@ def test_eager_calls_skip_the_dispatcher_and_modes_see_the_op(target, monkeypatc
     monkeypatch.setitem(_dispatch._BODIES, "torchblocks::relu", lambda x: direct.append(x) or body(x))
     x = torch.randn(6, device=target.device) - 0.5
     assert torch.equal(torchblocks.functional.relu(x), torch.relu(x)) and len(direct) == 1
+    torchblocks.functional.relu(torch.nn.Parameter(x))  # a Parameter dispatches as a tensor
+    assert len(direct) == 2
+    direct.pop()
     with OpNames() as mode:
         torchblocks.functional.relu(x)
     assert "torchblocks::relu" in mode.names and len(direct) == 1

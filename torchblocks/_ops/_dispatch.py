@@ -33,11 +33,15 @@ def custom_op(name: str, mutates_args=()):
     return register
 
 
+# Tensors whose ops dispatch as a plain tensor's (a Parameter is one).
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain_eager(args) -> bool:
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._are_functorch_transforms_active()
-            and all(type(arg) is torch.Tensor for arg in args if isinstance(arg, torch.Tensor)))
+            and all(type(arg) in _PLAIN_TYPES for arg in args if isinstance(arg, torch.Tensor)))
 
 
 def call(op, *args):
