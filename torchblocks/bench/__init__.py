@@ -2,7 +2,8 @@
 of the twin, in one process, on one device.
 
 Each block module (``relu``, ``dense``, ``cross_entropy``,
-``dense_cross_entropy``, ``optim``) yields ``harness.Case``s; ``run`` checks
+``dense_cross_entropy``, ``optim``, and ``training_step``: the book's whole
+step) yields ``harness.Case``s; ``run`` checks
 every provider's output against the twin's once, times it, and writes per
 block a table (stdout), a CSV and a PNG plot, plus ``summary.md``.
 
@@ -22,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 import torch
 
 from torchblocks import _plot, _table
-from torchblocks.bench import cross_entropy, dense, dense_cross_entropy, harness, optim, relu, step
+from torchblocks.bench import cross_entropy, dense, dense_cross_entropy, harness, optim, relu, step, training_step
 from torchblocks.bench.harness import Row
 
 __all__ = ["BLOCKS", "block_table", "bytes_table", "run"]
@@ -33,6 +34,7 @@ BLOCKS = {
     "cross_entropy": cross_entropy.cases,
     "dense_cross_entropy": dense_cross_entropy.cases,
     "optim": optim.cases,
+    "training_step": training_step.cases,
 }
 
 
@@ -47,6 +49,8 @@ def _number(value: Optional[float], digits: int = 3) -> str:
 
 def timed(block: str) -> str:
     """What one timed call of ``block`` is."""
+    if block == "training_step":
+        return "one training step: forward + backward, RMSprop"
     return "one step over every tensor" if block == "optim" else "forward + backward"
 
 
