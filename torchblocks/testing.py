@@ -282,11 +282,20 @@ class _NoHostReads(TorchFunctionMode):
              torch.Tensor.__int__, torch.Tensor.__bool__, torch.Tensor.__index__}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        cpu_copy = func in (torch.Tensor.to, torch.Tensor.copy_) and "cpu" in map(str, (*args[1:], *(
-            kwargs or {}).values()))
-        if func in self.READS or cpu_copy:
+        kwargs = kwargs or {}
+        if func in self.READS or _copies_to_host(func, args, kwargs):
             raise HostRead(f"{getattr(func, '__name__', func)} reads a tensor's value on the host")
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
+
+
+def _copies_to_host(func, args, kwargs) -> bool:
+    """``tensor.to("cpu")`` (or a torch.device), or ``host.copy_(device_tensor)``."""
+    if func is torch.Tensor.to:
+        devices = [a for a in (*args[1:], *kwargs.values()) if isinstance(a, (str, torch.device))]
+        return any(torch.device(device).type == "cpu" for device in devices)
+    if func is torch.Tensor.copy_:
+        return args[0].device.type == "cpu" and isinstance(args[1], torch.Tensor) and args[1].device.type != "cpu"
+    return False
 
 
 @contextlib.contextmanager
