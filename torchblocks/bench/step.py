@@ -131,7 +131,7 @@ def count_triton_launches():
         yield count
 
 
-def count_training_step(device: str, dtype: torch.dtype = torch.float32) -> StepCounts:
+def count_training_step(device: str, dtype: torch.dtype = torch.float32, batch: int = BATCH) -> StepCounts:
     """Build the book's network with torchblocks' blocks and RMSprop on
     ``device``, run two warm-up steps (state, autotuning, caches), then count
     the third.
@@ -140,6 +140,8 @@ def count_training_step(device: str, dtype: torch.dtype = torch.float32) -> Step
         device: ``"cpu"`` or ``"cuda"``; on the CPU the Triton backend needs
             ``TRITON_INTERPRET=1``, and the counts follow the backend in force.
         dtype: the parameters' and inputs' dtype.
+        batch: images per step; the counts do not depend on it (a small
+            batch keeps the interpreter quick).
     """
     from torchblocks import book
 
@@ -147,8 +149,8 @@ def count_training_step(device: str, dtype: torch.dtype = torch.float32) -> Step
     model.to(dtype)
     optimizer = book.build_optimizer(model)
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand(BATCH, IN_FEATURES, generator=generator).to(device, dtype)
-    labels = torch.randint(book.NUM_CLASSES, (BATCH,), generator=generator).to(device)
+    images = torch.rand(batch, IN_FEATURES, generator=generator).to(device, dtype)
+    labels = torch.randint(book.NUM_CLASSES, (batch,), generator=generator).to(device)
 
     def step():
         optimizer.zero_grad()
