@@ -48,3 +48,20 @@ def test_a_compiled_call_keeps_the_op_in_its_graph(target):
     compiled = torch.compile(lambda x: torchblocks.functional.relu(x) * 2, backend=backend, fullgraph=True)
     assert torch.equal(compiled(x), torch.relu(x) * 2)
     assert any("torchblocks" in str(node.target) for graph in graphs for node in graph.graph.nodes)
+
+
+def test_plain_calls_skip_the_signature_binding_and_keywords_still_bind(monkeypatch):
+    import inspect
+
+    from torchblocks._ops.relu import ReLUFunction
+
+    x = torch.randn(5, requires_grad=True)
+    ReLUFunction.apply(x, False).sum().backward()  # each Function learns its forward's arity once
+    x.grad = None
+    bindings = []
+    signature = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda *args, **kwargs: bindings.append(args) or signature(*args,
+                                                                                                      **kwargs))
+    ReLUFunction.apply(x, False).sum().backward()
+    assert bindings == [] and torch.equal(x.grad, (x > 0).to(x.dtype))
+    assert torch.equal(ReLUFunction.apply(x, inplace=False), torch.relu(x)) and bindings

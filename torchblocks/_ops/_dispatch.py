@@ -1,4 +1,4 @@
-"""The custom ops, and the way eager calls reach them.
+"""The custom ops and autograd Functions, and the way eager calls reach them.
 
 Each op is a ``torch.library.custom_op``, so that ``torch.compile`` and
 ``torch.export`` see one opaque op with a fake (shape-only) implementation.
@@ -7,8 +7,11 @@ whole computation of a small block; so in plain eager mode ``call`` runs the
 op's own Python body directly. Anything that must see the op gets it: a
 compiling or exporting trace, a fake or other tensor subclass, an active
 dispatch mode (a profiler's counter, FakeTensorMode), a torch.func transform.
+``Function`` likewise spares plain eager calls the signature binding that
+``torch.autograd.Function.apply`` redoes on every call.
 """
 
+import inspect
 from typing import Callable, Dict
 
 import torch
@@ -55,3 +58,25 @@ def call(op, *args):
     if _plain_eager(args):
         return _BODIES[op.default.name()](*args)
     return op(*args)
+
+
+class Function(torch.autograd.Function):
+    """``torch.autograd.Function`` for every block. For a Function with
+    ``setup_context`` (which torch.func needs), torch's ``apply`` binds the
+    call to ``forward``'s signature with ``inspect`` on every call, about
+    10 us, to fill in defaults. Every call here passes all of ``forward``'s
+    arguments positionally, so a plain eager call goes straight to autograd;
+    any other call (keywords, fewer arguments, a torch.func transform, a
+    compiling trace) takes torch's own ``apply``."""
+
+    _arity: Dict[type, int] = {}
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        arity = Function._arity.get(cls)
+        if arity is None:
+            arity = Function._arity[cls] = len(inspect.signature(cls.forward).parameters)
+        if kwargs or len(args) != arity or torch._C._are_functorch_transforms_active() \
+                or torch.compiler.is_compiling():
+            return super().apply(*args, **kwargs)
+        return super(torch.autograd.Function, cls).apply(*args)

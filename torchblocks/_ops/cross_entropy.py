@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
-from torchblocks._ops._dispatch import call, custom_op
+from torchblocks._ops._dispatch import Function, call, custom_op
 from torchblocks._ops._vmap import by_loop, fold_rows
 from torchblocks._validate import require_class_indices
 
@@ -175,7 +175,7 @@ def reduce_rows(loss, divisor, reduction, dtype):
     return (total / divisor if reduction == "mean" else total).to(dtype)
 
 
-class CrossEntropyFunction(torch.autograd.Function):
+class CrossEntropyFunction(Function):
     """Index targets, per row: ``(loss_i, w_y or 0 where ignored)``; the
     second output is not differentiable. With ``inplace_backward`` the forward
     writes dloss_i/dx into the logits' storage (autograd's version counter
@@ -223,7 +223,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return fold_rows(CrossEntropyFunction, info, in_dims, args, row_args=(0, 1))
 
 
-class CrossEntropyBackwardFunction(torch.autograd.Function):
+class CrossEntropyBackwardFunction(Function):
     """dL/dx = s_i * g_i(x) (the backward formula at the top) as a Function of
     its own, for a gradient of the gradient. With a_i = (1 - eps) * w_y +
     (eps / C) * W, f_i = s_i (0 where ignored) and upstream H = d(.)/d(dL/dx):
@@ -273,7 +273,7 @@ class CrossEntropyBackwardFunction(torch.autograd.Function):
         return fold_rows(CrossEntropyBackwardFunction, info, in_dims, args, row_args=(0, 1, 3, 4))
 
 
-class ProbabilityCrossEntropyFunction(torch.autograd.Function):
+class ProbabilityCrossEntropyFunction(Function):
     """Class-probability targets, per row, in plain PyTorch ops on every
     backend. The backward is written in differentiable ops from the saved
     inputs (log p recomputed, not saved), so it can be differentiated again."""

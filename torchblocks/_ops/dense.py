@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
-from torchblocks._ops._dispatch import call, custom_op
+from torchblocks._ops._dispatch import Function, call, custom_op
 from torchblocks._ops._vmap import fold_rows
 from torchblocks._ops.relu import ReLUBackwardFunction
 
@@ -90,7 +90,7 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate:
         torch.sum(a, dim=1, out=row_sums)
 
 
-class DenseFunction(torch.autograd.Function):
+class DenseFunction(Function):
     """dense on a 2-D input; saves x only if dW is needed, W only if dx is,
     and y only under relu. Its backward is made of Functions (the ReLU mask,
     the GEMMs), so it can itself be differentiated."""
@@ -128,7 +128,7 @@ class DenseFunction(torch.autograd.Function):
         return fold_rows(DenseFunction, info, in_dims, (input, weight, bias, relu), row_args=(0,))
 
 
-class MatmulFunction(torch.autograd.Function):
+class MatmulFunction(Function):
     """C = A @ B, the gradient GEMMs of Dense, differentiable in turn:
         dA = dC @ B^T,    dB = A^T @ dC
     """

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from torchblocks._ops._dispatch import call, custom_op
+from torchblocks._ops._dispatch import Function, call, custom_op
 from torchblocks._ops._vmap import by_loop
 from torchblocks._ops.cross_entropy import (
     CrossEntropyBackwardFunction,
@@ -94,7 +94,7 @@ def _(input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, ro
     )
 
 
-class DenseCrossEntropyFunction(torch.autograd.Function):
+class DenseCrossEntropyFunction(Function):
     """The fused head, reduced. Outputs ``(loss, divisor, dL/dx, dL/dW, dL/db)``,
     the last four not differentiable. With ``grads_now`` ("mean" and "sum"
     only) the forward computes the gradients at s_i = 1 and the backward

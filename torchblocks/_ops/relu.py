@@ -9,7 +9,7 @@ backward is the same mask, applied to the incoming gradient.
 import torch
 
 from torchblocks import backend
-from torchblocks._ops._dispatch import call, custom_op
+from torchblocks._ops._dispatch import Function, call, custom_op
 from torchblocks._ops._vmap import batch_first
 
 
@@ -58,7 +58,7 @@ def _(grad_output, output):
     return torch.empty_like(output)
 
 
-class ReLUFunction(torch.autograd.Function):
+class ReLUFunction(Function):
     """relu as an autograd Function; saves only the output for backward."""
 
     @staticmethod
@@ -85,7 +85,7 @@ class ReLUFunction(torch.autograd.Function):
         return ReLUFunction.apply(input, inplace), in_dims[0]
 
 
-class ReLUBackwardFunction(torch.autograd.Function):
+class ReLUBackwardFunction(Function):
     """dx = dy * 1[y > 0] as a Function of its own, so that a gradient of the
     gradient exists (``create_graph=True``). Linear in dy, piecewise constant in y:
         d(dx)/d(dy) = 1[y > 0]  (this same Function),   d(dx)/dy = 0
