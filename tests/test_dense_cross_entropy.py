@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import torchblocks
 from helpers import assert_compiled_matches_eager, assert_rejected_like_native
-from torchblocks.testing import assert_close, assert_parity, relative_error
+from torchblocks.testing import Allocations, assert_close, assert_parity, relative_error
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", seed=0):
@@ -85,30 +85,18 @@ def test_backward_scales_the_forward_gradients_in_place(target):
     backward only scales them, in place: it allocates nothing the size of x
     or W, and the forward writes dL/dx into its rows and sums dL/dW in its
     float32 accumulator, with no copy and no separate add."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            """Each op, with the size of the largest new tensor it allocates (0: none)."""
-            output = func(*args, **(kwargs or {}))
-            tensors = lambda tree: [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]  # noqa: E731
-            inputs = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
-            new = [t.numel() for t in tensors(output) if t.untyped_storage().data_ptr() not in inputs]
-            self.ops.append((func._schema.name, 0 if func.is_view else max(new, default=0)))
-            return output
-
     x = randn(64, 32, device=target.device).requires_grad_()
     w = randn(50, 32, device=target.device, seed=2).requires_grad_()
-    with Recorder() as forward:
+    with Allocations() as forward:
         loss = torchblocks.functional.dense_cross_entropy(x, w, labels((64,), 50, target.device), chunk_rows=16)
-    with Recorder() as backward:
+    with Allocations() as backward:
         loss.backward()
+    assert (16 * 50) in [size for _, size in forward.ops], forward.ops  # a chunk's logits, seen inside the op
+    assert forward.largest < 64 * 50, forward.ops  # never all the logits
     assert not [op for op, size in backward.ops if size >= x.numel()], backward.ops
-    assert not [op for op, _ in forward.ops if op in ("aten::copy_", "aten::add_", "aten::index_put_")], forward.ops
+    chunk_of_x = 16 * 32
+    assert not [(op, size) for op, size in forward.writes
+                if op in ("aten::copy_", "aten::add_", "aten::index_put_") and size >= chunk_of_x], forward.writes
     native_x, native_w = x.detach().requires_grad_(), w.detach().requires_grad_()
     unfused(native_x, native_w, None, labels((64,), 50, target.device)).backward()
     assert_close(x.grad, native_x.grad)

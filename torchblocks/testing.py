@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 # Largest allowed ||actual - expected|| / ||expected||, by dtype.
 TOLERANCES = {
@@ -314,3 +315,64 @@ def no_host_reads():
     """
     with around_triton_launches(torch._C.DisableTorchFunction), _NoHostReads():
         yield
+
+
+class InsideBlocksMode(TorchDispatchMode):
+    """A dispatch mode that sees the aten ops inside torchblocks' custom ops
+    too: a dispatch mode otherwise sees ``torchblocks::<op>`` as one op and
+    runs its body with the mode popped. A Triton launch's own work (the
+    interpreter's copies of its arguments) stays hidden: a GPU launch has none.
+    Subclasses define ``record(func, args, kwargs, output)``, called for every
+    other op after it ran."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.name.startswith("torchblocks::"):
+            # the op's device kernel, with this mode active again for its ops
+            device = next(t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor)).device
+            key = torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU
+            with around_triton_launches(_disable_current_modes), self:
+                return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
+        output = func(*args, **kwargs)
+        self.record(func, args, kwargs, output)
+        return output
+
+    def record(self, func, args, kwargs, output) -> None:
+        raise NotImplementedError
+
+
+def tensors(tree) -> list:
+    """The tensors in a nest of tuples, lists and dicts."""
+    return [leaf for leaf in torch.utils._pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+
+
+class Allocations(InsideBlocksMode):
+    """Records each aten op run in the block, torchblocks' ops opened up:
+    ``ops``, (name, elements of the largest tensor it allocates; 0 for a view
+    or an op that allocates nothing), and ``writes``, (name, elements
+    written) for each op that writes into its first argument (``copy_``, ``add_``).
+
+    Example::
+
+        >>> with Allocations() as allocations:
+        ...     torchblocks.functional.dense_cross_entropy(x, w, labels).backward()
+        >>> allocations.largest   # elements: no (N, C) logits when the chunks are smaller
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+        self.writes = []
+
+    def record(self, func, args, kwargs, output) -> None:
+        name = func._schema.name
+        inputs = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
+        new = [t.numel() for t in tensors(output) if t.untyped_storage().data_ptr() not in inputs]
+        self.ops.append((name, 0 if func.is_view else max(new, default=0)))
+        first = func._schema.arguments[0] if func._schema.arguments else None
+        if first is not None and first.alias_info is not None and first.alias_info.is_write:
+            self.writes.append((name, args[0].numel()))
+
+    @property
+    def largest(self) -> int:
+        return max((size for _, size in self.ops), default=0)

@@ -20,9 +20,9 @@ import dataclasses
 from typing import Dict, List
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes
 
-from torchblocks.testing import around_triton_launches
+from torchblocks.testing import InsideBlocksMode, around_triton_launches, tensors
 
 BATCH = 128
 IN_FEATURES = 784
@@ -61,7 +61,7 @@ def describe(counts: StepCounts) -> str:
             f"{counts.allocations} allocations, {counts.host_uploads} host-to-device uploads")
 
 
-class _OpCounter(TorchDispatchMode):
+class _OpCounter(InsideBlocksMode):
     """Counts the aten ops that reach the dispatcher (inside torchblocks'
     custom ops too), and the new storages they allocate. Ops on host-only
     tensors (``host_storages``: the optimizer's CPU step counters) are not
@@ -80,21 +80,12 @@ class _OpCounter(TorchDispatchMode):
         self.allocations = 0
         self.host_uploads = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def record(self, func, args, kwargs, output) -> None:
         name = func._schema.name
-        if name.startswith("torchblocks::"):
-            # count what the custom op runs, not the op itself: its device
-            # kernel, called with this mode active again
-            device = next(t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor)).device
-            key = torch._C.DispatchKey.CUDA if device.type == "cuda" else torch._C.DispatchKey.CPU
-            with self:
-                return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
-        output = func(*args, **kwargs)
-        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        inputs = tensors((args, kwargs))
         if name.startswith("profiler::") or (inputs and {_storage(t) for t in inputs} <= self.host_storages):
-            return output
-        outputs = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+            return
+        outputs = tensors(output)
         input_storages = {_storage(t) for t in inputs}
         self.allocations += sum(1 for t in outputs if t.numel() and _storage(t) not in input_storages)
         if name == "aten::lift_fresh" or (name in ("aten::_to_copy", "aten::copy_") and _crosses_from_host(
@@ -102,7 +93,6 @@ class _OpCounter(TorchDispatchMode):
             self.host_uploads += 1
         if not func.is_view and name not in self.METADATA and name not in self.ALLOCATING:
             self.ops[name] = self.ops.get(name, 0) + 1
-        return output
 
 
 def _storage(tensor: torch.Tensor) -> int:
