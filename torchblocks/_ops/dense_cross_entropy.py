@@ -70,11 +70,12 @@ def dense_cross_entropy(
         logits = call(ops.dense, x, weight, bias, False)
         # targets were checked once above: the unchecked body, not the ops
         loss[chunk], _, row_weight[chunk] = forward_rows(logits, y, None, ignore_index, label_smoothing, compute_grads)
-        if not compute_grads:
-            continue
-        grad_logits = logits if row_scale is None else logits.mul_(row_scale[chunk, None].to(logits.dtype))
-        matmul_into(grad_logits, weight, grad_input[chunk])
-        matmul_into(grad_logits.t(), x, grad_weight, accumulate=start > 0, row_sums=grad_bias)
+        if compute_grads:  # forward_rows wrote dL/dlogits over the logits
+            if row_scale is not None:
+                logits.mul_(row_scale[chunk, None].to(logits.dtype))
+            matmul_into(logits, weight, grad_input[chunk])
+            matmul_into(logits.t(), x, grad_weight, accumulate=start > 0, row_sums=grad_bias)
+        del logits  # before the next chunk's are allocated: one chunk alive at a time
     return (
         loss, row_weight, grad_input,
         grad_weight.to(weight.dtype) if grad_weight is not None else weight.new_empty(0),
