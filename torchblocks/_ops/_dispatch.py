@@ -6,7 +6,8 @@ A call through the dispatcher costs about 40 us on a CPU, more than the
 whole computation of a small block; so in plain eager mode ``call`` runs the
 op's own Python body directly. Anything that must see the op gets it: a
 compiling or exporting trace, a fake or other tensor subclass, an active
-dispatch mode (a profiler's counter, FakeTensorMode), a torch.func transform.
+dispatch mode (a profiler's counter, FakeTensorMode), a torch.func transform,
+the torch profiler (which then lists ``torchblocks::<op>``).
 ``Function`` likewise spares plain eager calls the signature binding that
 ``torch.autograd.Function.apply`` redoes on every call.
 """
@@ -43,6 +44,7 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 def _plain_eager(args) -> bool:
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._autograd._profiler_enabled()
             and not torch._C._are_functorch_transforms_active()
             and all(type(arg) in _PLAIN_TYPES for arg in args if isinstance(arg, torch.Tensor)))
 
