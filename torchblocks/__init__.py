@@ -8,8 +8,8 @@ twin. See ``torchblocks.functional``, ``torchblocks.nn`` and ``torchblocks.optim
 
 from torchblocks import data, functional, nn, optim
 from torchblocks.backend import get_backend, set_backend, use_backend
-from torchblocks.nn import patch
 from torchblocks.override import disable, enable, enabled
+from torchblocks.patching import patch
 
 __all__ = ["data", "functional", "nn", "optim", "disable", "enable", "enabled", "get_backend", "patch",
            "set_backend", "use_backend"]

@@ -1,5 +1,5 @@
-"""Modules built on ``torchblocks.functional``: drop-in twins of ``torch.nn``,
-and ``patch``, which swaps them into an existing model."""
+"""Modules built on ``torchblocks.functional``: drop-in twins of ``torch.nn``
+(``torchblocks.patch`` swaps them into an existing model)."""
 
 import math
 from typing import Optional
@@ -10,7 +10,7 @@ from torch import nn
 from torchblocks import functional as F
 from torchblocks._validate import require_choice
 
-__all__ = ["Dense", "DenseCrossEntropy", "ReLU", "SoftmaxCrossEntropy", "patch"]
+__all__ = ["Dense", "DenseCrossEntropy", "ReLU", "SoftmaxCrossEntropy"]
 
 
 class Dense(nn.Module):
@@ -180,72 +180,3 @@ class DenseCrossEntropy(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
                 f"reduction={self.reduction!r}")
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
-def _replacement(module: nn.Module) -> Optional[nn.Module]:
-    """The torchblocks twin of ``module``, or None to keep it. Only exact
-    native types are replaced (a subclass may rely on more than the forward),
-    and never a module with hooks (they would be lost)."""
-    if _has_hooks(module):
-        return None
-    if type(module) is nn.Linear:
-        return Dense.from_linear(module)
-    if type(module) is nn.ReLU:
-        return ReLU(inplace=module.inplace).train(module.training)
-    if type(module) is nn.CrossEntropyLoss:
-        return SoftmaxCrossEntropy(module.weight, module.ignore_index, module.reduction,
-                                   module.label_smoothing).train(module.training)
-    return None
-
-
-def _fusable(first: nn.Module, second: nn.Module) -> bool:
-    return type(first) is nn.Linear and type(second) is nn.ReLU and not _has_hooks(first) and not _has_hooks(second)
-
-
-def patch(model: nn.Module) -> nn.Module:
-    """Swap torchblocks blocks into ``model``, in place and recursively.
-
-    Every ``nn.Linear`` becomes a ``Dense``, every ``nn.ReLU`` a ``ReLU`` and
-    every ``nn.CrossEntropyLoss`` a ``SoftmaxCrossEntropy``,
-    keeping the very same ``Parameter`` objects (an optimizer built before
-    the patch still trains the model) and every hyperparameter. Inside an
-    ``nn.Sequential``, an ``nn.Linear`` directly followed by an ``nn.ReLU``
-    becomes one ``Dense(activation="relu")`` and the ReLU's slot an
-    ``nn.Identity``, so indices and outputs stay the same. Modules with hooks
-    and subclasses of these types are left as they are.
-
-    Args:
-        model: any module.
-
-    Returns:
-        ``model`` (patched), or its replacement if ``model`` itself is one of
-        the replaced types.
-
-    Example::
-
-        >>> net = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
-        >>> torchblocks.patch(net)  # Dense(relu), Identity, Dense
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
-    replacement = _replacement(model)
-    if replacement is not None:
-        return replacement
-    children = model._modules
-    names = list(children)
-    for index, name in enumerate(names):
-        child = children[name]
-        if child is None:
-            continue
-        following = children[names[index + 1]] if index + 1 < len(names) else None
-        if isinstance(model, nn.Sequential) and following is not None and _fusable(child, following):
-            children[name] = Dense.from_linear(child, activation="relu")
-            children[names[index + 1]] = nn.Identity()
-        else:
-            children[name] = patch(child)
-    return model
