@@ -19,6 +19,8 @@ setup(
         "numpy",
         'triton>=3.0; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
-    extras_require={"plot": ["matplotlib"], "test": ["pytest", "matplotlib"]},
+    # hf: torchblocks.hf and patch()'s Hugging Face path; the tests run it
+    extras_require={"plot": ["matplotlib"], "hf": ["transformers>=4.46"],
+                    "test": ["pytest", "matplotlib", "transformers>=4.46"]},
     entry_points={"console_scripts": ["torchblocks = torchblocks.cli:main"]},
 )

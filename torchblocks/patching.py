@@ -3,10 +3,14 @@
 Modules are replaced by their twins, holding the very same ``Parameter``
 objects. A Linear whose only consumer is a ReLU (read from a ``torch.fx``
 trace of their parent's forward, with the children as leaves) becomes one
-``Dense(activation="relu")`` and the ReLU an ``nn.Identity``.
+``Dense(activation="relu")`` and the ReLU an ``nn.Identity``. A Hugging Face
+model's forward gets the losses it builds inside routed to the blocks, and a
+causal language model's next-token loss runs from the hidden states through
+``dense_cross_entropy`` (``torchblocks.hf``).
 """
 
 import dataclasses
+import sys
 from typing import Dict, List, Optional
 
 import torch
@@ -144,6 +148,13 @@ def patch(model: nn.Module, verbose: bool = False) -> nn.Module:
     ``Dense(activation="relu")`` and the ReLU's slot an ``nn.Identity``.
     Modules with hooks and other subclasses are left as they are.
 
+    A Hugging Face model (``transformers``) also gets its forward patched:
+    a causal language model given ``labels`` in training computes the
+    next-token loss from the hidden states with ``dense_cross_entropy`` and
+    returns ``logits=None`` (see ``torchblocks.hf``); any other model runs its
+    forward under ``torchblocks.enabled()``, which routes the losses it
+    builds inside (``CrossEntropyLoss()``, ``F.cross_entropy``) to the blocks.
+
     Args:
         model: any module.
         verbose: print what was replaced, and what was left alone and why.
@@ -161,6 +172,11 @@ def patch(model: nn.Module, verbose: bool = False) -> nn.Module:
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
     changes: List[Change] = []
     patched = _patch(model, "", changes)
+    transformers = sys.modules.get("transformers")
+    if transformers is not None and isinstance(patched, transformers.PreTrainedModel):
+        from torchblocks import hf
+
+        changes.append(hf.patch_forward(patched))
     if verbose:
         print(_format(changes))
     return patched
