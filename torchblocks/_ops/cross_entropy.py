@@ -32,12 +32,22 @@ def accumulation_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+LOG2E = 1.4426950408889634
+
+
+def _exp_of_difference(x, shift, out=None):
+    """exp(x - shift) as exp2((x - shift) * log2 e), as the kernels compute it:
+    on the CPU torch.exp takes 2.5x as long as torch.exp2 and a multiply
+    (1M floats: 460 us against 150 + 40)."""
+    return torch.sub(x, shift, out=out).mul_(LOG2E).exp2_()
+
+
 def _log_sum_exp(x):
     """max + log sum exp(x - max) over dim 1, spelled out: torch.logsumexp
     returns inf for a row holding +inf, where native log_softmax gives NaN
     (inf - inf), and the kernels do as native does."""
     row_max = x.amax(dim=1, keepdim=True)
-    return (row_max + torch.sub(x, row_max).exp_().sum(dim=1, keepdim=True).log()).squeeze(1)
+    return (row_max + _exp_of_difference(x, row_max).sum(dim=1, keepdim=True).log()).squeeze(1)
 
 
 def _target_weight(target, weight, classes, acc):
@@ -86,14 +96,14 @@ def _reference_gradient(logits, target, weight, lse, row_scale, ignore_index, la
     in_out = out is not None and out.dtype == acc
     if _plain_rows(target, classes, weight, ignore_index, label_smoothing):
         scale = row_scale.to(acc)[:, None]
-        grad = torch.sub(logits.to(acc), lse[:, None], out=out if in_out else None).exp_().mul_(scale)
+        grad = _exp_of_difference(logits.to(acc), lse[:, None], out=out if in_out else None).mul_(scale)
         return grad.scatter_add_(1, target.long()[:, None], -scale).to(logits.dtype)
     valid = target != ignore_index
     index, w_y = _target_weight(target, weight, classes, acc)
     w_y = torch.where(valid, w_y, 0.0)
     factor = torch.where(valid, row_scale.to(acc), 0.0)
     weight_total = weight.to(acc).sum() if weight is not None else classes
-    grad = torch.sub(logits.to(acc), lse[:, None], out=out if in_out else None).exp_()
+    grad = _exp_of_difference(logits.to(acc), lse[:, None], out=out if in_out else None)
     grad.mul_((((1 - label_smoothing) * w_y + label_smoothing / classes * weight_total) * factor)[:, None])
     if label_smoothing > 0:
         if weight is not None:
