@@ -314,3 +314,27 @@ def test_patch_replaces_cross_entropy_loss_keeping_its_options():
     assert isinstance(model["loss"], torchblocks.nn.SoftmaxCrossEntropy)
     assert model["loss"].weight is native_loss.weight and model["loss"].label_smoothing == 0.2
     assert_close(model["loss"](model["head"](x), labels), expected)
+
+
+def test_cpu_plain_rows_take_the_gradient_from_the_forward(monkeypatch):
+    """On the CPU in eager mode, plain rows (no weight, smoothing or ignored
+    row) get dloss/dx from the forward's exp: the first backward recomputes
+    nothing; a retained graph's second backward recomputes, and both match
+    native's."""
+    from torchblocks._ops import cross_entropy as ops
+
+    recomputed = []
+    reference_gradient = ops._reference_gradient
+    monkeypatch.setattr(ops, "_reference_gradient", lambda *args, **kwargs: recomputed.append(1) or
+                        reference_gradient(*args, **kwargs))
+    x = randn(64, 10).requires_grad_()
+    target = torch.randint(10, (64,), generator=torch.Generator().manual_seed(3))
+    native_x = x.detach().requires_grad_()
+    with torchblocks.use_backend("reference"):
+        loss = torchblocks.functional.softmax_cross_entropy(x, target)
+        native = F.cross_entropy(native_x, target)
+        for expected_recomputes in (0, 1):
+            loss.backward(retain_graph=True)
+            native.backward(retain_graph=True)
+            assert len(recomputed) == expected_recomputes
+            assert_close(x.grad, native_x.grad, what="gradient")

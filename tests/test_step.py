@@ -14,10 +14,12 @@ from torchblocks.bench import step
 # check of the targets (an aminmax and two reads of it) that a GPU skips, and the
 # gradients' fresh addresses after zero_grad() cost the optimizer one upload
 # of its pointer table; a GPU's caching allocator hands the same ones back.
+# The reference's exponentials are exp2((x - shift) * log2 e): a multiply more
+# than exp(x - shift) each (47 -> 49 ops, 61 -> 63), 2.5x quicker on the CPU.
 TODAY = {
-    ("cpu", "reference"): (0, 47, 33, 0),
+    ("cpu", "reference"): (0, 49, 33, 0),
     ("cpu", "triton"): (9, 8, 19, 1),
-    ("cuda", "reference"): (0, 61, 50, 0),  # the CPU's fast cross-entropy path reads targets: not on CUDA
+    ("cuda", "reference"): (0, 63, 50, 0),  # the CPU's fast cross-entropy path reads targets: not on CUDA
     ("cuda", "triton"): (9, 5, 17, 1),
 }
 

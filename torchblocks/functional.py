@@ -233,9 +233,11 @@ def softmax_cross_entropy(
             f"{fn}: inplace_backward=True overwrites input with its gradient, so input must be computed by "
             "another op; got a leaf tensor that requires grad"
         )
-    in_place = inplace_backward and input.requires_grad and torch.is_grad_enabled()
-    loss, row_weight, _ = CrossEntropyFunction.apply(
-        _rows(input), target.reshape(-1), weight, ignore_index, label_smoothing, in_place)
+    needs_grad = input.requires_grad and torch.is_grad_enabled()
+    in_place = inplace_backward and needs_grad
+    loss, row_weight, *_ = CrossEntropyFunction.apply(
+        _rows(input), target.reshape(-1), weight, ignore_index, label_smoothing, in_place,
+        needs_grad and not in_place and input.device.type == "cpu")
     loss = reduce_rows(loss, row_weight.sum(), reduction, input.dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss
 

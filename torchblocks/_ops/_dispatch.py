@@ -41,7 +41,10 @@ def custom_op(name: str, mutates_args=()):
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(args) -> bool:
+def plain_eager(args) -> bool:
+    """True when nothing needs to see the ops of a call with ``args``: no
+    compiling trace, dispatch mode, profiler or torch.func transform, and
+    only plain tensors."""
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._autograd._profiler_enabled()
@@ -57,7 +60,7 @@ def call(op, *args):
 
         >>> call(torch.ops.torchblocks.relu, torch.randn(4))
     """
-    if _plain_eager(args):
+    if plain_eager(args):
         return _BODIES[op.default.name()](*args)
     return op(*args)
 

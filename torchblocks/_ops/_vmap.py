@@ -29,8 +29,9 @@ def by_loop(function, info, in_dims, *args):
     for index in range(info.batch_size):
         entry = [arg.select(dim, index) if dim is not None else arg for arg, dim in zip(args, in_dims)]
         results.append(function.apply(*entry))
-    if isinstance(results[0], tuple):
-        return tuple(torch.stack(outputs) for outputs in zip(*results)), (0,) * len(results[0])
+    if isinstance(results[0], tuple):  # a None output (nothing to return) stays None, unbatched
+        outputs = tuple(None if entries[0] is None else torch.stack(entries) for entries in zip(*results))
+        return outputs, tuple(None if output is None else 0 for output in outputs)
     return torch.stack(results), 0
 
 
@@ -51,8 +52,10 @@ def fold_rows(function, info, in_dims, args, row_args):
     results = function.apply(*folded)
 
     def unfold(output):
+        if output is None:  # nothing to return: stays None, unbatched
+            return None
         return output.reshape(batch, output.shape[0] // batch if batch else 0, *output.shape[1:])
 
     if isinstance(results, tuple):
-        return tuple(unfold(output) for output in results), (0,) * len(results)
+        return tuple(unfold(output) for output in results), tuple(None if r is None else 0 for r in results)
     return unfold(results), 0

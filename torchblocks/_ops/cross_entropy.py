@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
-from torchblocks._ops._dispatch import Function, call, custom_op
+from torchblocks._ops._dispatch import Function, call, custom_op, plain_eager
 from torchblocks._ops._vmap import by_loop, fold_rows
 from torchblocks._validate import require_class_indices
 
@@ -185,35 +185,63 @@ def reduce_rows(loss, divisor, reduction, dtype):
     return (total / divisor if reduction == "mean" else total).to(dtype)
 
 
+def _plain_forward_and_gradient(logits, target):
+    """The CPU's common case in eager mode (``_plain_rows``), forward and
+    gradient in one go: the forward's exp(x - max) is the backward's p, so
+    the costliest pass, the exp, runs once instead of twice.
+    Returns (loss_i, lse_i, ones, dloss_i/dx = p - onehot(y)) in the
+    accumulation dtype."""
+    x = logits.to(accumulation_dtype(logits.dtype))
+    index = target.long()[:, None]
+    row_max = x.amax(dim=1, keepdim=True)
+    grad_rows = _exp_of_difference(x, row_max)
+    sum_exp = grad_rows.sum(dim=1, keepdim=True)
+    lse = (row_max + sum_exp.log()).squeeze(1)
+    loss = lse - x.gather(1, index).squeeze(1)
+    grad_rows.div_(sum_exp).scatter_add_(1, index, torch.full_like(lse, -1.0)[:, None])
+    return loss, lse, torch.ones_like(lse), grad_rows
+
+
 class CrossEntropyFunction(Function):
     """Index targets, per row: ``(loss_i, w_y or 0 where ignored)``; the
     second output is not differentiable. With ``inplace_backward`` the forward
     writes dloss_i/dx into the logits' storage (autograd's version counter
-    sees the write) and the backward only scales it."""
+    sees the write) and the backward only scales it. With ``grads_now``, on
+    the CPU's common case in eager mode, the forward computes dloss_i/dx into
+    a buffer of its own that the first backward scales in place and lets go
+    (a retained graph's second backward, or a differentiated one, recomputes)."""
 
     @staticmethod
-    def forward(logits, target, weight, ignore_index, label_smoothing, inplace_backward):
+    def forward(logits, target, weight, ignore_index, label_smoothing, inplace_backward, grads_now):
+        if grads_now and weight is None and not backend.use_triton(logits) and plain_eager((logits, target)) \
+                and _plain_rows(target, logits.shape[1], weight, ignore_index, label_smoothing):
+            loss, lse, row_weight, grad_rows = _plain_forward_and_gradient(logits, target)
+            return loss, row_weight, lse, grad_rows
         forward = (torch.ops.torchblocks.cross_entropy_forward_grad_ if inplace_backward
                    else torch.ops.torchblocks.cross_entropy_forward)
         loss, lse, row_weight = call(forward, logits, target, weight, ignore_index, label_smoothing)
-        return loss, row_weight, lse
+        return loss, row_weight, lse, None
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, target, weight, ignore_index, label_smoothing, inplace_backward = inputs
-        _, row_weight, lse = output
+        logits, target, weight, ignore_index, label_smoothing, inplace_backward, _ = inputs
+        _, row_weight, lse, grad_rows = output
         ctx.mark_non_differentiable(row_weight, lse)
         ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs
         ctx.options = (ignore_index, label_smoothing, inplace_backward)
         ctx.save_for_backward(logits, target, weight, lse)
+        ctx.grad_rows = grad_rows  # held, not saved: the first backward scales it in place
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_row_weight, grad_lse):
+    def backward(ctx, grad_loss, grad_row_weight, grad_lse, grad_grad_rows):
         if grad_loss is None:
-            return None, None, None, None, None, None
+            return (None,) * 7
         logits, target, weight, lse = ctx.saved_tensors
         ignore_index, label_smoothing, inplace_backward = ctx.options
-        if not inplace_backward:
+        grad_rows, ctx.grad_rows = ctx.grad_rows, None
+        if grad_rows is not None and not torch.is_grad_enabled():
+            grad_logits = grad_rows.mul_(grad_loss.to(grad_rows.dtype)[:, None]).to(logits.dtype)
+        elif not inplace_backward:
             grad_logits = CrossEntropyBackwardFunction.apply(
                 logits, target, weight, lse, grad_loss, ignore_index, label_smoothing)
         elif torch.is_grad_enabled():
@@ -223,11 +251,11 @@ class CrossEntropyFunction(Function):
         else:  # the logits hold dloss_i/dx; ignored rows stay 0 even if the mean is 0/0
             scale = torch.where(target != ignore_index, grad_loss, 0.0)
             grad_logits = logits.mul_(scale.to(logits.dtype)[:, None])
-        return grad_logits, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, logits, target, weight, ignore_index, label_smoothing, inplace_backward):
-        args = (logits, target, weight, ignore_index, label_smoothing, inplace_backward)
+    def vmap(info, in_dims, logits, target, weight, ignore_index, label_smoothing, inplace_backward, grads_now):
+        args = (logits, target, weight, ignore_index, label_smoothing, inplace_backward, False)
         if inplace_backward:  # folding could copy the logits; a loop writes into views of them
             return by_loop(CrossEntropyFunction, info, in_dims, *args)
         return fold_rows(CrossEntropyFunction, info, in_dims, args, row_args=(0, 1))
