@@ -10,7 +10,7 @@
 #   check         torchblocks check on the GPU (gradcheck, parity, optimizers)
 #   bench [BLOCK ...]
 #                 the benchmark suite: every block, or the ones named
-#                 (relu dense cross_entropy dense_cross_entropy optim training_step)
+#                 (relu dense cross_entropy dense_cross_entropy optim training_step patched)
 #   all           test, check, then bench
 #   install       only install torchblocks (below) and show what was imported
 #   where         print the results folder for this GPU and stop
@@ -29,7 +29,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 OUT="${GPU_OUT:-}"
-BLOCKS=(relu dense cross_entropy dense_cross_entropy optim training_step)
+BLOCKS=(relu dense cross_entropy dense_cross_entropy optim training_step patched)
 
 usage() {
     sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'

@@ -2,8 +2,8 @@
 of the twin, in one process, on one device.
 
 Each block module (``relu``, ``dense``, ``cross_entropy``,
-``dense_cross_entropy``, ``optim``, and ``training_step``: the book's whole
-step) yields ``harness.Case``s; ``run`` checks
+``dense_cross_entropy``, ``optim``, ``training_step``: the book's whole
+step, and ``patched``: whole models after ``torchblocks.patch``) yields ``harness.Case``s; ``run`` checks
 every provider's output against the twin's once, times it, and writes per
 block a table (stdout), a CSV and a PNG plot, plus ``summary.md``.
 
@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 import torch
 
 from torchblocks import _plot, _table
-from torchblocks.bench import cross_entropy, dense, dense_cross_entropy, harness, optim, relu, step, training_step
+from torchblocks.bench import (cross_entropy, dense, dense_cross_entropy, harness, optim, patched, relu, step,
+                               training_step)
 from torchblocks.bench.harness import Row
 
 __all__ = ["BLOCKS", "block_table", "bytes_table", "run"]
@@ -35,6 +36,7 @@ BLOCKS = {
     "dense_cross_entropy": dense_cross_entropy.cases,
     "optim": optim.cases,
     "training_step": training_step.cases,
+    "patched": patched.cases,
 }
 
 

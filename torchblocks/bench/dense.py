@@ -30,8 +30,10 @@ def ours_dense(x, weight, bias):
 
 
 def shapes(device: str, quick: bool):
-    """(M, N, K): the book's first layer (128 x 512 x 784), then squares unless ``quick``."""
+    """(M, N, K): the book's layers (128 x 512 x 784, 128 x 10 x 512), then squares unless ``quick``."""
     yield 128, 512, 784
+    if not quick:
+        yield 128, 10, 512
     squares = [] if quick else ([1024, 2048, 4096, 8192] if device == "cuda" else [256, 512, 1024, 2048])
     for size in squares:
         yield size, size, size
