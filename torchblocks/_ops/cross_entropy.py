@@ -122,6 +122,9 @@ def forward_rows(logits, target, weight, ignore_index, label_smoothing, write_gr
 
         grad = logits if write_grad else None
         return kernels.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, grad=grad)
+    if write_grad and logits.dtype == accumulation_dtype(logits.dtype) and _plain_rows(
+            target, logits.shape[1], weight, ignore_index, label_smoothing):
+        return _plain_forward_and_gradient(logits, target, out=logits)[:3]
     loss, lse, row_weight = _reference_forward(logits, target, weight, ignore_index, label_smoothing)
     if write_grad:
         ones = torch.ones_like(lse)
@@ -185,21 +188,22 @@ def reduce_rows(loss, divisor, reduction, dtype):
     return (total / divisor if reduction == "mean" else total).to(dtype)
 
 
-def _plain_forward_and_gradient(logits, target):
-    """The CPU's common case in eager mode (``_plain_rows``), forward and
-    gradient in one go: the forward's exp(x - max) is the backward's p, so
-    the costliest pass, the exp, runs once instead of twice.
+def _plain_forward_and_gradient(logits, target, out=None):
+    """The CPU's common case (``_plain_rows``), forward and gradient in one
+    go: the forward's exp(x - max) is the backward's p, so the costliest pass,
+    the exp, runs once instead of twice. The gradient goes to ``out`` (it may
+    be ``logits``) or a new buffer.
     Returns (loss_i, lse_i, ones, dloss_i/dx = p - onehot(y)) in the
     accumulation dtype."""
     x = logits.to(accumulation_dtype(logits.dtype))
     index = target.long()[:, None]
     row_max = x.amax(dim=1, keepdim=True)
-    grad_rows = _exp_of_difference(x, row_max)
+    target_logit = x.gather(1, index).squeeze(1)  # read before ``out`` may overwrite x
+    grad_rows = _exp_of_difference(x, row_max, out=out)
     sum_exp = grad_rows.sum(dim=1, keepdim=True)
     lse = (row_max + sum_exp.log()).squeeze(1)
-    loss = lse - x.gather(1, index).squeeze(1)
     grad_rows.div_(sum_exp).scatter_add_(1, index, torch.full_like(lse, -1.0)[:, None])
-    return loss, lse, torch.ones_like(lse), grad_rows
+    return lse - target_logit, lse, torch.ones_like(lse), grad_rows
 
 
 class CrossEntropyFunction(Function):
