@@ -319,7 +319,8 @@ def test_patch_replaces_cross_entropy_loss_keeping_its_options():
 def test_cpu_plain_rows_take_the_gradient_from_the_forward(monkeypatch):
     """On the CPU in eager mode, plain rows (no weight, smoothing or ignored
     row) get dloss/dx from the forward's exp: the first backward recomputes
-    nothing; a retained graph's second backward recomputes, and both match
+    nothing, a retained graph's second backward gives the very same gradient
+    (the general recomputation would differ in the last bits), and both match
     native's."""
     from torchblocks._ops import cross_entropy as ops
 
@@ -333,8 +334,8 @@ def test_cpu_plain_rows_take_the_gradient_from_the_forward(monkeypatch):
     with torchblocks.use_backend("reference"):
         loss = torchblocks.functional.softmax_cross_entropy(x, target)
         native = F.cross_entropy(native_x, target)
-        for expected_recomputes in (0, 1):
-            loss.backward(retain_graph=True)
-            native.backward(retain_graph=True)
-            assert len(recomputed) == expected_recomputes
-            assert_close(x.grad, native_x.grad, what="gradient")
+        first = torch.autograd.grad(loss, x, retain_graph=True)[0]
+        second = torch.autograd.grad(loss, x)[0]
+    assert not recomputed
+    assert torch.equal(first, second)
+    assert_close(first, torch.autograd.grad(native, native_x)[0], what="gradient")

@@ -9,7 +9,8 @@ compiling or exporting trace, a fake or other tensor subclass, an active
 dispatch mode (a profiler's counter, FakeTensorMode), a torch.func transform,
 the torch profiler (which then lists ``torchblocks::<op>``).
 ``Function`` likewise spares plain eager calls the signature binding that
-``torch.autograd.Function.apply`` redoes on every call.
+``torch.autograd.Function.apply`` redoes on every call, and with gradients
+off (inference, a backward that builds no graph) runs the forward alone.
 """
 
 import inspect
@@ -84,4 +85,6 @@ class Function(torch.autograd.Function):
         if kwargs or len(args) != arity or torch._C._are_functorch_transforms_active() \
                 or torch.compiler.is_compiling():
             return super().apply(*args, **kwargs)
+        if not torch.is_grad_enabled():  # nothing to record (a backward without create_graph): the forward alone
+            return cls.forward(*args)
         return super(torch.autograd.Function, cls).apply(*args)

@@ -213,7 +213,8 @@ class CrossEntropyFunction(Function):
     sees the write) and the backward only scales it. With ``grads_now``, on
     the CPU's common case in eager mode, the forward computes dloss_i/dx into
     a buffer of its own that the first backward scales in place and lets go
-    (a retained graph's second backward, or a differentiated one, recomputes)."""
+    (as the fused head does); a differentiated backward (create_graph)
+    recomputes it in differentiable ops."""
 
     @staticmethod
     def forward(logits, target, weight, ignore_index, label_smoothing, inplace_backward, grads_now):
@@ -234,6 +235,7 @@ class CrossEntropyFunction(Function):
         ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs
         ctx.options = (ignore_index, label_smoothing, inplace_backward)
         ctx.save_for_backward(logits, target, weight, lse)
+        ctx.plain_rows = grad_rows is not None
         ctx.grad_rows = grad_rows  # held, not saved: the first backward scales it in place
 
     @staticmethod
@@ -242,8 +244,12 @@ class CrossEntropyFunction(Function):
             return (None,) * 7
         logits, target, weight, lse = ctx.saved_tensors
         ignore_index, label_smoothing, inplace_backward = ctx.options
-        grad_rows, ctx.grad_rows = ctx.grad_rows, None
-        if grad_rows is not None and not torch.is_grad_enabled():
+        if ctx.plain_rows and not torch.is_grad_enabled():
+            # the forward's buffer, scaled in place and let go; a retained graph's next
+            # backward recomputes it with the same code, so to the same bits (gradcheck checks)
+            grad_rows, ctx.grad_rows = ctx.grad_rows, None
+            if grad_rows is None:
+                grad_rows = _plain_forward_and_gradient(logits, target)[3]
             grad_logits = grad_rows.mul_(grad_loss.to(grad_rows.dtype)[:, None]).to(logits.dtype)
         elif not inplace_backward:
             grad_logits = CrossEntropyBackwardFunction.apply(

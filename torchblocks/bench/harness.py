@@ -4,7 +4,9 @@ and the environment header.
 
 Timing: on CUDA the median of ``triton.testing.do_bench`` (warm-up, repeats,
 L2 flushed between calls); on the CPU the median of ``torch.utils.benchmark``'s
-``blocked_autorange``. Either way the timed call cycles through several
+``blocked_autorange``, taken in ROUNDS rounds that interleave the providers
+(a shared machine's speed drifts over seconds; interleaved, the drift falls
+on every provider alike). Either way the timed call cycles through several
 copies of its inputs, together larger than the caches, so no call finds the
 previous call's data still cached.
 """
@@ -29,6 +31,7 @@ from torchblocks.testing import TF32_TOLERANCE, relative_error, tolerance
 # any L2 or L3 cache here), at most MAX_ROTATIONS copies.
 ROTATION_BYTES = 256 * 2**20
 MAX_ROTATIONS = 64
+ROUNDS = 5
 
 # A provider takes one input set and returns the tensors to compare with the
 # twin's (outputs, gradients, updated parameters).
@@ -225,11 +228,8 @@ def _tolerance(case: Case, dtype: torch.dtype, device: str) -> float:
     return allowed
 
 
-def _run_provider(case: Case, name: str, device: str, quick: bool):
-    """(what provider ``name`` returns on input set 0, copied to the CPU; its median ms; its peak MiB).
-
-    Its input sets live only here, so they are freed before the next provider's are made.
-    """
+def _prepare_provider(case: Case, name: str, device: str):
+    """(what provider ``name`` returns on input set 0, copied to the CPU; a call cycling through its input sets)."""
     provider = case.providers[name]
     first = case.make_inputs(0, name)
     count = _rotations(first, device, case.rotate)
@@ -239,7 +239,29 @@ def _run_provider(case: Case, name: str, device: str, quick: bool):
     def call():
         return provider(next(sets))
 
+    return result, call
+
+
+def _run_provider(case: Case, name: str, device: str, quick: bool):
+    """(the result on input set 0; its median ms; its peak MiB), one provider
+    at a time: its input sets live only here, so they are freed before the
+    next provider's are made (CUDA memory)."""
+    result, call = _prepare_provider(case, name, device)
     return result, time_ms(call, device, quick), peak_memory_mb(call, device)
+
+
+def _run_interleaved(case: Case, device: str, quick: bool):
+    """{provider: (result, median ms, None)} on the CPU: every provider's
+    input sets made first, then ROUNDS rounds timing each provider in turn;
+    a provider's time is the median of its rounds."""
+    prepared = {name: _prepare_provider(case, name, device) for name in case.providers}
+    rounds = {name: [] for name in prepared}
+    for _ in range(ROUNDS):
+        for name, (_, call) in prepared.items():
+            call()
+            timer = torch.utils.benchmark.Timer("fn()", globals={"fn": call})
+            rounds[name].append(timer.blocked_autorange(min_run_time=(0.05 if quick else 0.5) / ROUNDS).median)
+    return {name: (result, 1e3 * sorted(rounds[name])[ROUNDS // 2], None) for name, (result, _) in prepared.items()}
 
 
 def measure(case: Case, device: str, dtype: torch.dtype, peak: float, quick: bool = False) -> List[Row]:
@@ -254,7 +276,10 @@ def measure(case: Case, device: str, dtype: torch.dtype, peak: float, quick: boo
         >>> [(row.provider, row.ms, row.matched) for row in rows]
         [('torchblocks', 0.012, True), ('native', 0.013, True), ('compiled', 0.012, True)]
     """
-    runs = {name: _run_provider(case, name, device, quick) for name in case.providers}
+    if device == "cuda":
+        runs = {name: _run_provider(case, name, device, quick) for name in case.providers}
+    else:
+        runs = _run_interleaved(case, device, quick)
     native = runs["native"][0]
     allowed = _tolerance(case, dtype, device)
     rows = []
