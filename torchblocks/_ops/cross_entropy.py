@@ -188,21 +188,23 @@ def reduce_rows(loss, divisor, reduction, dtype):
     return (total / divisor if reduction == "mean" else total).to(dtype)
 
 
-def _plain_forward_and_gradient(logits, target, out=None):
+def _plain_forward_and_gradient(logits, target, out=None, gradient=True):
     """The CPU's common case (``_plain_rows``), forward and gradient in one
     go: the forward's exp(x - max) is the backward's p, so the costliest pass,
     the exp, runs once instead of twice. The gradient goes to ``out`` (it may
     be ``logits``) or a new buffer.
-    Returns (loss_i, lse_i, ones, dloss_i/dx = p - onehot(y)) in the
-    accumulation dtype."""
+    Returns (loss_i, lse_i, ones, dloss_i/dx = p - onehot(y), or None without
+    ``gradient``) in the accumulation dtype."""
     x = logits.to(accumulation_dtype(logits.dtype))
     index = target.long()[:, None]
     row_max = x.amax(dim=1, keepdim=True)
     target_logit = x.gather(1, index).squeeze(1)  # read before ``out`` may overwrite x
-    grad_rows = _exp_of_difference(x, row_max, out=out)
-    sum_exp = grad_rows.sum(dim=1, keepdim=True)
+    exp_shifted = _exp_of_difference(x, row_max, out=out)
+    sum_exp = exp_shifted.sum(dim=1, keepdim=True)
     lse = (row_max + sum_exp.log()).squeeze(1)
-    grad_rows.div_(sum_exp).scatter_add_(1, index, torch.full_like(lse, -1.0)[:, None])
+    grad_rows = None
+    if gradient:
+        grad_rows = exp_shifted.div_(sum_exp).scatter_add_(1, index, torch.full_like(lse, -1.0)[:, None])
     return lse - target_logit, lse, torch.ones_like(lse), grad_rows
 
 
@@ -218,9 +220,12 @@ class CrossEntropyFunction(Function):
 
     @staticmethod
     def forward(logits, target, weight, ignore_index, label_smoothing, inplace_backward, grads_now):
-        if grads_now and weight is None and not backend.use_triton(logits) and plain_eager((logits, target)) \
+        if not inplace_backward and weight is None and not backend.use_triton(logits) \
+                and plain_eager((logits, target)) \
                 and _plain_rows(target, logits.shape[1], weight, ignore_index, label_smoothing):
-            loss, lse, row_weight, grad_rows = _plain_forward_and_gradient(logits, target)
+            # the CPU's common case in eager mode: the body of cross_entropy_forward's
+            # plain path, its class-index check included, with the gradient if it will be needed
+            loss, lse, row_weight, grad_rows = _plain_forward_and_gradient(logits, target, gradient=grads_now)
             return loss, row_weight, lse, grad_rows
         forward = (torch.ops.torchblocks.cross_entropy_forward_grad_ if inplace_backward
                    else torch.ops.torchblocks.cross_entropy_forward)
