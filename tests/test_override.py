@@ -148,3 +148,24 @@ def test_compile_fullgraph_traces_the_blocks():
     code = "\n".join(graphs)
     assert "torch.ops.torchblocks.dense" in code and "torch.ops.torchblocks.cross_entropy_forward" in code, code
     assert "torch.nn.functional.linear" not in code and "torch._C._nn.linear" not in code, code
+
+
+def test_compile_fullgraph_of_an_encoder_layer():
+    """Compiled, the feed-forward block and its ReLU run as blocks; the
+    attention's projections inside F.multi_head_attention_forward stay native
+    (dynamo cannot trace the re-entry that reaches them eagerly)."""
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append("\n".join(m.code for m in graph_module.modules() if isinstance(m, torch.fx.GraphModule)))
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+    x = randn(3, 2, 8)
+    with torchblocks.enabled():
+        torch._dynamo.reset()
+        output = torch.compile(layer, fullgraph=True, backend=capture)(x)
+    assert_close(output, layer(x))
+    code = "\n".join(graphs)
+    assert "torch.ops.torchblocks.dense" in code and "torch.ops.torchblocks.relu" in code, code

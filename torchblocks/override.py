@@ -142,7 +142,8 @@ class BlocksMode(TorchFunctionMode):
             if not isinstance(result, _Fallback):
                 return result
             self._fell_back(name, result.why)
-        elif func in _COMPOSITES:
+        elif func in _COMPOSITES and not torch.compiler.is_compiling():
+            # (dynamo cannot trace the copy: compiled, the composite's own calls stay native)
             with self:
                 return _without_entry_check(func)(*args, **kwargs)
         return func(*args, **kwargs)
@@ -161,7 +162,8 @@ def enabled():
     ``Tensor.relu_``) and ``F.cross_entropy`` calls made by any code on this
     thread run as torchblocks blocks, with native semantics; calls a block
     cannot serve run natively, with one warning per call and reason.
-    ``torch.compile(fullgraph=True)`` traces through it.
+    ``torch.compile(fullgraph=True)`` traces through it; compiled, the
+    projections inside ``F.multi_head_attention_forward`` stay native.
 
     Yields:
         the ``BlocksMode``; its ``fallbacks`` counts the native calls.
