@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from torchblocks._numerics import accumulation_dtype
+
 # One block of an elementwise kernel: 1024 elements. Shared by every elementwise kernel.
 ELEMENTWISE_BLOCK = 1024
 
@@ -26,11 +28,6 @@ TRITON_DTYPES = {
     torch.float32: tl.float32,
     torch.float64: tl.float64,
 }
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 math for float16/bfloat16/float32 tensors, float64 for float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def triton_accumulation_dtype(dtype: torch.dtype):

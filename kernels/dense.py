@@ -12,15 +12,14 @@ to 16 bits in between.
 """
 
 import inspect
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_guard, triton_accumulation_dtype
+from torchblocks.backend import INTERPRETER
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from ._launch import device_guard, triton_accumulation_dtype
 
 
 # Tile shapes a GPU autotunes over, by architecture and kind of operand:

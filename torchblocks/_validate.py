@@ -4,6 +4,9 @@ was given."""
 
 import torch
 
+REDUCTIONS = ("none", "mean", "sum")
+IGNORE_INDEX = -100  # the losses' default ignore_index, F.cross_entropy's
+
 
 def require_tensor(fn: str, name: str, value) -> None:
     if not isinstance(value, torch.Tensor):
@@ -117,3 +120,10 @@ def require_class_indices(fn: str, target: torch.Tensor, classes: int, ignore_in
             f"{fn}: Target {bad[0].item()} is out of bounds: class indices must be in [0, {classes}) "
             f"or equal ignore_index ({ignore_index})"
         )
+
+
+def check_loss_options(fn: str, ignore_index, reduction, label_smoothing) -> float:
+    """Checks shared by the losses; returns the label smoothing to apply."""
+    require_int(fn, "ignore_index", ignore_index)
+    require_choice(fn, "reduction", reduction, REDUCTIONS)
+    return label_smoothing_value(fn, label_smoothing)

@@ -9,23 +9,18 @@ from typing import Optional
 
 import torch
 
-from torchblocks._ops.cross_entropy import (
-    REDUCTIONS,
-    CrossEntropyFunction,
-    ProbabilityCrossEntropyFunction,
-    reduce_rows,
-)
+from torchblocks._ops.cross_entropy import CrossEntropyFunction, ProbabilityCrossEntropyFunction, reduce_rows
 from torchblocks._ops.dense import DenseFunction
 from torchblocks._ops.dense_cross_entropy import DenseCrossEntropyFunction, default_chunk_rows
 from torchblocks._ops.relu import ReLUFunction
 from torchblocks._validate import (
+    IGNORE_INDEX,
     autocast_like_native,
     autocast_to_float32,
-    label_smoothing_value,
+    check_loss_options,
     require_bool,
     require_choice,
     require_floating,
-    require_int,
     require_like,
     require_no_internal_overlap,
     require_real,
@@ -124,13 +119,6 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return ReLUFunction.apply(input, inplace)
 
 
-def _check_loss_options(fn, ignore_index, reduction, label_smoothing) -> float:
-    """Checks shared by the losses; returns the label smoothing to apply."""
-    require_int(fn, "ignore_index", ignore_index)
-    require_choice(fn, "reduction", reduction, REDUCTIONS)
-    return label_smoothing_value(fn, label_smoothing)
-
-
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
     """(C) -> (1, C); (N, C, d1, ...) -> (N * d1 * ..., C): the class dim last."""
     if tensor.dim() == 1:
@@ -143,7 +131,7 @@ def softmax_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -188,7 +176,7 @@ def softmax_cross_entropy(
     require_tensor(fn, "target", target)
     if weight is not None:
         require_tensor(fn, "weight", weight)
-    label_smoothing = _check_loss_options(fn, ignore_index, reduction, label_smoothing)
+    label_smoothing = check_loss_options(fn, ignore_index, reduction, label_smoothing)
     require_bool(fn, "inplace_backward", inplace_backward)
     input, weight = autocast_to_float32(input, weight)
     if not input.is_floating_point():
@@ -247,7 +235,7 @@ def dense_cross_entropy(
     weight: torch.Tensor,
     target: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -283,7 +271,7 @@ def dense_cross_entropy(
     require_tensor(fn, "target", target)
     if bias is not None:
         require_tensor(fn, "bias", bias)
-    label_smoothing = _check_loss_options(fn, ignore_index, reduction, label_smoothing)
+    label_smoothing = check_loss_options(fn, ignore_index, reduction, label_smoothing)
     autocast = torch.is_autocast_enabled(input.device.type)
     input, weight, bias = autocast_like_native(input, weight, bias)
     classes, in_features = _check_linear(fn, input, weight, bias, "C")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from torchblocks import functional
+from torchblocks._validate import IGNORE_INDEX
 from torchblocks.override import enabled
 
 __all__ = ["FUSED_MODEL_TYPES", "causal_lm_loss", "patch_forward"]
@@ -30,7 +31,7 @@ _PATCHED = "_torchblocks_forward"
 
 
 def causal_lm_loss(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
-                   head_bias: Optional[torch.Tensor] = None, *, num_items_in_batch=None, ignore_index: int = -100,
+                   head_bias: Optional[torch.Tensor] = None, *, num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
                    shift_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Hugging Face's causal LM loss (``ForCausalLMLoss``) from the hidden
     states: position t predicts label t + 1, ``ignore_index`` labels count for
@@ -110,7 +111,7 @@ def _fused_loss_forward(model, forward):
         head = model.get_output_embeddings()
         loss = causal_lm_loss(outputs.last_hidden_state, head.weight, labels, getattr(head, "bias", None),
                               num_items_in_batch=arguments.get("num_items_in_batch"),
-                              ignore_index=arguments.get("ignore_index", -100),
+                              ignore_index=arguments.get("ignore_index", IGNORE_INDEX),
                               shift_labels=arguments.get("shift_labels"))
         kind = CausalLMOutputWithCrossAttentions if "cross_attentions" in outputs.__dataclass_fields__ \
             else CausalLMOutputWithPast

@@ -8,9 +8,30 @@ import torch
 from torch import nn
 
 from torchblocks import functional as F
-from torchblocks._validate import require_choice
+from torchblocks._validate import IGNORE_INDEX, check_loss_options, require_choice
 
 __all__ = ["Dense", "DenseCrossEntropy", "ReLU", "SoftmaxCrossEntropy"]
+
+
+def _linear_parameters(module: nn.Module, out_features: int, in_features: int, bias: bool, device, dtype) -> None:
+    """``weight (out_features, in_features)`` and ``bias (out_features,)`` (or
+    None) on ``module``, laid out and initialised as ``nn.Linear``'s."""
+    factory = {"device": device, "dtype": dtype}
+    module.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+    if bias:
+        module.bias = nn.Parameter(torch.empty(out_features, **factory))
+    else:
+        module.register_parameter("bias", None)
+    _reset_linear_parameters(module.weight, module.bias)
+
+
+def _reset_linear_parameters(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """nn.Linear's initialisation: the same random draws for the same seed."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        in_features = weight.shape[1]
+        bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+        nn.init.uniform_(bias, -bound, bound)
 
 
 class Dense(nn.Module):
@@ -39,23 +60,14 @@ class Dense(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         require_choice("Dense", "activation", activation, F.ACTIVATIONS)
-        factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
         self.activation = activation
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        _linear_parameters(self, out_features, in_features, bias, device, dtype)
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation: weight and bias uniform in +-1/sqrt(in_features)."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
+        _reset_linear_parameters(self.weight, self.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, activation: Optional[str] = None) -> "Dense":
@@ -117,10 +129,10 @@ class SoftmaxCrossEntropy(nn.Module):
         >>> loss = loss_fn(torch.randn(128, 10), torch.randint(10, (128,)))
     """
 
-    def __init__(self, weight: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0):
+    def __init__(self, weight: Optional[torch.Tensor] = None, ignore_index: int = IGNORE_INDEX,
+                 reduction: str = "mean", label_smoothing: float = 0.0):
         super().__init__()
-        F._check_loss_options("SoftmaxCrossEntropy", ignore_index, reduction, label_smoothing)
+        check_loss_options("SoftmaxCrossEntropy", ignore_index, reduction, label_smoothing)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -156,22 +168,20 @@ class DenseCrossEntropy(nn.Module):
         >>> loss = head(torch.randn(512, 4096), torch.randint(128_000, (512,)))
     """
 
-    def __init__(self, in_features: int, num_classes: int, bias: bool = True, ignore_index: int = -100,
+    def __init__(self, in_features: int, num_classes: int, bias: bool = True, ignore_index: int = IGNORE_INDEX,
                  reduction: str = "mean", label_smoothing: float = 0.0, device=None, dtype=None):
         super().__init__()
-        F._check_loss_options("DenseCrossEntropy", ignore_index, reduction, label_smoothing)
+        check_loss_options("DenseCrossEntropy", ignore_index, reduction, label_smoothing)
         self.in_features = in_features
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty((num_classes, in_features), **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(num_classes, **factory))
-        else:
-            self.register_parameter("bias", None)
-        Dense.reset_parameters(self)
+        _linear_parameters(self, num_classes, in_features, bias, device, dtype)
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation, as ``Dense.reset_parameters``."""
+        _reset_linear_parameters(self.weight, self.bias)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.dense_cross_entropy(input, self.weight, target, self.bias, self.ignore_index, self.reduction,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from torchblocks import functional
+from torchblocks._validate import IGNORE_INDEX
 
 __all__ = ["BlocksMode", "disable", "enable", "enabled"]
 
@@ -80,7 +81,7 @@ def _relu_(input):
     return _relu(input, True)
 
 
-def _cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+def _cross_entropy(input, target, weight=None, size_average=None, ignore_index=IGNORE_INDEX, reduce=None,
                    reduction="mean", label_smoothing=0.0):
     why = _unsupported(input, target, weight)
     if why is None and (size_average is not None or reduce is not None):

@@ -21,16 +21,9 @@ import torch
 
 from torchblocks import backend
 from torchblocks._ops._dispatch import Function, call, custom_op, plain_eager
+from torchblocks._numerics import accumulation_dtype
 from torchblocks._ops._vmap import by_loop, fold_rows
 from torchblocks._validate import require_class_indices
-
-REDUCTIONS = ("none", "mean", "sum")
-
-
-def accumulation_dtype(dtype):
-    """float32 sums for float16/bfloat16/float32 inputs, float64 for float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 LOG2E = 1.4426950408889634
 

@@ -17,12 +17,12 @@ from typing import Optional
 
 import torch
 
+from torchblocks._numerics import accumulation_dtype
 from torchblocks._ops._dispatch import Function, call, custom_op
 from torchblocks._ops._vmap import by_loop
 from torchblocks._ops.cross_entropy import (
     CrossEntropyBackwardFunction,
     _log_sum_exp,
-    accumulation_dtype,
     forward_rows,
     reduce_rows,
 )
