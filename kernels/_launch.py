@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torchblocks._numerics import accumulation_dtype
+from ._common import accumulation_dtype
 
 # One block of an elementwise kernel: 1024 elements. Shared by every elementwise kernel.
 ELEMENTWISE_BLOCK = 1024

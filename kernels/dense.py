@@ -17,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torchblocks.backend import INTERPRETER
-
+from ._common import INTERPRETER
 from ._launch import device_guard, triton_accumulation_dtype
 
 

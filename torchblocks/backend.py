@@ -7,15 +7,12 @@ launch anything.
 
 import contextlib
 import importlib.util
-import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+from torchblocks.kernels._common import INTERPRETER
 
-# The Triton interpreter is chosen when triton's kernels are defined, which
-# happens when torchblocks.kernels is first imported; read it once, here.
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+BACKENDS = ("auto", "triton", "reference")
 
 
 def _triton_importable() -> bool:

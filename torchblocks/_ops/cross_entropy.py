@@ -21,7 +21,7 @@ import torch
 
 from torchblocks import backend
 from torchblocks._ops._dispatch import Function, call, custom_op, plain_eager
-from torchblocks._numerics import accumulation_dtype
+from torchblocks.kernels._common import accumulation_dtype
 from torchblocks._ops._vmap import by_loop, fold_rows
 from torchblocks._validate import require_class_indices
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from torchblocks._numerics import accumulation_dtype
+from torchblocks.kernels._common import accumulation_dtype
 from torchblocks._ops._dispatch import Function, call, custom_op
 from torchblocks._ops._vmap import by_loop
 from torchblocks._ops.cross_entropy import (
