@@ -13,12 +13,42 @@ the torch profiler (which then lists ``torchblocks::<op>``).
 off (inference, a backward that builds no graph) runs the forward alone.
 """
 
+import importlib
 import inspect
 from typing import Callable, Dict
 
 import torch
 
+from torchblocks import backend
+
+if backend.TRITON_AVAILABLE:  # the one guard for "triton missing"
+    from torchblocks import kernels
+
+    for _module in ("cross_entropy", "dense", "optim", "relu"):  # each becomes kernels.<module>
+        importlib.import_module(f"torchblocks.kernels.{_module}")
+else:
+    class _NoKernels:
+        """Stands for ``torchblocks.kernels`` without triton; ``pick`` never
+        returns one of its attributes (``backend.use_triton`` is False or raises)."""
+
+        def __getattr__(self, name):
+            return self
+
+    kernels = _NoKernels()
+
 _BODIES: Dict[str, Callable] = {}
+
+
+def pick(tensor: torch.Tensor, triton: Callable, reference: Callable) -> Callable:
+    """The implementation of an op for ``tensor`` under the backend in force:
+    ``triton`` (a launcher of ``torchblocks.kernels``) or ``reference`` (the
+    same call in plain PyTorch, with the same arguments and results).
+
+    Example::
+
+        >>> pick(x, kernels.relu.relu_forward, _relu_forward)(x)
+    """
+    return triton if backend.use_triton(tensor) else reference
 
 
 def custom_op(name: str, mutates_args=()):

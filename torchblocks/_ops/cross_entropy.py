@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
-from torchblocks._ops._dispatch import Function, call, custom_op, plain_eager
+from torchblocks._ops._dispatch import Function, call, custom_op, kernels, pick, plain_eager
 from torchblocks.kernels._common import accumulation_dtype
 from torchblocks._ops._vmap import by_loop, fold_rows
 from torchblocks._validate import require_class_indices
@@ -107,24 +107,27 @@ def _reference_gradient(logits, target, weight, lse, row_scale, ignore_index, la
     return grad.to(logits.dtype)
 
 
+def _cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, grad=None):
+    """``kernels.cross_entropy.cross_entropy_forward`` in plain PyTorch:
+    (loss_i, lse_i, w_y), and with ``grad`` (the logits themselves)
+    dloss_i/dx written over it."""
+    if grad is not None and logits.dtype == accumulation_dtype(logits.dtype) and _plain_rows(
+            target, logits.shape[1], weight, ignore_index, label_smoothing):
+        return _plain_forward_and_gradient(logits, target, out=grad)[:3]
+    loss, lse, row_weight = _reference_forward(logits, target, weight, ignore_index, label_smoothing)
+    if grad is not None:
+        ones = torch.ones_like(lse)
+        computed = _reference_gradient(logits, target, weight, lse, ones, ignore_index, label_smoothing, out=grad)
+        if computed is not grad:  # half logits: the gradient was computed in float32
+            grad.copy_(computed)
+    return loss, lse, row_weight
+
+
 def forward_rows(logits, target, weight, ignore_index, label_smoothing, write_grad):
     """The forward ops' body, on targets already checked: (loss_i, lse_i, w_y),
     and with ``write_grad`` dloss_i/dx written over ``logits``."""
-    if backend.use_triton(logits):
-        from torchblocks.kernels import cross_entropy as kernels
-
-        grad = logits if write_grad else None
-        return kernels.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, grad=grad)
-    if write_grad and logits.dtype == accumulation_dtype(logits.dtype) and _plain_rows(
-            target, logits.shape[1], weight, ignore_index, label_smoothing):
-        return _plain_forward_and_gradient(logits, target, out=logits)[:3]
-    loss, lse, row_weight = _reference_forward(logits, target, weight, ignore_index, label_smoothing)
-    if write_grad:
-        ones = torch.ones_like(lse)
-        grad = _reference_gradient(logits, target, weight, lse, ones, ignore_index, label_smoothing, out=logits)
-        if grad is not logits:  # half logits: the gradient was computed in float32
-            logits.copy_(grad)
-    return loss, lse, row_weight
+    forward = pick(logits, kernels.cross_entropy.cross_entropy_forward, _cross_entropy_forward)
+    return forward(logits, target, weight, ignore_index, label_smoothing, grad=logits if write_grad else None)
 
 
 @custom_op("torchblocks::cross_entropy_forward", mutates_args=())
@@ -160,11 +163,8 @@ def cross_entropy_backward(
     row_scale: torch.Tensor, ignore_index: int, label_smoothing: float,
 ) -> torch.Tensor:
     """dL/dx (R, C) given s_i = ``row_scale``."""
-    if backend.use_triton(logits):
-        from torchblocks.kernels import cross_entropy as kernels
-
-        return kernels.cross_entropy_backward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing)
-    return _reference_gradient(logits, target, weight, lse, row_scale, ignore_index, label_smoothing)
+    backward = pick(logits, kernels.cross_entropy.cross_entropy_backward, _reference_gradient)
+    return backward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing)
 
 
 @cross_entropy_backward.register_fake

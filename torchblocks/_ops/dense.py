@@ -11,20 +11,36 @@ from typing import Optional
 
 import torch
 
-from torchblocks import backend
-from torchblocks._ops._dispatch import Function, call, custom_op
+from torchblocks._ops._dispatch import Function, call, custom_op, kernels, pick
 from torchblocks._ops._vmap import fold_rows
 from torchblocks._ops.relu import ReLUBackwardFunction
 
 
+def _dense_matmul(a, b, bias=None, relu=False, row_sum=False, out=None, row_sums=None, accumulate=False):
+    """``kernels.dense.dense_matmul`` in plain PyTorch: the same arguments
+    and results. C = act(A @ B + bias), with ``row_sum`` also the row sums of
+    A; or with ``out`` the product written (``accumulate``: added) through
+    ``out``'s strides in its dtype, ``row_sums`` likewise."""
+    if out is not None:
+        a, b = a.to(out.dtype), b.to(out.dtype)
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        if row_sums is not None and accumulate:
+            row_sums.add_(a.sum(dim=1))
+        elif row_sums is not None:
+            torch.sum(a, dim=1, out=row_sums)
+        return out
+    product = a @ b if bias is None else torch.addmm(bias, a, b)
+    if relu:
+        product.clamp_min_(0)
+    return (product, a.sum(dim=1)) if row_sum else product
+
+
 @custom_op("torchblocks::dense", mutates_args=())
 def dense(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
-    if backend.use_triton(input):
-        from torchblocks.kernels.dense import dense_matmul
-
-        return dense_matmul(input, weight.t(), bias=bias, relu=relu)
-    output = input @ weight.t() if bias is None else torch.addmm(bias, input, weight.t())
-    return output.clamp_min_(0) if relu else output
+    return pick(input, kernels.dense.dense_matmul, _dense_matmul)(input, weight.t(), bias=bias, relu=relu)
 
 
 @dense.register_fake
@@ -35,11 +51,7 @@ def _(input, weight, bias, relu):
 @custom_op("torchblocks::matmul", mutates_args=())
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """A @ B for 2-D tensors of any strides: the gradient GEMMs."""
-    if backend.use_triton(a):
-        from torchblocks.kernels.dense import dense_matmul
-
-        return dense_matmul(a, b)
-    return a @ b
+    return pick(a, kernels.dense.dense_matmul, _dense_matmul)(a, b)
 
 
 @matmul.register_fake
@@ -50,11 +62,7 @@ def _(a, b):
 @custom_op("torchblocks::matmul_row_sum", mutates_args=())
 def matmul_row_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(A @ B, the row sums of A): dW and db from one pass over g."""
-    if backend.use_triton(a):
-        from torchblocks.kernels.dense import dense_matmul
-
-        return dense_matmul(a, b, row_sum=True)
-    return a @ b, a.sum(dim=1)
+    return pick(a, kernels.dense.dense_matmul, _dense_matmul)(a, b, row_sum=True)
 
 
 @matmul_row_sum.register_fake
@@ -74,20 +82,7 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate:
         >>> grad_weight = torch.zeros(10, 784)
         >>> matmul_into(grad_logits.t(), x, grad_weight, accumulate=True)
     """
-    if backend.use_triton(a):
-        from torchblocks.kernels.dense import dense_matmul
-
-        dense_matmul(a, b, out=out, row_sums=row_sums, accumulate=accumulate)
-        return
-    a, b = a.to(out.dtype), b.to(out.dtype)
-    if accumulate:
-        out.addmm_(a, b)
-    else:
-        torch.mm(a, b, out=out)
-    if row_sums is not None and accumulate:
-        row_sums.add_(a.sum(dim=1))
-    elif row_sums is not None:
-        torch.sum(a, dim=1, out=row_sums)
+    pick(a, kernels.dense.dense_matmul, _dense_matmul)(a, b, out=out, row_sums=row_sums, accumulate=accumulate)
 
 
 class DenseFunction(Function):

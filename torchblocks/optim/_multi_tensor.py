@@ -30,6 +30,7 @@ else:
 from torch.optim.optimizer import _get_capturable_supported_devices
 
 from torchblocks import backend
+from torchblocks._ops._dispatch import kernels
 
 
 def scalar_dtype() -> torch.dtype:
@@ -214,11 +215,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         params = roles[0]
         indices = range(len(params))
         if triton_name is not None and backend.use_triton(params[0]):
-            from torchblocks.kernels import optim as kernels
-            from torchblocks.kernels._launch import shares_flat_layout
-
-            flat = [i for i in indices if shares_flat_layout(*(role[i] for role in roles if role))]
-            _call(getattr(kernels, triton_name), flat, roles, per_tensor, options)
+            flat = [i for i in indices if kernels._launch.shares_flat_layout(*(role[i] for role in roles if role))]
+            _call(getattr(kernels.optim, triton_name), flat, roles, per_tensor, options)
             flat_set = set(flat)
             indices = [i for i in indices if i not in flat_set]
         for batch in _cache_sized_batches(params, indices):
