@@ -19,8 +19,8 @@ and reason. Everything else passes through untouched.
 import collections
 import contextlib
 import threading
-import types
 import warnings
+from types import FunctionType
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from torchblocks import functional
+from torchblocks._ops._dispatch import PLAIN_TYPES
 from torchblocks._validate import IGNORE_INDEX
 
 __all__ = ["BlocksMode", "disable", "enable", "enabled"]
@@ -42,9 +43,6 @@ class _Fallback:
         self.why = why
 
 
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
 def _unsupported(*tensors) -> Optional[str]:
     """Why the blocks cannot take these tensors (None: they can)."""
     for tensor in tensors:
@@ -52,7 +50,7 @@ def _unsupported(*tensors) -> Optional[str]:
             continue
         if not isinstance(tensor, torch.Tensor):
             return f"an argument of type {type(tensor).__name__}, not a tensor"
-        if type(tensor) not in _PLAIN_TYPES:
+        if type(tensor) not in PLAIN_TYPES:
             return f"a tensor subclass ({type(tensor).__name__})"
         if tensor.layout != torch.strided or tensor.is_nested or tensor.is_quantized:
             return f"a {tensor.layout} tensor" if tensor.layout != torch.strided else "a nested or quantized tensor"
@@ -107,7 +105,7 @@ def _never(*args) -> bool:
     return False
 
 
-def _without_entry_check(function: types.FunctionType) -> types.FunctionType:
+def _without_entry_check(function: FunctionType) -> FunctionType:
     """``function``'s code, but its ``has_torch_function`` entry check says no.
 
     A Python function of ``torch.nn.functional`` starts by handing itself to
@@ -116,7 +114,7 @@ def _without_entry_check(function: types.FunctionType) -> types.FunctionType:
     goes straight into its body, whose calls the mode sees."""
     namespace = dict(function.__globals__, has_torch_function=_never, has_torch_function_unary=_never,
                      has_torch_function_variadic=_never)
-    copy = types.FunctionType(function.__code__, namespace, function.__name__, function.__defaults__,
+    copy = FunctionType(function.__code__, namespace, function.__name__, function.__defaults__,
                               function.__closure__)
     copy.__kwdefaults__ = function.__kwdefaults__
     return copy

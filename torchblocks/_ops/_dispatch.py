@@ -69,7 +69,7 @@ def custom_op(name: str, mutates_args=()):
 
 
 # Tensors whose ops dispatch as a plain tensor's (a Parameter is one).
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def plain_eager(args) -> bool:
@@ -80,7 +80,7 @@ def plain_eager(args) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._autograd._profiler_enabled()
             and not torch._C._are_functorch_transforms_active()
-            and all(type(arg) in _PLAIN_TYPES for arg in args if isinstance(arg, torch.Tensor)))
+            and all(type(arg) in PLAIN_TYPES for arg in args if isinstance(arg, torch.Tensor)))
 
 
 def call(op, *args):
