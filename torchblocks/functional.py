@@ -120,9 +120,12 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
-    """(C) -> (1, C); (N, C, d1, ...) -> (N * d1 * ..., C): the class dim last."""
+    """(C) -> (1, C); (N, C, d1, ...) -> (N * d1 * ..., C): the class dim last.
+    (N, C) stays itself: no view for autograd to record and undo."""
     if tensor.dim() == 1:
         return tensor.unsqueeze(0)
+    if tensor.dim() == 2:
+        return tensor
     moved = tensor.movedim(1, -1)
     return moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
 
