@@ -21,9 +21,9 @@ import torch
 
 from torchblocks import backend
 from torchblocks._ops._dispatch import Function, call, custom_op, kernels, pick, plain_eager
-from torchblocks.kernels._common import accumulation_dtype
 from torchblocks._ops._vmap import by_loop, fold_rows
 from torchblocks._validate import require_class_indices
+from torchblocks.kernels._common import accumulation_dtype
 
 LOG2E = 1.4426950408889634
 
@@ -67,9 +67,9 @@ def _reference_forward(logits, target, weight, ignore_index, label_smoothing):
     acc = accumulation_dtype(logits.dtype)
     x = logits.to(acc)
     classes = x.shape[1]
-    lse = _log_sum_exp(x)
     if _plain_rows(target, classes, weight, ignore_index, label_smoothing):
-        return lse - x.gather(1, target.long()[:, None]).squeeze(1), lse, torch.ones_like(lse)
+        return _plain_forward_and_gradient(x, target, gradient=False)[:3]
+    lse = _log_sum_exp(x)
     index, w_y = _target_weight(target, weight, classes, acc)
     loss = (1 - label_smoothing) * w_y * (lse - x.gather(1, index[:, None]).squeeze(1))
     if label_smoothing > 0:
