@@ -2,11 +2,16 @@
 
 One launch updates every tensor of a list that shares a device and dtype.
 The tensors are cut into chunks of BLOCK elements; program i updates chunk i,
-which belongs to tensor ``chunk_tensor[i]``. The host passes one table per
-launch, made of
-    pointers   (ROLES, T) int64: the data pointer of each role (parameter,
-               gradient, each state tensor) of each of the T tensors;
-    scalars    float64: per-tensor rows (S, T), then the group's constants.
+which belongs to tensor ``chunk_tensor[i]``. The host passes two tables per
+launch, each laid out by named records below, in their fields' order:
+    pointers   (ROLES, T) int64: the data pointer of each role of each of the
+               T tensors (``<Optimizer>Tensors``: params, grads, state);
+    scalars    float64: the constants shared by all T tensors
+               (``<Optimizer>Scalars``: lr, betas, ...), then, where an
+               optimizer has them, the per-tensor rows (ROWS, T) (``<Optimizer>Rows``).
+A kernel finds field f at the offset ``<OPTIMIZER>_AT.value.f`` (``_ROLE``,
+``_ROW``): the record with each field's position as its value. Reordering a
+record's fields moves both the packing (``tuple(record)``) and the offsets.
 Each element of every tensor is read once and written once; the math runs in
 float32 (float64 for float64 tensors) and is stored back in the tensors' dtype.
 The learning rate and every other hyperparameter are data in the table, never
@@ -18,12 +23,104 @@ optimizer's docstring); the order of operations follows torch.optim's.
 
 import functools
 import math
+from typing import List, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._launch import ELEMENTWISE_BLOCK, TRITON_DTYPES, accumulation_dtype, device_guard, elementwise_warps
+
+
+def _offsets(record: type, first_fields=()) -> tl.constexpr:
+    """``record`` with each field's position as its value: where a kernel
+    finds that field in the table the record packs into, as
+    ``<OFFSETS>.value.<field>`` (a global a kernel reads must be a constexpr;
+    Triton 3.6 resolves its attributes only through ``.value``)."""
+    assert record._fields[:len(first_fields)] == first_fields, record._fields
+    return tl.constexpr(record(*range(len(record._fields))))
+
+
+class SGDTensors(NamedTuple):
+    """The tensors of an SGD launch: lists of T, or None where unread."""
+    params: List[torch.Tensor]
+    grads: List[torch.Tensor]
+    momentum_buffers: Optional[List[torch.Tensor]]  # MOMENTUM
+
+
+class SGDScalars(NamedTuple):
+    """SGD's scalars shared by every tensor of a launch."""
+    lr: float
+    weight_decay: float
+    momentum: float
+    one_minus_dampening: float
+
+
+class SGDRows(NamedTuple):
+    """SGD's per-tensor scalars: lists of T."""
+    new_buffer: List[float]  # 1.0 where the momentum buffer starts this step
+
+
+class RMSpropTensors(NamedTuple):
+    """The tensors of an RMSprop launch: lists of T, or None where unread."""
+    params: List[torch.Tensor]
+    grads: List[torch.Tensor]
+    square_avgs: List[torch.Tensor]
+    grad_avgs: Optional[List[torch.Tensor]]  # CENTERED
+    momentum_buffers: Optional[List[torch.Tensor]]  # MOMENTUM
+
+
+class RMSpropScalars(NamedTuple):
+    """RMSprop's scalars shared by every tensor of a launch."""
+    lr: float
+    alpha: float
+    one_minus_alpha: float
+    eps: float
+    weight_decay: float
+    momentum: float
+
+
+class AdamTensors(NamedTuple):
+    """The tensors of an Adam launch: lists of T, or None where unread."""
+    params: List[torch.Tensor]
+    grads: List[torch.Tensor]
+    exp_avgs: List[torch.Tensor]
+    exp_avg_sqs: List[torch.Tensor]
+    max_exp_avg_sqs: Optional[List[torch.Tensor]]  # AMSGRAD
+    steps: Optional[List[torch.Tensor]]  # CAPTURABLE: each tensor's step count, read by the kernel
+
+
+class AdamScalars(NamedTuple):
+    """Adam's scalars shared by every tensor of a launch."""
+    decay_factor: float  # 1 - lr * weight_decay
+    weight_decay: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    lr: float  # CAPTURABLE: the bias corrections are computed in the kernel
+    log2_beta1: float
+    log2_beta2: float
+
+
+class AdamRows(NamedTuple):
+    """Adam's per-tensor scalars: lists of T."""
+    step_sizes: List[float]  # lr / (1 - beta1^t), not CAPTURABLE
+    bias_corrections2_sqrt: List[float]  # sqrt(1 - beta2^t), not CAPTURABLE
+
+
+# Every launch's tensors start with (params, grads): _load_param_and_grad reads roles 0 and 1.
+SGD_ROLE = _offsets(SGDTensors, first_fields=("params", "grads"))
+SGD_AT = _offsets(SGDScalars)
+SGD_ROW = _offsets(SGDRows)
+RMSPROP_ROLE = _offsets(RMSpropTensors, first_fields=("params", "grads"))
+RMSPROP_AT = _offsets(RMSpropScalars)
+ADAM_ROLE = _offsets(AdamTensors, first_fields=("params", "grads"))
+ADAM_AT = _offsets(AdamScalars)
+ADAM_ROW = _offsets(AdamRows)
+# The rows follow the shared scalars: row r of tensor t at scalars_ptr + <OPTIMIZER>_ROWS_START + r * T + t.
+SGD_ROWS_START = tl.constexpr(len(SGDScalars._fields))
+ADAM_ROWS_START = tl.constexpr(len(AdamScalars._fields))
 
 
 @triton.jit
@@ -54,7 +151,7 @@ def _load_param_and_grad(pointers_ptr, t, T, offsets, mask, DTYPE: tl.constexpr,
                          MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr):
     """A chunk of parameter p and its gradient g (negated under MAXIMIZE), in
     ACC_DTYPE: (p pointer, p, g). ``mask`` is None for a full chunk."""
-    param_ptr = _pointer(pointers_ptr, 0, t, T, DTYPE, ALIGNED)
+    param_ptr = _pointer(pointers_ptr, 0, t, T, DTYPE, ALIGNED)  # roles 0 and 1: params, grads (_offsets)
     param = tl.load(param_ptr + offsets, mask=mask).to(ACC_DTYPE)
     grad = tl.load(_pointer(pointers_ptr, 1, t, T, DTYPE, ALIGNED) + offsets, mask=mask).to(ACC_DTYPE)
     if MAXIMIZE:
@@ -85,17 +182,17 @@ def _sgd_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
     """One chunk of the update; ``mask`` is None for a full chunk."""
     param_ptr, param, grad = _load_param_and_grad(
         pointers_ptr, t, T, offsets, mask, DTYPE, ACC_DTYPE, MAXIMIZE, ALIGNED)
-    lr = tl.load(scalars_ptr + T).to(ACC_DTYPE)
+    lr = tl.load(scalars_ptr + SGD_AT.value.lr).to(ACC_DTYPE)
     if WEIGHT_DECAY:
-        grad += tl.load(scalars_ptr + T + 1).to(ACC_DTYPE) * param
+        grad += tl.load(scalars_ptr + SGD_AT.value.weight_decay).to(ACC_DTYPE) * param
     if MOMENTUM:
-        buffer_ptr = _pointer(pointers_ptr, 2, t, T, DTYPE, ALIGNED)
-        momentum = tl.load(scalars_ptr + T + 2).to(ACC_DTYPE)
-        if tl.load(scalars_ptr + t) != 0:
+        buffer_ptr = _pointer(pointers_ptr, SGD_ROLE.value.momentum_buffers, t, T, DTYPE, ALIGNED)
+        momentum = tl.load(scalars_ptr + SGD_AT.value.momentum).to(ACC_DTYPE)
+        if tl.load(scalars_ptr + SGD_ROWS_START + SGD_ROW.value.new_buffer * T + t) != 0:
             buffer = grad
         else:
             buffer = tl.load(buffer_ptr + offsets, mask=mask).to(ACC_DTYPE)
-            buffer = momentum * buffer + tl.load(scalars_ptr + T + 3).to(ACC_DTYPE) * grad
+            buffer = momentum * buffer + tl.load(scalars_ptr + SGD_AT.value.one_minus_dampening).to(ACC_DTYPE) * grad
         tl.store(buffer_ptr + offsets, buffer.to(DTYPE), mask=mask)
         if NESTEROV:
             grad += momentum * buffer
@@ -106,8 +203,8 @@ def _sgd_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
 
 @triton.jit
 def sgd_kernel(
-    pointers_ptr,  # (3, T): param, grad, momentum_buffer (unused without MOMENTUM)
-    scalars_ptr,  # (T,) 1.0 where the momentum buffer is new this step, then lr, weight_decay, momentum, 1 - dampening
+    pointers_ptr,  # (3, T) SGDTensors
+    scalars_ptr,  # SGDScalars, then (1, T) SGDRows
     numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
     DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
@@ -130,18 +227,18 @@ def _rmsprop_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
     """One chunk of the update; ``mask`` is None for a full chunk."""
     param_ptr, param, grad = _load_param_and_grad(
         pointers_ptr, t, T, offsets, mask, DTYPE, ACC_DTYPE, MAXIMIZE, ALIGNED)
-    square_avg_ptr = _pointer(pointers_ptr, 2, t, T, DTYPE, ALIGNED)
-    lr = tl.load(scalars_ptr).to(ACC_DTYPE)
-    alpha = tl.load(scalars_ptr + 1).to(ACC_DTYPE)
-    one_minus_alpha = tl.load(scalars_ptr + 2).to(ACC_DTYPE)
-    eps = tl.load(scalars_ptr + 3).to(ACC_DTYPE)
+    square_avg_ptr = _pointer(pointers_ptr, RMSPROP_ROLE.value.square_avgs, t, T, DTYPE, ALIGNED)
+    lr = tl.load(scalars_ptr + RMSPROP_AT.value.lr).to(ACC_DTYPE)
+    alpha = tl.load(scalars_ptr + RMSPROP_AT.value.alpha).to(ACC_DTYPE)
+    one_minus_alpha = tl.load(scalars_ptr + RMSPROP_AT.value.one_minus_alpha).to(ACC_DTYPE)
+    eps = tl.load(scalars_ptr + RMSPROP_AT.value.eps).to(ACC_DTYPE)
     if WEIGHT_DECAY:
-        grad += tl.load(scalars_ptr + 4).to(ACC_DTYPE) * param
+        grad += tl.load(scalars_ptr + RMSPROP_AT.value.weight_decay).to(ACC_DTYPE) * param
     square_avg = tl.load(square_avg_ptr + offsets, mask=mask).to(ACC_DTYPE)
     square_avg = alpha * square_avg + one_minus_alpha * grad * grad
     tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE), mask=mask)
     if CENTERED:
-        grad_avg_ptr = _pointer(pointers_ptr, 3, t, T, DTYPE, ALIGNED)
+        grad_avg_ptr = _pointer(pointers_ptr, RMSPROP_ROLE.value.grad_avgs, t, T, DTYPE, ALIGNED)
         grad_avg = tl.load(grad_avg_ptr + offsets, mask=mask).to(ACC_DTYPE)
         grad_avg += one_minus_alpha * (grad - grad_avg)
         tl.store(grad_avg_ptr + offsets, grad_avg.to(DTYPE), mask=mask)
@@ -149,9 +246,9 @@ def _rmsprop_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
     else:
         denom = _sqrt(square_avg) + eps
     if MOMENTUM:
-        buffer_ptr = _pointer(pointers_ptr, 4, t, T, DTYPE, ALIGNED)
+        buffer_ptr = _pointer(pointers_ptr, RMSPROP_ROLE.value.momentum_buffers, t, T, DTYPE, ALIGNED)
         buffer = tl.load(buffer_ptr + offsets, mask=mask).to(ACC_DTYPE)
-        buffer = tl.load(scalars_ptr + 5).to(ACC_DTYPE) * buffer + _div(grad, denom)
+        buffer = tl.load(scalars_ptr + RMSPROP_AT.value.momentum).to(ACC_DTYPE) * buffer + _div(grad, denom)
         tl.store(buffer_ptr + offsets, buffer.to(DTYPE), mask=mask)
         param -= lr * buffer
     else:
@@ -161,8 +258,8 @@ def _rmsprop_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
 
 @triton.jit
 def rmsprop_kernel(
-    pointers_ptr,  # (5, T): param, grad, square_avg, grad_avg (CENTERED), momentum_buffer (MOMENTUM)
-    scalars_ptr,  # lr, alpha, 1 - alpha, eps, weight_decay, momentum
+    pointers_ptr,  # (5, T) RMSpropTensors
+    scalars_ptr,  # RMSpropScalars
     numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
     DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, MAXIMIZE: tl.constexpr,
@@ -186,29 +283,28 @@ def _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
     """One chunk of the update; ``mask`` is None for a full chunk."""
     param_ptr, param, grad = _load_param_and_grad(
         pointers_ptr, t, T, offsets, mask, DTYPE, ACC_DTYPE, MAXIMIZE, ALIGNED)
-    exp_avg_ptr = _pointer(pointers_ptr, 2, t, T, DTYPE, ALIGNED)
-    exp_avg_sq_ptr = _pointer(pointers_ptr, 3, t, T, DTYPE, ALIGNED)
+    exp_avg_ptr = _pointer(pointers_ptr, ADAM_ROLE.value.exp_avgs, t, T, DTYPE, ALIGNED)
+    exp_avg_sq_ptr = _pointer(pointers_ptr, ADAM_ROLE.value.exp_avg_sqs, t, T, DTYPE, ALIGNED)
     if CAPTURABLE:
         # the bias corrections from tensor t's step count, read on the device:
         # lr / (1 - beta1^t) and sqrt(1 - beta2^t), with beta^t = 2^(t * log2(beta))
-        group_ptr = scalars_ptr
-        step = tl.load(_pointer(pointers_ptr, 5, t, T, STEP_DTYPE, False)).to(ACC_DTYPE)
-        lr = tl.load(group_ptr + 6).to(ACC_DTYPE)
-        step_size = _div(lr, 1 - tl.exp2(step * tl.load(group_ptr + 7).to(ACC_DTYPE)))
-        bias_correction2_sqrt = _sqrt(1 - tl.exp2(step * tl.load(group_ptr + 8).to(ACC_DTYPE)))
+        step = tl.load(_pointer(pointers_ptr, ADAM_ROLE.value.steps, t, T, STEP_DTYPE, False)).to(ACC_DTYPE)
+        lr = tl.load(scalars_ptr + ADAM_AT.value.lr).to(ACC_DTYPE)
+        step_size = _div(lr, 1 - tl.exp2(step * tl.load(scalars_ptr + ADAM_AT.value.log2_beta1).to(ACC_DTYPE)))
+        bias_correction2_sqrt = _sqrt(1 - tl.exp2(step * tl.load(scalars_ptr + ADAM_AT.value.log2_beta2).to(ACC_DTYPE)))
     else:
-        group_ptr = scalars_ptr + 2 * T
-        step_size = tl.load(scalars_ptr + t).to(ACC_DTYPE)
-        bias_correction2_sqrt = tl.load(scalars_ptr + T + t).to(ACC_DTYPE)
-    one_minus_beta1 = tl.load(group_ptr + 2).to(ACC_DTYPE)
-    beta2 = tl.load(group_ptr + 3).to(ACC_DTYPE)
-    one_minus_beta2 = tl.load(group_ptr + 4).to(ACC_DTYPE)
-    eps = tl.load(group_ptr + 5).to(ACC_DTYPE)
+        rows_ptr = scalars_ptr + ADAM_ROWS_START + t
+        step_size = tl.load(rows_ptr + ADAM_ROW.value.step_sizes * T).to(ACC_DTYPE)
+        bias_correction2_sqrt = tl.load(rows_ptr + ADAM_ROW.value.bias_corrections2_sqrt * T).to(ACC_DTYPE)
+    one_minus_beta1 = tl.load(scalars_ptr + ADAM_AT.value.one_minus_beta1).to(ACC_DTYPE)
+    beta2 = tl.load(scalars_ptr + ADAM_AT.value.beta2).to(ACC_DTYPE)
+    one_minus_beta2 = tl.load(scalars_ptr + ADAM_AT.value.one_minus_beta2).to(ACC_DTYPE)
+    eps = tl.load(scalars_ptr + ADAM_AT.value.eps).to(ACC_DTYPE)
     if WEIGHT_DECAY:
         if DECOUPLED:
-            param *= tl.load(group_ptr).to(ACC_DTYPE)
+            param *= tl.load(scalars_ptr + ADAM_AT.value.decay_factor).to(ACC_DTYPE)
         else:
-            grad += tl.load(group_ptr + 1).to(ACC_DTYPE) * param
+            grad += tl.load(scalars_ptr + ADAM_AT.value.weight_decay).to(ACC_DTYPE) * param
     exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(ACC_DTYPE)
     exp_avg += one_minus_beta1 * (grad - exp_avg)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(ACC_DTYPE)
@@ -216,7 +312,7 @@ def _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
     tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE), mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=mask)
     if AMSGRAD:
-        max_exp_avg_sq_ptr = _pointer(pointers_ptr, 4, t, T, DTYPE, ALIGNED)
+        max_exp_avg_sq_ptr = _pointer(pointers_ptr, ADAM_ROLE.value.max_exp_avg_sqs, t, T, DTYPE, ALIGNED)
         exp_avg_sq = tl.maximum(tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(ACC_DTYPE), exp_avg_sq)
         tl.store(max_exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=mask)
     denom = _div(_sqrt(exp_avg_sq), bias_correction2_sqrt) + eps
@@ -225,9 +321,8 @@ def _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
 
 @triton.jit
 def adam_kernel(
-    pointers_ptr,  # (5, T): param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (AMSGRAD); (6, T) + step (CAPTURABLE)
-    scalars_ptr,  # (2, T) lr / (1 - beta1^t) and sqrt(1 - beta2^t) (not CAPTURABLE), then
-                  # 1 - lr * wd, wd, 1 - beta1, beta2, 1 - beta2, eps, and (CAPTURABLE) lr, log2(beta1), log2(beta2)
+    pointers_ptr,  # (6, T) AdamTensors
+    scalars_ptr,  # AdamScalars, then (2, T) AdamRows (not CAPTURABLE)
     numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
     DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
@@ -282,38 +377,38 @@ def _chunk_table(numels: tuple, device: torch.device):
     return torch.stack([numel, first_chunk]).to(device), chunk_tensor.to(device)
 
 
-def multi_tensor_launch(kernel, roles, per_tensor_scalars, group_scalars, scalar_roles=(), **meta):
+def multi_tensor_launch(kernel, tensors: NamedTuple, scalars: NamedTuple, rows: Optional[NamedTuple] = None,
+                        **meta):
     """Launch ``kernel`` once over T tensors.
 
     Args:
-        roles: lists of T tensors each (parameters, gradients, state), all on
-            one device with one dtype; the i-th tensor of every list dense and
-            laid out like the i-th parameter, so one flat offset serves all.
-            An empty list stands for a role the kernel's flags leave unread.
-        per_tensor_scalars: lists of T floats each, the kernel's per-tensor rows.
-        group_scalars: floats shared by every tensor (lr, betas, ...).
-        scalar_roles: lists of T one-element tensors each (capturable step
-            counts), whose pointers follow the roles' in the table.
+        tensors: the kernel's ``<Optimizer>Tensors``: lists of T tensors each
+            (parameters, gradients, state), all on one device, the i-th of
+            each dense and laid out like the i-th parameter, so that one flat
+            offset serves all (Adam's step counts: one element each, of their
+            own dtype). None for a role the kernel's flags leave unread.
+        scalars: the kernel's ``<Optimizer>Scalars``, shared by every tensor.
+        rows: the kernel's ``<Optimizer>Rows``: lists of T floats each, or None.
         meta: the kernel's constexpr flags.
 
     In a training loop the step uploads nothing: the pointer, scalar and
     chunk tables are found in their caches (Adam's per-tensor bias
     corrections change every step and are uploaded without a host sync).
     """
-    params = roles[0]
+    params = tensors.params
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
     (numel, first_chunk), chunk_tensor = _chunk_table(tuple(p.numel() for p in params), device)
     if chunk_tensor.numel() == 0:
         return
-    pointers = _pointer_table(tuple(tensor.data_ptr() for role in (*roles, *scalar_roles)
-                                    for tensor in (role or params)), device)
-    scalars = _scalar_table(tuple(x for row in per_tensor_scalars for x in row) + tuple(group_scalars), device)
+    roles = [role if role is not None else params for role in tensors]
+    pointers = _pointer_table(tuple(tensor.data_ptr() for role in roles for tensor in role), device)
+    scalar_table = _scalar_table(tuple(scalars) + tuple(x for row in (rows or ()) for x in row), device)
     aligned = all(tensor.data_ptr() % 16 == 0 for role in roles for tensor in role)
     with device_guard(params[0]):
         kernel[(chunk_tensor.numel(),)](
-            pointers, scalars, numel, first_chunk, chunk_tensor, len(params),
+            pointers, scalar_table, numel, first_chunk, chunk_tensor, len(params),
             DTYPE=TRITON_DTYPES[dtype], ACC_DTYPE=TRITON_DTYPES[accumulation_dtype(dtype)], ALIGNED=aligned,
             BLOCK=ELEMENTWISE_BLOCK, num_warps=elementwise_warps(dtype), **meta,
         )
@@ -322,20 +417,24 @@ def multi_tensor_launch(kernel, roles, per_tensor_scalars, group_scalars, scalar
 def sgd_step(params, grads, momentum_buffers, new_buffer, *, lr, weight_decay, momentum, dampening, nesterov,
              maximize):
     """SGD on lists of same-device, same-dtype tensors, in one launch.
-    ``new_buffer[i]`` is True where momentum_buffers[i] is uninitialised this step."""
+    ``new_buffer[i]`` is True where momentum_buffers[i] is uninitialised this
+    step; ``momentum_buffers`` is None without momentum."""
     multi_tensor_launch(
-        sgd_kernel, [params, grads, momentum_buffers], [[float(new) for new in new_buffer]],
-        [lr, weight_decay, momentum, 1 - dampening],
+        sgd_kernel, SGDTensors(params, grads, momentum_buffers),
+        SGDScalars(lr=lr, weight_decay=weight_decay, momentum=momentum, one_minus_dampening=1 - dampening),
+        SGDRows(new_buffer=[float(new) for new in new_buffer]),
         WEIGHT_DECAY=weight_decay != 0, MOMENTUM=momentum != 0, NESTEROV=nesterov, MAXIMIZE=maximize,
     )
 
 
 def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha, eps, weight_decay, momentum,
                  centered, maximize):
-    """RMSprop on lists of same-device, same-dtype tensors, in one launch."""
+    """RMSprop on lists of same-device, same-dtype tensors, in one launch;
+    ``grad_avgs`` is None unless centered, ``momentum_buffers`` without momentum."""
     multi_tensor_launch(
-        rmsprop_kernel, [params, grads, square_avgs, grad_avgs, momentum_buffers], [],
-        [lr, alpha, 1 - alpha, eps, weight_decay, momentum],
+        rmsprop_kernel, RMSpropTensors(params, grads, square_avgs, grad_avgs, momentum_buffers),
+        RMSpropScalars(lr=lr, alpha=alpha, one_minus_alpha=1 - alpha, eps=eps, weight_decay=weight_decay,
+                       momentum=momentum),
         WEIGHT_DECAY=weight_decay != 0, MOMENTUM=momentum > 0, CENTERED=centered, MAXIMIZE=maximize,
     )
 
@@ -345,17 +444,19 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
     """Adam (AdamW with ``decoupled_weight_decay``) on lists of same-device,
     same-dtype tensors, in one launch. ``steps[i]``: tensor i's step count t,
     already advanced: a float, whose bias corrections are computed here in
-    float64; or, with ``capturable``, its step tensor, read by the kernel."""
-    group = [1 - lr * weight_decay, weight_decay, 1 - beta1, beta2, 1 - beta2, eps]
+    float64; or, with ``capturable``, its step tensor, read by the kernel.
+    ``max_exp_avg_sqs`` is None without amsgrad."""
+    log2_beta1, log2_beta2 = (math.log2(beta) if beta > 0 else -math.inf for beta in (beta1, beta2))
+    scalars = AdamScalars(decay_factor=1 - lr * weight_decay, weight_decay=weight_decay, one_minus_beta1=1 - beta1,
+                          beta2=beta2, one_minus_beta2=1 - beta2, eps=eps, lr=lr, log2_beta1=log2_beta1,
+                          log2_beta2=log2_beta2)
     flags = dict(WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad,
                  MAXIMIZE=maximize, CAPTURABLE=capturable)
-    roles = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
     if capturable:
-        log2_betas = [math.log2(beta) if beta > 0 else -math.inf for beta in (beta1, beta2)]
-        multi_tensor_launch(adam_kernel, roles, [], group + [lr, *log2_betas], scalar_roles=[steps],
-                            STEP_DTYPE=TRITON_DTYPES[steps[0].dtype] if steps else tl.float32, **flags)
+        multi_tensor_launch(adam_kernel, AdamTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps),
+                            scalars, STEP_DTYPE=TRITON_DTYPES[steps[0].dtype] if steps else tl.float32, **flags)
         return
-    step_sizes = [lr / (1 - beta1**step) for step in steps]
-    bias_corrections2_sqrt = [(1 - beta2**step) ** 0.5 for step in steps]
-    multi_tensor_launch(adam_kernel, roles, [step_sizes, bias_corrections2_sqrt], group, STEP_DTYPE=tl.float32,
-                        **flags)
+    rows = AdamRows(step_sizes=[lr / (1 - beta1**step) for step in steps],
+                    bias_corrections2_sqrt=[(1 - beta2**step) ** 0.5 for step in steps])
+    multi_tensor_launch(adam_kernel, AdamTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, None),
+                        scalars, rows, STEP_DTYPE=tl.float32, **flags)

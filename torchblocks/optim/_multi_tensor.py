@@ -15,8 +15,6 @@ shards of parameter, gradient and state with no communication. That holds
 for ``Shard`` and ``Replicate`` placements; any other placement raises.
 """
 
-from typing import Optional
-
 import torch
 
 if not torch.distributed.is_available():  # a torch built without distributed has no DTensors to meet
@@ -142,7 +140,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
 
     ``_update(group, params)`` gets the parameters of one group that share a
     device and dtype and have a gradient, creates any missing state, and
-    calls ``self._apply(reference, triton_name, roles, per_tensor, **options)``.
+    calls ``self._apply(reference, launcher, tensors, per_tensor, **options)``.
     """
 
     @torch.no_grad()
@@ -204,23 +202,26 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         return torch.stack([s.to("cpu") for s in steps]).tolist()
 
     @staticmethod
-    def _apply(reference, triton_name: Optional[str], roles, per_tensor, **options) -> None:
-        """Run the update on ``roles`` (lists of tensors: params, grads, state;
-        an empty list for a state the options leave unused) and the
-        ``per_tensor`` lists (floats, or capturable step tensors), with
-        ``torchblocks.kernels.optim.<triton_name>`` in one launch, or with the
-        reference in cache-sized batches (always, when ``triton_name`` is
-        None). DTensors are replaced by their local shards first."""
-        roles = [[_local(tensor) for tensor in role] for role in roles]
-        params = roles[0]
+    def _apply(reference, launcher, tensors: dict, per_tensor: dict, **options) -> None:
+        """Run the update on ``tensors`` (by argument name: lists of tensors
+        laid out like the parameters, ``params`` first, or None for a state
+        the options leave unused) and ``per_tensor`` (by argument name: one
+        value per parameter, a float or a capturable step tensor) with the
+        Triton ``launcher`` in one launch, or with ``reference`` in
+        cache-sized batches (always, when ``launcher`` is None). The two take
+        the same arguments. DTensors are replaced by their local shards first."""
+        tensors = {name: None if role is None else [_local(tensor) for tensor in role]
+                   for name, role in tensors.items()}
+        params = tensors["params"]
         indices = range(len(params))
-        if triton_name is not None and backend.use_triton(params[0]):
-            flat = [i for i in indices if kernels._launch.shares_flat_layout(*(role[i] for role in roles if role))]
-            _call(getattr(kernels.optim, triton_name), flat, roles, per_tensor, options)
+        if launcher is not None and backend.use_triton(params[0]):
+            roles = [role for role in tensors.values() if role is not None]
+            flat = [i for i in indices if kernels._launch.shares_flat_layout(*(role[i] for role in roles))]
+            _call(launcher, flat, tensors, per_tensor, options)
             flat_set = set(flat)
             indices = [i for i in indices if i not in flat_set]
         for batch in _cache_sized_batches(params, indices):
-            _call(reference, batch, roles, per_tensor, options)
+            _call(reference, batch, tensors, per_tensor, options)
 
 
 # Elements per reference batch: each foreach op sweeps its whole list, so a
@@ -245,8 +246,8 @@ def _cache_sized_batches(params, indices):
         yield batch
 
 
-def _call(update, indices, roles, per_tensor, options) -> None:
-    """``update`` on the tensors at ``indices`` of every role and per-tensor row."""
+def _call(update, indices, tensors, per_tensor, options) -> None:
+    """``update`` on the entries at ``indices`` of every list of ``tensors`` and ``per_tensor``."""
     if indices:
-        update(*([role[i] for i in indices] if role else [] for role in roles),
-               *([row[i] for i in indices] for row in per_tensor), **options)
+        update(**{name: None if values is None else [values[i] for i in indices]
+                  for name, values in {**tensors, **per_tensor}.items()}, **options)

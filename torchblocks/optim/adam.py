@@ -3,6 +3,7 @@ with decoupled weight decay: one update rule, one flag."""
 
 import torch
 
+from torchblocks._ops._dispatch import kernels
 from torchblocks.optim._multi_tensor import (
     MultiTensorOptimizer,
     check_beta_range,
@@ -86,15 +87,15 @@ class Adam(MultiTensorOptimizer):
             lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
         states = [self.state[p] for p in params]
         self._apply(
-            adam_reference, None if on_device else "adam_step",
-            [params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-             [s["max_exp_avg_sq"] for s in states] if amsgrad else []],
-            [steps],
+            adam_reference, None if on_device else kernels.optim.adam_step,
+            dict(params=params, grads=[p.grad for p in params], exp_avgs=[s["exp_avg"] for s in states],
+                 exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+                 max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else None),
+            dict(steps=steps),
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad, maximize=group["maximize"],
             capturable=capturable,
         )
-
 
 class AdamW(Adam):
     r"""AdamW, a drop-in for ``torch.optim.AdamW``: Adam (its docstring has the

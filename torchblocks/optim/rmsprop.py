@@ -2,6 +2,7 @@
 
 import torch
 
+from torchblocks._ops._dispatch import kernels
 from torchblocks.optim._multi_tensor import (
     MultiTensorOptimizer,
     check_capturable_devices,
@@ -78,11 +79,11 @@ class RMSprop(MultiTensorOptimizer):
         device_lr = capturable and isinstance(lr, torch.Tensor)  # read on the device, not with float()
         states = [self.state[p] for p in params]
         self._apply(
-            rmsprop_reference, None if device_lr else "rmsprop_step",
-            [params, [p.grad for p in params], [s["square_avg"] for s in states],
-             [s["grad_avg"] for s in states] if centered else [],
-             [s["momentum_buffer"] for s in states] if momentum > 0 else []],
-            [],
+            rmsprop_reference, None if device_lr else kernels.optim.rmsprop_step,
+            dict(params=params, grads=[p.grad for p in params], square_avgs=[s["square_avg"] for s in states],
+                 grad_avgs=[s["grad_avg"] for s in states] if centered else None,
+                 momentum_buffers=[s["momentum_buffer"] for s in states] if momentum > 0 else None),
+            {},
             lr=lr if device_lr else float(lr), alpha=group["alpha"], eps=group["eps"],
             weight_decay=group["weight_decay"], momentum=momentum, centered=centered, maximize=group["maximize"],
         )

@@ -2,6 +2,7 @@
 
 import torch
 
+from torchblocks._ops._dispatch import kernels
 from torchblocks.optim._multi_tensor import (
     MultiTensorOptimizer,
     check_fused_flags,
@@ -60,8 +61,9 @@ class SGD(MultiTensorOptimizer):
 
     def _update(self, group, params):
         new_buffer = [False] * len(params)
-        buffers = []
+        buffers = None
         if group["momentum"] != 0:
+            buffers = []
             for i, param in enumerate(params):
                 state = self.state[param]
                 if state.get("momentum_buffer") is None:
@@ -69,7 +71,8 @@ class SGD(MultiTensorOptimizer):
                     new_buffer[i] = True
                 buffers.append(state["momentum_buffer"])
         self._apply(
-            sgd_reference, "sgd_step", [params, [p.grad for p in params], buffers], [new_buffer],
+            sgd_reference, kernels.optim.sgd_step,
+            dict(params=params, grads=[p.grad for p in params], momentum_buffers=buffers), dict(new_buffer=new_buffer),
             lr=float(group["lr"]), weight_decay=group["weight_decay"], momentum=group["momentum"],
             dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
         )
