@@ -261,13 +261,14 @@ def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing,
     return loss, lse, row_weight
 
 
-def cross_entropy_backward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
+def cross_entropy_backward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing, out=None):
     """dL/dx (R, C) from the saved ``logits``, ``lse`` (R,) and the per-row
     ``row_scale`` (R,) = dL/dloss_i. Every argument is read through its
     strides (the one scale of a reduced loss arrives expanded, stride 0, and
-    is read so, not copied); the gradient is a new contiguous tensor."""
+    is read so, not copied); the gradient is written into ``out`` (R, C) (it
+    may be ``logits`` itself) or a new contiguous tensor, and returned."""
     rows, classes = logits.shape
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    grad = out if out is not None else torch.empty_like(logits, memory_format=torch.contiguous_format)
     if rows == 0:
         return grad
     meta = launch_meta(classes, logits.dtype)

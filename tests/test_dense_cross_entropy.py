@@ -103,6 +103,31 @@ def test_backward_scales_the_forward_gradients_in_place(target):
     assert_close(w.grad, native_w.grad)
 
 
+def test_none_backward_starts_from_the_saved_lse(target, monkeypatch):
+    """reduction="none": the forward keeps lse_i; the backward recomputes each
+    chunk's logits and takes the gradient from them, lse_i and its s_i
+    (backward_rows), without running the forward's softmax pass again."""
+    from torchblocks._ops import dense_cross_entropy as head
+
+    calls = []
+    for name in ("forward_rows", "backward_rows"):
+        counted = getattr(head, name)
+        monkeypatch.setattr(head, name, lambda *a, _name=name, _body=counted, **k: calls.append(_name) or _body(*a, **k))
+    x = randn(64, 32, device=target.device).requires_grad_()
+    w = randn(50, 32, device=target.device, seed=2).requires_grad_()
+    y = labels((64,), 50, target.device)
+    loss = torchblocks.functional.dense_cross_entropy(x, w, y, reduction="none", chunk_rows=16)
+    assert calls == ["forward_rows"] * 4
+    calls.clear()
+    row_scale = randn(64, device=target.device, seed=4)
+    loss.backward(row_scale)
+    assert calls == ["backward_rows"] * 4
+    native_x, native_w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    unfused(native_x, native_w, None, y, reduction="none").backward(row_scale)
+    assert_close(x.grad, native_x.grad)
+    assert_close(w.grad, native_w.grad)
+
+
 def test_leading_dimensions_and_ignore_index(target):
     x = randn(3, 5, 8, device=target.device)
     check_against_unfused(x, randn(11, 8, device=target.device, seed=2), randn(11, device=target.device, seed=3),

@@ -130,6 +130,13 @@ def forward_rows(logits, target, weight, ignore_index, label_smoothing, write_gr
     return forward(logits, target, weight, ignore_index, label_smoothing, grad=logits if write_grad else None)
 
 
+def backward_rows(logits, target, weight, lse, row_scale, ignore_index, label_smoothing, out=None):
+    """The backward op's body: dL/dx given lse_i and s_i = ``row_scale``,
+    written into ``out`` (it may be ``logits``) where its dtype allows."""
+    backward = pick(logits, kernels.cross_entropy.cross_entropy_backward, _reference_gradient)
+    return backward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing, out=out)
+
+
 @custom_op("torchblocks::cross_entropy_forward", mutates_args=())
 def cross_entropy_forward(
     logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
@@ -163,8 +170,7 @@ def cross_entropy_backward(
     row_scale: torch.Tensor, ignore_index: int, label_smoothing: float,
 ) -> torch.Tensor:
     """dL/dx (R, C) given s_i = ``row_scale``."""
-    backward = pick(logits, kernels.cross_entropy.cross_entropy_backward, _reference_gradient)
-    return backward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing)
+    return backward_rows(logits, target, weight, lse, row_scale, ignore_index, label_smoothing)
 
 
 @cross_entropy_backward.register_fake

@@ -2,18 +2,23 @@
 indices y, computed over chunks of rows so the (R, C) logits z are never all
 in memory at once.
 
-Per chunk of rows, with g = dloss_i/dz from the cross-entropy kernel (written
-over the chunk's logits) scaled by s_i = dL/dloss_i:
+Per chunk of rows, with g = s_i * dloss_i/dz (s_i = dL/dloss_i) written over
+the chunk's logits by the cross-entropy kernels:
     dL/dx = g @ W,    dL/dW += g^T @ x,    dL/db += sum over rows of g
 dL/dx is written straight into the chunk's rows; dL/dW and dL/db are summed
-in float32 (float64) by the GEMM's epilogue. For "mean" and "sum" every s_i
-is one scalar, so the forward computes the gradients with s_i = 1 and the
-backward only scales them, in place; for "none" the backward recomputes them
-with its per-row s_i. A backward that is itself differentiated recomputes
-them through the differentiable blocks instead.
+in float32 (float64) by the GEMM's epilogue. Three ops:
+    dense_cross_entropy_forward                 loss_i, lse_i, w_y
+    dense_cross_entropy_gradients               the gradients, given lse_i and s_i
+    dense_cross_entropy_forward_and_gradients   loss_i, w_y and the gradients at
+                                                s_i = 1, from one GEMM per chunk
+For "mean" and "sum" every s_i is one scalar, so the forward computes the
+gradients at s_i = 1 and the backward only scales them, in place; for "none"
+the forward saves lse_i and the backward computes them with its s_i. A
+backward that is itself differentiated recomputes them through the
+differentiable blocks instead.
 """
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -23,6 +28,7 @@ from torchblocks._ops._vmap import by_loop
 from torchblocks._ops.cross_entropy import (
     CrossEntropyBackwardFunction,
     _log_sum_exp,
+    backward_rows,
     forward_rows,
     reduce_rows,
 )
@@ -40,96 +46,160 @@ def default_chunk_rows(rows: int, in_features: int, classes: int) -> int:
     return max(1, min(rows, max(MIN_CHUNK_ROWS, -(-rows * max(in_features, 1) // max(classes, 1)))))
 
 
-@custom_op("torchblocks::dense_cross_entropy", mutates_args=())
-def dense_cross_entropy(
+def _chunks(rows: int, chunk_rows: int):
+    return (slice(start, start + chunk_rows) for start in range(0, rows, chunk_rows))
+
+
+def _logits(input, weight, bias, chunk):
+    """z for one chunk of rows, a new (chunk, C) tensor: the op's body, not the op."""
+    return call(torch.ops.torchblocks.dense, input[chunk], weight, bias, False)
+
+
+class _Gradients:
+    """dL/dx, and dL/dW and dL/db in float32 (float64) accumulators: the first
+    chunk writes them, the others add in the GEMM's epilogue, so no chunk's
+    dW or db is rounded to a 16-bit dtype."""
+
+    def __init__(self, input, weight, bias):
+        acc = accumulation_dtype(input.dtype)
+        self.weight = weight
+        self.input = torch.empty_like(input)
+        self.weight_sum = torch.empty(weight.shape, dtype=acc, device=weight.device)
+        self.bias_sum = torch.empty(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
+        if input.shape[0] == 0:
+            self.weight_sum.zero_()
+            if self.bias_sum is not None:
+                self.bias_sum.zero_()
+
+    def add(self, grad_logits, input, chunk) -> None:
+        """The chunk's share, from its g = ``grad_logits``."""
+        matmul_into(grad_logits, self.weight, self.input[chunk])
+        matmul_into(grad_logits.t(), input[chunk], self.weight_sum, accumulate=chunk.start > 0,
+                    row_sums=self.bias_sum)
+
+    def result(self) -> List[torch.Tensor]:
+        """[dL/dx, dL/dW] and dL/db with a bias, in the parameters' dtype."""
+        sums = [self.weight_sum] + ([self.bias_sum] if self.bias_sum is not None else [])
+        return [self.input] + [total.to(self.weight.dtype) for total in sums]
+
+
+def _fake_gradients(input, weight, bias) -> List[torch.Tensor]:
+    return [torch.empty_like(input), torch.empty_like(weight)] + (
+        [weight.new_empty(weight.shape[0])] if bias is not None else [])
+
+
+@custom_op("torchblocks::dense_cross_entropy_forward", mutates_args=())
+def dense_cross_entropy_forward(
     input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
-    ignore_index: int, label_smoothing: float, chunk_rows: int, row_scale: Optional[torch.Tensor],
-    compute_grads: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss_i, w_y, dL/dx, dL/dW, dL/db); the three gradients are empty
-    unless ``compute_grads``, dL/db also without ``bias``. s_i = ``row_scale``,
-    or 1 when None."""
+    ignore_index: int, label_smoothing: float, chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_i, lse_i, w_y or 0 where ignored), each (R,) in the accumulation dtype."""
     require_class_indices("dense_cross_entropy", target, weight.shape[0], ignore_index)
-    ops = torch.ops.torchblocks
-    rows = input.shape[0]
-    acc = accumulation_dtype(input.dtype)
-    loss = input.new_empty(rows, dtype=acc)
-    row_weight = input.new_empty(rows, dtype=acc)
-    grad_input = torch.empty_like(input) if compute_grads else input.new_empty(0)
-    # float32 (float64) accumulators: the first chunk writes them, the others add
-    # in the GEMM's epilogue, so no chunk's dW or db is rounded to a 16-bit dtype
-    grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device) if compute_grads else None
-    grad_bias = torch.empty(weight.shape[0], dtype=acc, device=weight.device) if compute_grads and bias is not None else None
-    if compute_grads and rows == 0:
-        grad_weight.zero_()
-        if grad_bias is not None:
-            grad_bias.zero_()
-    for start in range(0, rows, chunk_rows):
-        chunk = slice(start, start + chunk_rows)
-        x, y = input[chunk], target[chunk]
-        logits = call(ops.dense, x, weight, bias, False)
+    loss, lse, row_weight = (input.new_empty(input.shape[0], dtype=accumulation_dtype(input.dtype))
+                             for _ in range(3))
+    for chunk in _chunks(input.shape[0], chunk_rows):
+        logits = _logits(input, weight, bias, chunk)
         # targets were checked once above: the unchecked body, not the ops
-        loss[chunk], _, row_weight[chunk] = forward_rows(logits, y, None, ignore_index, label_smoothing, compute_grads)
-        if compute_grads:  # forward_rows wrote dL/dlogits over the logits
-            if row_scale is not None:
-                logits.mul_(row_scale[chunk, None].to(logits.dtype))
-            matmul_into(logits, weight, grad_input[chunk])
-            matmul_into(logits.t(), x, grad_weight, accumulate=start > 0, row_sums=grad_bias)
+        loss[chunk], lse[chunk], row_weight[chunk] = forward_rows(
+            logits, target[chunk], None, ignore_index, label_smoothing, write_grad=False)
         del logits  # before the next chunk's are allocated: one chunk alive at a time
-    return (
-        loss, row_weight, grad_input,
-        grad_weight.to(weight.dtype) if grad_weight is not None else weight.new_empty(0),
-        grad_bias.to(weight.dtype) if grad_bias is not None else weight.new_empty(0),
-    )
+    return loss, lse, row_weight
 
 
-@dense_cross_entropy.register_fake
-def _(input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, row_scale, compute_grads):
+@dense_cross_entropy_forward.register_fake
+def _(input, weight, bias, target, ignore_index, label_smoothing, chunk_rows):
+    return tuple(input.new_empty(input.shape[0], dtype=accumulation_dtype(input.dtype)) for _ in range(3))
+
+
+@custom_op("torchblocks::dense_cross_entropy_gradients", mutates_args=())
+def dense_cross_entropy_gradients(
+    input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
+    lse: torch.Tensor, row_scale: torch.Tensor, ignore_index: int, label_smoothing: float, chunk_rows: int,
+) -> List[torch.Tensor]:
+    """[dL/dx, dL/dW] and dL/db with a bias, given the forward's lse_i and
+    s_i = ``row_scale`` (R,), each chunk's logits recomputed."""
+    gradients = _Gradients(input, weight, bias)
+    for chunk in _chunks(input.shape[0], chunk_rows):
+        logits = _logits(input, weight, bias, chunk)
+        grad_logits = backward_rows(logits, target[chunk], None, lse[chunk], row_scale[chunk], ignore_index,
+                                    label_smoothing, out=logits)
+        gradients.add(grad_logits, input, chunk)
+        del logits, grad_logits
+    return gradients.result()
+
+
+@dense_cross_entropy_gradients.register_fake
+def _(input, weight, bias, target, lse, row_scale, ignore_index, label_smoothing, chunk_rows):
+    return _fake_gradients(input, weight, bias)
+
+
+@custom_op("torchblocks::dense_cross_entropy_forward_and_gradients", mutates_args=())
+def dense_cross_entropy_forward_and_gradients(
+    input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
+    ignore_index: int, label_smoothing: float, chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    """(loss_i, w_y or 0 where ignored, the gradients at s_i = 1: [dL/dx,
+    dL/dW] and dL/db with a bias), from one GEMM for each chunk's logits."""
+    require_class_indices("dense_cross_entropy", target, weight.shape[0], ignore_index)
+    loss, row_weight = (input.new_empty(input.shape[0], dtype=accumulation_dtype(input.dtype)) for _ in range(2))
+    gradients = _Gradients(input, weight, bias)
+    for chunk in _chunks(input.shape[0], chunk_rows):
+        logits = _logits(input, weight, bias, chunk)
+        # forward_rows writes dloss_i/dz over the logits
+        loss[chunk], _, row_weight[chunk] = forward_rows(
+            logits, target[chunk], None, ignore_index, label_smoothing, write_grad=True)
+        gradients.add(logits, input, chunk)
+        del logits
+    return loss, row_weight, gradients.result()
+
+
+@dense_cross_entropy_forward_and_gradients.register_fake
+def _(input, weight, bias, target, ignore_index, label_smoothing, chunk_rows):
     acc = accumulation_dtype(input.dtype)
     rows = input.shape[0]
-    return (
-        input.new_empty(rows, dtype=acc), input.new_empty(rows, dtype=acc),
-        torch.empty_like(input) if compute_grads else input.new_empty(0),
-        torch.empty_like(weight) if compute_grads else weight.new_empty(0),
-        weight.new_empty(weight.shape[0]) if compute_grads and bias is not None else weight.new_empty(0),
-    )
+    return input.new_empty(rows, dtype=acc), input.new_empty(rows, dtype=acc), _fake_gradients(input, weight, bias)
 
 
 class DenseCrossEntropyFunction(Function):
-    """The fused head, reduced. Outputs ``(loss, divisor, dL/dx, dL/dW, dL/db)``,
-    the last four not differentiable. With ``grads_now`` ("mean" and "sum"
-    only) the forward computes the gradients at s_i = 1 and the backward
-    scales them. Those are constants: when the backward itself is
-    differentiated (``create_graph=True``, ``torch.func``) it recomputes them
-    chunk by chunk through the differentiable blocks instead."""
+    """The fused head, reduced. Outputs ``(loss, divisor, *held)``, all but the
+    loss not differentiable: with ``grads_now`` ("mean" and "sum" only) the
+    forward computes the gradients at s_i = 1 (held: dL/dx, dL/dW and dL/db
+    with a bias) and the backward scales them; otherwise it holds lse_i and
+    the backward computes the gradients with its s_i. Those are constants:
+    when the backward itself is differentiated (``create_graph=True``,
+    ``torch.func``) it recomputes them chunk by chunk through the
+    differentiable blocks instead."""
 
     @staticmethod
     def forward(input, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_rows, grads_now):
-        loss, row_weight, grad_input, grad_weight, grad_bias = call(
-            torch.ops.torchblocks.dense_cross_entropy,
-            input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, None, grads_now,
-        )
+        ops = torch.ops.torchblocks
+        if grads_now:
+            loss, row_weight, held = call(ops.dense_cross_entropy_forward_and_gradients,
+                                          input, weight, bias, target, ignore_index, label_smoothing, chunk_rows)
+        else:
+            loss, lse, row_weight = call(ops.dense_cross_entropy_forward,
+                                         input, weight, bias, target, ignore_index, label_smoothing, chunk_rows)
+            held = [lse]
         divisor = row_weight.sum()
-        return reduce_rows(loss, divisor, reduction, input.dtype), divisor, grad_input, grad_weight, grad_bias
+        return (reduce_rows(loss, divisor, reduction, input.dtype), divisor, *held)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_rows, grads_now = inputs
-        _, divisor, grad_input, grad_weight, grad_bias = output
+        _, divisor, *held = output
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs
         ctx.options = (ignore_index, reduction, label_smoothing, chunk_rows, grads_now)
-        ctx.save_for_backward(input, weight, bias, target, divisor)
+        ctx.save_for_backward(input, weight, bias, target, divisor, None if grads_now else held[0])
         # held, not saved: the first backward scales them in place and lets them go
-        ctx.gradients = (grad_input, grad_weight, grad_bias) if grads_now else None
+        ctx.gradients = held if grads_now else None
 
     @staticmethod
     def backward(ctx, grad_output, *_):
         if grad_output is None:
             return (None,) * 9
-        input, weight, bias, target, divisor = ctx.saved_tensors
+        input, weight, bias, target, divisor, lse = ctx.saved_tensors
         ignore_index, reduction, label_smoothing, chunk_rows, grads_now = ctx.options
-        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if reduction == "none":
             row_scale = grad_output
         else:
@@ -137,24 +207,22 @@ class DenseCrossEntropyFunction(Function):
             # row is 0 and stays 0, as in native (not 0 * inf)
             scale = grad_output / divisor.clamp(min=1) if reduction == "mean" else grad_output
             row_scale = scale.expand(input.shape[0])
+        options = (ignore_index, label_smoothing, chunk_rows)
         if torch.is_grad_enabled():
-            grad_input, grad_weight, grad_bias = differentiable_gradients(
-                input, weight, bias, target, row_scale, ignore_index, label_smoothing, chunk_rows)
+            gradients = differentiable_gradients(input, weight, bias, target, row_scale, *options)
         elif grads_now:
-            if ctx.gradients is not None:
-                grad_input, grad_weight, grad_bias = ctx.gradients
-                ctx.gradients = None
-            else:  # a retained graph's second backward: the very same gradients, recomputed
-                _, _, grad_input, grad_weight, grad_bias = call(
-                    torch.ops.torchblocks.dense_cross_entropy,
-                    input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, None, True)
-            for grad in (grad_input, grad_weight, grad_bias):
+            gradients, ctx.gradients = ctx.gradients, None
+            if gradients is None:  # a retained graph's second backward: the very same gradients, recomputed
+                gradients = call(torch.ops.torchblocks.dense_cross_entropy_forward_and_gradients,
+                                 input, weight, bias, target, *options)[2]
+            for grad in gradients:
                 grad.mul_(scale)
         else:
-            _, _, grad_input, grad_weight, grad_bias = call(
-                torch.ops.torchblocks.dense_cross_entropy,
-                input, weight, bias, target, ignore_index, label_smoothing, chunk_rows, row_scale, True,
-            )
+            gradients = call(torch.ops.torchblocks.dense_cross_entropy_gradients,
+                             input, weight, bias, target, lse, row_scale, *options)
+        grad_input, grad_weight, *grad_bias = gradients
+        grad_bias = grad_bias[0] if grad_bias else None
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         return (
             grad_input if needs_input else None, grad_weight if needs_weight else None,
             grad_bias if needs_bias else None, None, None, None, None, None, None,
@@ -166,14 +234,13 @@ class DenseCrossEntropyFunction(Function):
 
 
 def differentiable_gradients(input, weight, bias, target, row_scale, ignore_index, label_smoothing, chunk_rows):
-    """(dL/dx, dL/dW, dL/db) given s_i = ``row_scale``, chunk by chunk through
+    """[dL/dx, dL/dW] and dL/db with a bias, given s_i = ``row_scale``, chunk by chunk through
     the differentiable blocks (Dense, the cross-entropy gradient, the GEMMs),
     so that they can be differentiated again."""
     grad_inputs = []
     grad_weight = torch.zeros_like(weight)
     grad_bias = torch.zeros_like(weight[:, 0]) if bias is not None else None
-    for start in range(0, input.shape[0], chunk_rows):
-        chunk = slice(start, start + chunk_rows)
+    for chunk in _chunks(input.shape[0], chunk_rows):
         x, y = input[chunk], target[chunk]
         logits = DenseFunction.apply(x, weight, bias, False)
         lse = _log_sum_exp(logits.detach().to(accumulation_dtype(logits.dtype)))
@@ -184,4 +251,4 @@ def differentiable_gradients(input, weight, bias, target, row_scale, ignore_inde
         if bias is not None:
             grad_bias = grad_bias + grad_logits.sum(dim=0)
     grad_input = torch.cat(grad_inputs) if grad_inputs else torch.zeros_like(input)
-    return grad_input, grad_weight, grad_bias
+    return [grad_input, grad_weight] + ([grad_bias] if bias is not None else [])
