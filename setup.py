@@ -13,7 +13,7 @@ setup(
     packages=find_packages(include=["torchblocks", "torchblocks.*"]) + ["torchblocks.kernels"],
     package_dir={"torchblocks.kernels": "kernels"},
     # The embedded stand-in for MNIST: four small gzipped IDX files.
-    package_data={"torchblocks.data": ["digits/*.gz", "digits/README.md"]},
+    package_data={"torchblocks.cli.data": ["digits/*.gz", "digits/README.md"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

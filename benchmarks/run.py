@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from torchblocks.bench.harness import results_folder_name
+from torchblocks.cli.bench.harness import results_folder_name
 from torchblocks.cli import main
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

@@ -22,7 +22,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import torchblocks
-from torchblocks import book
+from torchblocks.cli import book
 
 
 def main(argv=None):
@@ -45,10 +45,10 @@ def main(argv=None):
     try:
         # Rank 0 downloads (when it must) before the others read the cache.
         if rank == 0:
-            data = torchblocks.data.load_mnist(args.data_dir, download_missing=args.download)
+            data = torchblocks.cli.data.load_mnist(args.data_dir, download_missing=args.download)
         dist.barrier()
         if rank != 0:
-            data = torchblocks.data.load_mnist(args.data_dir, download_missing=False)
+            data = torchblocks.cli.data.load_mnist(args.data_dir, download_missing=False)
         images, labels = data.train_images[:args.limit].to(device), data.train_labels[:args.limit].to(device)
         if rank == 0:
             print(f"data: {data.describe()}; {len(labels):,} training images, {world} ranks, "

@@ -114,7 +114,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    data = torchblocks.data.load_mnist(args.data_dir, download_missing=args.download)
+    data = torchblocks.cli.data.load_mnist(args.data_dir, download_missing=args.download)
     if data.note:
         print(f"note: {data.note}")
     train_images, train_labels = data.train_images[:args.limit], data.train_labels[:args.limit]

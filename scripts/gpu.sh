@@ -72,7 +72,7 @@ folder_name() {
     if [ -n "${GPU_NAME:-}" ]; then
         echo "$GPU_NAME" | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\{1,\}/-/g; s/^-//; s/-$//'
     else
-        "$PYTHON" -c 'from torchblocks.bench.harness import results_folder_name; print(results_folder_name("cuda"))'
+        "$PYTHON" -c 'from torchblocks.cli.bench.harness import results_folder_name; print(results_folder_name("cuda"))'
     fi
 }
 
@@ -106,7 +106,7 @@ PY
 environment() {
     "$PYTHON" - "$ROOT" <<'PY'
 import subprocess, sys
-from torchblocks.bench.harness import environment
+from torchblocks.cli.bench.harness import environment
 info = environment("cuda")
 commit = subprocess.run(["git", "-C", sys.argv[1], "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
 info["commit"] = commit.stdout.strip() or "-"

@@ -280,7 +280,7 @@ def compile_all(archs=(90, 80), workers=None) -> list:
 
 def format_rows(rows) -> str:
     """The rows as an aligned table."""
-    from torchblocks import _table
+    from torchblocks.cli import _table
 
     header = ("arch", "kernel", "dtype", "config", "shared KB", "registers", "spills", "tensor cores", "128-bit")
     body = [(f"sm_{r['arch']}", r["name"], r["dtype"], r["config"] or "-",

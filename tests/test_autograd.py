@@ -3,86 +3,16 @@
 jacrev, functional_call), torch.export. On every target: the Triton kernels
 (under the interpreter without a GPU) run inside each of these too."""
 
-import dataclasses
-from typing import Callable
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, vmap
 
 import torchblocks
+from torchblocks.cli.cases import AUTOGRAD_CASES as CASES, LABELS, randn
 from torchblocks.testing import assert_close, assert_parity
 
 tb = torchblocks.functional
-
-
-def randn(*shape, device="cpu", seed=0, away_from_zero=False):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return (x + 0.2 * x.sign() if away_from_zero else x).to(device)
-
-
-@dataclasses.dataclass
-class Case:
-    ours: Callable
-    native: Callable
-    inputs: Callable  # device -> the differentiable inputs, float64
-
-    def make(self, device):
-        return [t.requires_grad_() for t in self.inputs(device)]
-
-
-LABELS = torch.tensor([0, 3, -100, 1, 3])
-CLASS_WEIGHT = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64)
-
-
-def _index_case(**options):
-    def ours(x):
-        return tb.softmax_cross_entropy(x, LABELS.to(x.device), CLASS_WEIGHT.to(x.device), **options)
-
-    def native(x):
-        return F.cross_entropy(x, LABELS.to(x.device), CLASS_WEIGHT.to(x.device), **options)
-
-    return Case(ours, native, lambda device: [randn(5, 4, device=device, seed=1)])
-
-
-def _probability_case(**options):
-    return Case(lambda x, t, w: tb.softmax_cross_entropy(x, t, w, **options),
-                lambda x, t, w: F.cross_entropy(x, t, w, **options),
-                lambda device: [randn(5, 4, device=device, seed=1), randn(5, 4, device=device, seed=2).softmax(dim=1),
-                                CLASS_WEIGHT.to(device, copy=True)])
-
-
-def _dense_cross_entropy_case(**options):
-    def native(x, w, b):
-        return F.cross_entropy(F.linear(x, w, b), LABELS.to(x.device), **options)
-
-    return Case(lambda x, w, b: tb.dense_cross_entropy(x, w, LABELS.to(x.device), b, chunk_rows=2, **options), native,
-                lambda device: [randn(5, 3, device=device), randn(4, 3, device=device, seed=1),
-                                randn(4, device=device, seed=2)])
-
-
-CASES = {
-    "relu": Case(tb.relu, F.relu, lambda device: [randn(3, 4, device=device, away_from_zero=True)]),
-    "relu in place": Case(lambda x: tb.relu(x * 1, inplace=True), lambda x: F.relu(x * 1, inplace=True),
-                          lambda device: [randn(3, 4, device=device, away_from_zero=True)]),
-    "dense": Case(tb.dense, F.linear, lambda device: [randn(3, 5, device=device), randn(4, 5, device=device, seed=1),
-                                                      randn(4, device=device, seed=2)]),
-    "dense relu": Case(lambda x, w, b: tb.dense(x, w, b, activation="relu"),
-                       lambda x, w, b: F.relu(F.linear(x, w, b)),
-                       lambda device: [randn(3, 5, device=device), randn(4, 5, device=device, seed=1),
-                                       randn(4, device=device, seed=2)]),
-    "dense no bias, 3-D input": Case(tb.dense, F.linear, lambda device: [randn(2, 3, 5, device=device),
-                                                                         randn(4, 5, device=device, seed=1)]),
-    "cross_entropy indices mean": _index_case(label_smoothing=0.2),
-    "cross_entropy indices sum": _index_case(reduction="sum"),
-    "cross_entropy indices none": _index_case(reduction="none", label_smoothing=0.1),
-    "cross_entropy probabilities mean": _probability_case(label_smoothing=0.2),
-    "cross_entropy probabilities none": _probability_case(reduction="none"),
-    "dense_cross_entropy mean": _dense_cross_entropy_case(label_smoothing=0.1),
-    "dense_cross_entropy sum": _dense_cross_entropy_case(reduction="sum"),
-    "dense_cross_entropy none": _dense_cross_entropy_case(reduction="none", label_smoothing=0.1),
-}
 
 
 @pytest.mark.parametrize("name", CASES)

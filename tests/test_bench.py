@@ -13,8 +13,9 @@ import re
 import pytest
 import torch
 
-from torchblocks import bench, cli
-from torchblocks.bench import harness
+from torchblocks import cli
+from torchblocks.cli import bench
+from torchblocks.cli.bench import harness
 
 from conftest import NO_CUDA
 from helpers import read_png

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import torchblocks
-from torchblocks import book, cli
-from torchblocks.data import mnist
+from torchblocks import cli
+from torchblocks.cli import book
+from torchblocks.cli.data import mnist
 from torchblocks.testing import relative_error
 
 from conftest import NO_CUDA

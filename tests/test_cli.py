@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import torchblocks
-from torchblocks import check, cli
+from torchblocks import cli
+from torchblocks.cli import cases, check
 
 
 def test_check_passes_and_prints_a_table_with_progress(capsys, tmp_path):
@@ -30,9 +31,9 @@ def test_check_passes_and_prints_a_table_with_progress(capsys, tmp_path):
 def test_check_exits_1_on_a_failure(capsys, monkeypatch):
     def wrong_cases(device, dtype):
         x = torch.randn(4, dtype=dtype, device=device)
-        return [check.Case("off by one", lambda t: t + 1, lambda t: t, [x])]
+        return [cases.Case("off by one", lambda t: t + 1, lambda t: t, [x])]
 
-    monkeypatch.setattr(check, "BLOCKS", [check.BlockCheck("broken", wrong_cases)])
+    monkeypatch.setattr(check, "BLOCKS", [cases.BlockCheck("broken", wrong_cases)])
     monkeypatch.setattr(check, "OPTIMIZERS", [])
     assert cli.main(["check", "--device", "cpu", "--backend", "reference"]) == 1
     table = capsys.readouterr().out

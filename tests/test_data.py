@@ -1,4 +1,4 @@
-"""torchblocks.data: strict IDX and npz parsing, checksums, download, and the embedded fallback.
+"""torchblocks.cli.data: strict IDX and npz parsing, checksums, download, and the embedded fallback.
 
 Every file here is written by the test itself; the network is never touched
 (``urllib.request.urlopen`` is replaced wherever a download could start).
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from torchblocks import data
-from torchblocks._progress import ProgressBar
-from torchblocks.data import mnist
+from torchblocks.cli import data
+from torchblocks.cli._progress import ProgressBar
+from torchblocks.cli.data import mnist
 
 SPLITS = {"train": 10, "test": 4}
 

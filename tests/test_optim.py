@@ -1,6 +1,6 @@
 """torchblocks.optim against torch.optim: trajectories, state dicts, schedulers,
 param groups, GradScaler, and bad input. The option sets and the small model
-are the ones ``torchblocks check`` uses (torchblocks.check.OPTIMIZERS)."""
+are the ones ``torchblocks check`` uses (torchblocks.cli.cases.OPTIMIZERS)."""
 
 import copy
 
@@ -9,42 +9,43 @@ import torch
 
 import torchblocks
 import torchblocks.optim
-from torchblocks import check, testing
+from torchblocks import testing
+from torchblocks.cli import cases
 from torchblocks.testing import assert_close, tolerance
 
 CASES = [
     pytest.param(entry, options, id=f"{entry.name}-" + ",".join(f"{k}={v}" for k, v in options.items()))
-    for entry in check.OPTIMIZERS
+    for entry in cases.OPTIMIZERS
     for options in entry.option_sets
 ]
-ENTRIES = {entry.name: entry for entry in check.OPTIMIZERS}
+ENTRIES = {entry.name: entry for entry in cases.OPTIMIZERS}
 TRAJECTORY_DTYPES = [torch.float32, torch.float64]
 
 
 def _pair(entry, options, device="cpu", dtype=torch.float32):
     """(our model, our optimizer, native model, native optimizer), from one start."""
-    model = check.small_model(device, dtype)
+    model = cases.small_model(device, dtype)
     native_model = copy.deepcopy(model)
-    return (model, entry.ours(check.param_groups(model, options), **options),
-            native_model, entry.native(check.param_groups(native_model, options), **options))
+    return (model, entry.ours(cases.param_groups(model, options), **options),
+            native_model, entry.native(cases.param_groups(native_model, options), **options))
 
 
 def _assert_same_parameters(model, native_model, what="parameters"):
-    assert_close(check.flat_parameters(model), check.flat_parameters(native_model), what=what)
+    assert_close(cases.flat_parameters(model), cases.flat_parameters(native_model), what=what)
 
 
 @pytest.mark.parametrize("dtype", TRAJECTORY_DTYPES, ids=str)
 @pytest.mark.parametrize("entry, options", CASES)
 def test_trajectory_matches_twin(target, entry, options, dtype):
-    error = check.trajectory_error(entry, options, torch.device(target.device), dtype)
-    assert error <= tolerance(dtype), f"{check.TRAJECTORY_STEPS} steps: relative error {error:.3g}"
+    error = cases.trajectory_error(entry, options, torch.device(target.device), dtype)
+    assert error <= tolerance(dtype), f"{cases.TRAJECTORY_STEPS} steps: relative error {error:.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("entry, options", CASES)
 def test_half_step_matches_twin_in_float32(target, entry, options, dtype):
     target.skip_unsupported(dtype)
-    error = check.half_step_error(entry, options, torch.device(target.device), dtype)
+    error = cases.half_step_error(entry, options, torch.device(target.device), dtype)
     assert error <= tolerance(dtype)
 
 
@@ -53,10 +54,10 @@ def test_half_step_check_fails_a_step_that_does_nothing(target, monkeypatch, dty
     """The half-precision check compares updates, not parameters: a no-op
     step (or one that drops the update) cannot pass it."""
     target.skip_unsupported(dtype)
-    for entry in check.OPTIMIZERS:
+    for entry in cases.OPTIMIZERS:
         monkeypatch.setattr(entry.ours, "_update", lambda self, group, params: None)
         for options in entry.option_sets:
-            error = check.half_step_error(entry, options, torch.device(target.device), dtype)
+            error = cases.half_step_error(entry, options, torch.device(target.device), dtype)
             assert error == 1.0 > tolerance(dtype), (entry.name, options, error)  # the whole update missing
 
 
@@ -64,21 +65,21 @@ def test_half_step_check_fails_a_step_that_does_nothing(target, monkeypatch, dty
 def test_state_dict_round_trip_both_ways(target, entry, options):
     """torch -> torchblocks -> torch mid-training, then on: the same as the twin
     throughout (segments of multiples of 3 steps keep train()'s pattern)."""
-    straight_model = check.small_model(target.device, torch.float32)
+    straight_model = cases.small_model(target.device, torch.float32)
     model = copy.deepcopy(straight_model)
-    check.train(straight_model, entry.native(check.param_groups(straight_model, options), **options), 30)
+    cases.train(straight_model, entry.native(cases.param_groups(straight_model, options), **options), 30)
 
-    native = entry.native(check.param_groups(model, options), **options)
-    check.train(model, native, 9)
-    ours = entry.ours(check.param_groups(model, options), **options)
+    native = entry.native(cases.param_groups(model, options), **options)
+    cases.train(model, native, 9)
+    ours = entry.ours(cases.param_groups(model, options), **options)
     ours.load_state_dict(native.state_dict())
-    check.train(model, ours, 9)
+    cases.train(model, ours, 9)
     saved = ours.state_dict()
     assert {k: sorted(v) for k, v in saved["state"].items()} == {
         k: sorted(v) for k, v in native.state_dict()["state"].items()}
-    native_again = entry.native(check.param_groups(model, options), **options)
+    native_again = entry.native(cases.param_groups(model, options), **options)
     native_again.load_state_dict(saved)
-    check.train(model, native_again, 12)
+    cases.train(model, native_again, 12)
     _assert_same_parameters(model, straight_model)
 
 
@@ -87,8 +88,8 @@ def test_state_dict_layout_matches_twin(name):
     entry = ENTRIES[name]
     options = entry.option_sets[-1]
     model, ours, native_model, native = _pair(entry, options)
-    check.train(model, ours, 3)
-    check.train(native_model, native, 3)
+    cases.train(model, ours, 3)
+    cases.train(native_model, native, 3)
     ours_state, native_state = ours.state_dict(), native.state_dict()
     assert ours_state["param_groups"] == native_state["param_groups"]
     assert ours_state["state"].keys() == native_state["state"].keys()
@@ -148,8 +149,8 @@ def test_every_lr_scheduler(target, scheduler_name, name):
     schedulers = [make(ours), make(native)]
     if scheduler_name == "ReduceLROnPlateau":
         schedulers = [_PlateauStepper(s) for s in schedulers]
-    check.train(model, ours, 20, scheduler=schedulers[0])
-    check.train(native_model, native, 20, scheduler=schedulers[1])
+    cases.train(model, ours, 20, scheduler=schedulers[0])
+    cases.train(native_model, native, 20, scheduler=schedulers[1])
     assert [g["lr"] for g in ours.param_groups] == [g["lr"] for g in native.param_groups]
     _assert_same_parameters(model, native_model)
 
@@ -158,11 +159,11 @@ def test_add_param_group_and_zero_grad(target):
     torch.manual_seed(0)
     runs = []
     for optim_module in (torchblocks.optim, torch.optim):
-        model = check.small_model(target.device, torch.float32)
+        model = cases.small_model(target.device, torch.float32)
         optimizer = optim_module.Adam(model[0].parameters(), lr=0.01)
-        check.train(model, optimizer, 5)
+        cases.train(model, optimizer, 5)
         optimizer.add_param_group({"params": list(model[2].parameters()), "lr": 0.02, "amsgrad": True})
-        check.train(model, optimizer, 5)
+        cases.train(model, optimizer, 5)
         optimizer.zero_grad(set_to_none=False)
         assert all(p.grad is not None and not p.grad.any() for p in model[0].parameters())
         optimizer.zero_grad()
@@ -174,10 +175,10 @@ def test_add_param_group_and_zero_grad(target):
 
 
 def test_parameters_without_grad_are_skipped(target):
-    model = check.small_model(target.device, torch.float32)
-    optimizer = torchblocks.optim.SGD(check.param_groups(model, {}), lr=0.1, momentum=0.9)
+    model = cases.small_model(target.device, torch.float32)
+    optimizer = torchblocks.optim.SGD(cases.param_groups(model, {}), lr=0.1, momentum=0.9)
     before = model.unused.detach().clone()
-    check.train(model, optimizer, 3)
+    cases.train(model, optimizer, 3)
     assert torch.equal(model.unused, before)
     assert model.unused not in optimizer.state
 
@@ -189,20 +190,20 @@ def test_grad_scaler_unscales_and_skips_inf_steps(target, name):
     model, ours, native_model, native = _pair(entry, options, target.device)
     for run_model, optimizer in ((model, ours), (native_model, native)):
         scaler = torch.amp.GradScaler(target.device, init_scale=2.0**10, growth_interval=3)
-        check.train(run_model, optimizer, 6, scaler=scaler)
+        cases.train(run_model, optimizer, 6, scaler=scaler)
         optimizer.zero_grad()
-        before = check.flat_parameters(run_model).clone()
+        before = cases.flat_parameters(run_model).clone()
         run_model(torch.full((1, 40), float("inf"), device=target.device)).sum().backward()
         scale = scaler.get_scale()
         scaler.step(optimizer)  # an inf gradient: the step is skipped
         scaler.update()
-        assert torch.equal(check.flat_parameters(run_model), before)
+        assert torch.equal(cases.flat_parameters(run_model), before)
         assert scaler.get_scale() == scale / 2
     _assert_same_parameters(model, native_model)
 
 
 def test_closure_is_called_and_its_loss_returned(target):
-    model = check.small_model(target.device, torch.float32)
+    model = cases.small_model(target.device, torch.float32)
     optimizer = torchblocks.optim.RMSprop(model.parameters())
     x = torch.randn(4, 40, device=target.device)
 
@@ -220,8 +221,8 @@ def test_tensor_learning_rate(target):
     model, ours, native_model, native = _pair(ENTRIES["Adam"], {}, target.device)
     for group in (*ours.param_groups, *native.param_groups):
         group["lr"] = torch.tensor(0.02)
-    check.train(model, ours, 10)
-    check.train(native_model, native, 10)
+    cases.train(model, ours, 10)
+    cases.train(native_model, native, 10)
     _assert_same_parameters(model, native_model)
 
 
@@ -369,8 +370,8 @@ def _capturable_pair(target, name, options, tensor_lr):
 @pytest.mark.parametrize("name, options", CAPTURABLE_CASES, ids=lambda v: str(v))
 def test_capturable_trajectory_and_state_match_twin(target, capturable_on_cpu, name, options, tensor_lr):
     model, ours, native_model, native = _capturable_pair(target, name, options, tensor_lr)
-    check.train(model, ours, 10)
-    check.train(native_model, native, 10)
+    cases.train(model, ours, 10)
+    cases.train(native_model, native, 10)
     _assert_same_parameters(model, native_model)
     for param, native_param in zip(model.parameters(), native_model.parameters()):
         if param in ours.state:
@@ -476,8 +477,8 @@ def test_reference_in_small_batches_matches_twin(monkeypatch):
 
     monkeypatch.setattr(_multi_tensor, "REFERENCE_BATCH_ELEMENTS", 64)
     with torchblocks.use_backend("reference"):
-        for entry in check.OPTIMIZERS:
-            error = check.trajectory_error(entry, entry.option_sets[-1], torch.device("cpu"), torch.float32)
+        for entry in cases.OPTIMIZERS:
+            error = cases.trajectory_error(entry, entry.option_sets[-1], torch.device("cpu"), torch.float32)
             assert error <= tolerance(torch.float32), entry.name
 
 
@@ -492,9 +493,9 @@ def test_one_launch_per_group_device_and_dtype(target, monkeypatch, name):
     launch = kernels.multi_tensor_launch
     monkeypatch.setattr(kernels, "multi_tensor_launch", lambda kernel, roles, *a, **k: (
         launches.append(len(roles[0])), launch(kernel, roles, *a, **k)))
-    model = check.small_model(target.device, torch.float32)
-    optimizer = getattr(torchblocks.optim, name)(check.param_groups(model, {}))
-    check.train(model, optimizer, 1)
+    model = cases.small_model(target.device, torch.float32)
+    optimizer = getattr(torchblocks.optim, name)(cases.param_groups(model, {}))
+    cases.train(model, optimizer, 1)
     assert launches == [2, 2]  # group 0: weight and bias; group 1: weight and bias (unused has no grad)
 
 

@@ -3,8 +3,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from torchblocks.bench import BLOCKS
-from torchblocks.data.mnist import DIGITS
+from torchblocks.cli.bench import BLOCKS
+from torchblocks.cli.data.mnist import DIGITS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,9 +20,9 @@ def test_wheel_installs_kernels_as_torchblocks_kernels(tmp_path):
     assert all(top == "torchblocks" or top.endswith(".dist-info") for top in top_level), top_level
     assert "torchblocks/kernels/relu.py" in names
     assert "torchblocks/kernels/_launch.py" in names
-    embedded = {f"torchblocks/data/digits/{spec.name}.gz" for spec in DIGITS.files.values()}
+    embedded = {f"torchblocks/cli/data/digits/{spec.name}.gz" for spec in DIGITS.files.values()}
     assert embedded <= set(names), "the embedded digits must ship in the wheel: the fallback needs no network"
-    bench_cases = {f"torchblocks/bench/{block}.py" for block in BLOCKS}
+    bench_cases = {f"torchblocks/cli/bench/{block}.py" for block in BLOCKS}
     assert bench_cases <= set(names), "the bench cases ship in the package"
     metadata = next(n for n in names if n.endswith("METADATA"))
     requirements = [
@@ -30,3 +30,14 @@ def test_wheel_installs_kernels_as_torchblocks_kernels(tmp_path):
     ]
     assert "Requires-Dist: torch>=2.4" in requirements
     assert any(line.startswith("Requires-Dist: triton") and "x86_64" in line for line in requirements)
+
+
+def test_the_library_never_imports_its_tools():
+    """torchblocks.cli (check, bench, the MNIST job, its data) is the
+    workshop: importing every library module leaves it unloaded."""
+    modules = ["torchblocks", "torchblocks.functional", "torchblocks.nn", "torchblocks.optim", "torchblocks.patching",
+               "torchblocks.override", "torchblocks.hf", "torchblocks.testing", "torchblocks.backend"]
+    script = "import importlib, sys\n" + "".join(f"importlib.import_module({name!r})\n" for name in modules) + \
+        "print(sorted(name for name in sys.modules if name.startswith('torchblocks.cli')))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]", result.stdout

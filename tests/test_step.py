@@ -1,4 +1,4 @@
-"""The counts of one training step of the book network (torchblocks.bench.step):
+"""The counts of one training step of the book network (torchblocks.cli.bench.step):
 held at or below the figures of the commit that introduced them, and a
 counter that can see what it counts."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import torchblocks
-from torchblocks.bench import step
+from torchblocks.cli.bench import step
 
 # (Triton launches, other tensor ops, allocations, host-to-device uploads), by
 # device and backend, measured when this test was written (a lower count is
@@ -53,5 +53,5 @@ def test_the_counter_counts_ops_allocations_uploads_and_launches(target):
 
 
 def test_bench_prints_the_step_counts(capsys):
-    torchblocks.bench.run([], "cpu", [torch.float32], quick=True)
+    torchblocks.cli.bench.run([], "cpu", [torch.float32], quick=True)
     assert "Triton launches" in capsys.readouterr().out

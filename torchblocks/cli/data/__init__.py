@@ -3,13 +3,13 @@ and checksummed when missing), or an embedded stand-in that needs no network.
 
 Example::
 
-    >>> data = torchblocks.data.load_mnist()
+    >>> data = torchblocks.cli.data.load_mnist()
     >>> data.train_images.shape, data.train_labels.dtype
     (torch.Size([60000, 784]), torch.int64)
 """
 
-from torchblocks.data.idx import DataFileError, gunzip, parse_idx
-from torchblocks.data.mnist import (DIGITS, MNIST, DataSetSpec, Digits, DownloadError, FileSpec, MissingDataError,
+from torchblocks.cli.data.idx import DataFileError, gunzip, parse_idx
+from torchblocks.cli.data.mnist import (DIGITS, MNIST, DataSetSpec, Digits, DownloadError, FileSpec, MissingDataError,
                                     default_data_dir, download, load_directory, load_mnist)
 
 __all__ = ["DIGITS", "MNIST", "DataFileError", "DataSetSpec", "Digits", "DownloadError", "FileSpec",

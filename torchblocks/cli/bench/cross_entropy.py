@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from torchblocks.bench.harness import Case, generator, training_step
+from torchblocks.cli.bench.harness import Case, generator, training_step
 from torchblocks.functional import softmax_cross_entropy
 
 LOGITS_MOVED = 3  # forward reads the logits; backward reads them again and writes their gradient

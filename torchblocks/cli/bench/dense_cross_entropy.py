@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from torchblocks._ops.dense_cross_entropy import default_chunk_rows
-from torchblocks.bench.harness import Case, generator, training_step
+from torchblocks.cli.bench.harness import Case, generator, training_step
 from torchblocks.functional import dense_cross_entropy
 
 GEMMS = 3  # logits = x W^T; dx = g W; dW = g^T x

@@ -133,7 +133,7 @@ def count_training_step(device: str, dtype: torch.dtype = torch.float32, batch: 
         batch: images per step; the counts do not depend on it (a small
             batch keeps the interpreter quick).
     """
-    from torchblocks import book
+    from torchblocks.cli import book
 
     model, loss_fn = book.build_network(IN_FEATURES, device=torch.device(device))
     model.to(dtype)

@@ -6,7 +6,7 @@ their GEMMs against the GEMM peak; every parameter's gradient is checked."""
 import torch
 from torch import nn
 
-from torchblocks.bench.harness import Case, generator, training_step
+from torchblocks.cli.bench.harness import Case, generator, training_step
 from torchblocks.patching import patch
 
 

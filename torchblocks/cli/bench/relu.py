@@ -2,7 +2,7 @@
 
 import torch
 
-from torchblocks.bench.harness import Case, generator, training_step
+from torchblocks.cli.bench.harness import Case, generator, training_step
 from torchblocks.functional import relu
 
 TENSORS_MOVED = 5  # forward reads x, writes y; backward reads dy and y, writes dx

@@ -6,7 +6,7 @@ from typing import Callable, List
 import torch
 
 import torchblocks.optim
-from torchblocks.bench.harness import Case, generator
+from torchblocks.cli.bench.harness import Case, generator
 
 # name -> (options, tensors one step reads + writes per parameter element)
 OPTIMIZERS = {

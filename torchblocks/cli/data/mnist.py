@@ -15,8 +15,8 @@ from typing import Dict, Optional, TextIO, Tuple
 import numpy as np
 import torch
 
-from torchblocks._progress import ProgressBar
-from torchblocks.data.idx import DataFileError, gunzip, parse_idx
+from torchblocks.cli._progress import ProgressBar
+from torchblocks.cli.data.idx import DataFileError, gunzip, parse_idx
 
 __all__ = ["DIGITS", "MNIST", "DataSetSpec", "Digits", "DownloadError", "FileSpec", "MissingDataError",
            "default_data_dir", "download", "load_directory", "load_mnist"]
@@ -334,7 +334,7 @@ def load_mnist(data_dir: Optional[str] = None, download_missing: bool = True, fa
 
     Example::
 
-        >>> data = torchblocks.data.load_mnist()
+        >>> data = torchblocks.cli.data.load_mnist()
         >>> print(data.describe())
         MNIST: 60,000 training and 10,000 test images of 28x28 pixels, from /home/me/.cache/torchblocks/mnist
     """

@@ -9,7 +9,7 @@ block a table (stdout), a CSV and a PNG plot, plus ``summary.md``.
 
 Example::
 
-    >>> rows = torchblocks.bench.run(["relu"], "cuda", [torch.bfloat16], quick=True, out_dir="bench-out")
+    >>> rows = torchblocks.cli.bench.run(["relu"], "cuda", [torch.bfloat16], quick=True, out_dir="bench-out")
 """
 
 import csv
@@ -22,10 +22,10 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 
-from torchblocks import _plot, _table
-from torchblocks.bench import (cross_entropy, dense, dense_cross_entropy, harness, optim, patched, relu, step,
+from torchblocks.cli import _plot, _table
+from torchblocks.cli.bench import (cross_entropy, dense, dense_cross_entropy, harness, optim, patched, relu, step,
                                training_step)
-from torchblocks.bench.harness import Row
+from torchblocks.cli.bench.harness import Row
 
 __all__ = ["BLOCKS", "block_table", "bytes_table", "run"]
 

@@ -1,17 +1,16 @@
-"""``torchblocks check``: every block and optimizer against its native twin.
+"""The cases every block and optimizer is checked on, read by ``torchblocks
+check`` and by the tests alike.
 
-For each entry of ``BLOCKS``, on every available (device, backend) target and
-each dtype: parity of the output and of every input gradient over the
-block's cases, then ``gradcheck`` and ``gradgradcheck`` in float64. For each entry of
-``OPTIMIZERS``: the parameters of a small model after ``TRAJECTORY_STEPS``
-steps, against the twin's, for each option set. A new block or optimizer
-plugs in by adding one entry; the loops and the table are shared.
+``BLOCKS``: per block, parity cases for any (device, dtype), run by ``check``
+and tests/cli/test_cases.py. ``OPTIMIZERS``: per optimizer, the option sets
+whose trajectories on ``small_model`` must follow the native twin's (``check``
+and tests/test_optim.py). ``AUTOGRAD_CASES``: one small float64 case per
+block and mode for the autograd contract (second derivatives, torch.func;
+tests/test_autograd.py). A new block or optimizer plugs in by adding entries.
 """
 
 import copy
 import dataclasses
-import time
-import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -19,18 +18,12 @@ import torch.nn.functional as F
 
 import torchblocks
 import torchblocks.optim
-from torchblocks import _table, backend
-from torchblocks.testing import parity, relative_error, tolerance, twin
+from torchblocks import backend
+from torchblocks.testing import relative_error
+
+tb = torchblocks.functional
 
 ALL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-INTERPRETER_BFLOAT16 = "the Triton interpreter computes bfloat16 wrongly"
-
-
-def _interpreted_bfloat16(device: str, backend_name: str, dtype: torch.dtype) -> bool:
-    """True for the one target a row must skip: bfloat16 under the Triton interpreter."""
-    return dtype == torch.bfloat16 and device == "cpu" and backend_name == "triton"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,19 +43,6 @@ class BlockCheck:
     name: str
     cases: Callable[[torch.device, torch.dtype], Sequence[Case]]  # (device, dtype) -> cases
     dtypes: Sequence[torch.dtype] = ALL_DTYPES
-
-
-@dataclasses.dataclass
-class Row:
-    block: str
-    device: str
-    backend: str
-    dtype: str
-    check: str  # "parity", "gradcheck" or "gradgradcheck"
-    cases: int
-    max_rel_error: float  # NaN where the check has no error measure
-    status: str  # "PASS", "FAIL" or "SKIP"
-    note: str = ""
 
 
 def _away_from_zero(shape, dtype, device, generator):
@@ -332,139 +312,77 @@ def half_step_error(check: OptimizerCheck, options: dict, device, dtype) -> floa
     return relative_error(ours, update(check.native, dtype, foreach=True))
 
 
-def run_optimizer(check: OptimizerCheck, device: str, backend_name: str):
-    """One row per dtype for one optimizer on one target, each yielded as it is
-    done: ``TRAJECTORY_STEPS`` steps in float32/float64, one step in float16/bfloat16."""
-    with torchblocks.use_backend(backend_name):
-        for dtype in check.dtypes:
-            dtype_name = str(dtype).replace("torch.", "")
-            half = dtype in (torch.float16, torch.bfloat16)
-            name, steps = ("one step", 1) if half else ("trajectory", TRAJECTORY_STEPS)
-            if _interpreted_bfloat16(device, backend_name, dtype):
-                yield Row(check.name, device, backend_name, dtype_name, name, 0, float("nan"), "SKIP",
-                          INTERPRETER_BFLOAT16)
-                continue
-            target = torch.device(device)
-            errors = [half_step_error(check, options, target, dtype) if half
-                      else trajectory_error(check, options, target, dtype) for options in check.option_sets]
-            worst = max(errors)
-            status = "PASS" if worst <= tolerance(dtype) else "FAIL"
-            note = f"{steps} step{'s' if steps > 1 else ''}"
-            if status == "FAIL":
-                note += "; worst: " + ", ".join(f"{k}={v}" for k, v in check.option_sets[errors.index(worst)].items())
-            yield Row(check.name, device, backend_name, dtype_name, name, len(errors), worst, status, note)
+# The autograd contract: one float64 case per block and mode, its inputs built per device.
+
+def randn(*shape, device="cpu", seed=0, away_from_zero=False):
+    """A float64 tensor of ``shape``, seeded; |x| >= 0.2 with ``away_from_zero`` (off ReLU's kink)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (x + 0.2 * x.sign() if away_from_zero else x).to(device)
 
 
-def targets(device: str = "all", backends: str = "all"):
-    """The (device, backend) pairs this process can run."""
-    found = [("cpu", "reference")]
-    if backend.INTERPRETER and backend.TRITON_AVAILABLE:
-        found.append(("cpu", "triton"))
-    if torch.cuda.is_available():
-        found.append(("cuda", "reference"))
-        if backend.TRITON_AVAILABLE:
-            found.append(("cuda", "triton"))
-    return [(d, b) for d, b in found if device in ("all", d) and backends in ("all", b)]
+@dataclasses.dataclass(frozen=True)
+class AutogradCase:
+    """``ours`` against ``native`` on the float64 tensors ``inputs(device)``."""
+
+    ours: Callable
+    native: Callable
+    inputs: Callable  # device -> the differentiable inputs, float64
+
+    def make(self, device):
+        return [t.requires_grad_() for t in self.inputs(device)]
 
 
-def _parity_error(case: Case) -> float:
-    """Largest relative error of the output and of each input gradient, the
-    inputs handed over exactly as built (``torchblocks.testing.parity``)."""
-    return parity(case.ours, case.native, case.inputs).max_error
+LABELS = torch.tensor([0, 3, -100, 1, 3])
+CLASS_WEIGHT = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64)
 
 
-def _differentiable_twins(case: Case):
-    return [twin(t, t.is_floating_point()) if isinstance(t, torch.Tensor) else t for t in case.inputs]
+def _index_case(**options):
+    def ours(x):
+        return tb.softmax_cross_entropy(x, LABELS.to(x.device), CLASS_WEIGHT.to(x.device), **options)
+
+    def native(x):
+        return F.cross_entropy(x, LABELS.to(x.device), CLASS_WEIGHT.to(x.device), **options)
+
+    return AutogradCase(ours, native, lambda device: [randn(5, 4, device=device, seed=1)])
 
 
-def _gradcheck(case: Case) -> bool:
-    return torch.autograd.gradcheck(case.ours, _differentiable_twins(case), raise_exception=False)
+def _probability_case(**options):
+    return AutogradCase(
+        lambda x, t, w: tb.softmax_cross_entropy(x, t, w, **options),
+        lambda x, t, w: F.cross_entropy(x, t, w, **options),
+        lambda device: [randn(5, 4, device=device, seed=1), randn(5, 4, device=device, seed=2).softmax(dim=1),
+                        CLASS_WEIGHT.to(device, copy=True)])
 
 
-def _gradgradcheck(case: Case) -> bool:
-    """Second derivatives, in fast mode (random projections, not every entry):
-    the test suite runs the full check."""
-    return torch.autograd.gradgradcheck(case.ours, _differentiable_twins(case), raise_exception=False,
-                                        fast_mode=True)
+def _dense_inputs(*x_shape, bias=True):
+    return lambda device: [randn(*x_shape, device=device), randn(4, x_shape[-1], device=device, seed=1)] + (
+        [randn(4, device=device, seed=2)] if bias else [])
 
 
-def run_block(block: BlockCheck, device: str, backend_name: str):
-    """The rows of one block on one target, each yielded as it is done: parity
-    per dtype, then gradcheck and gradgradcheck."""
-    with torchblocks.use_backend(backend_name):
-        for dtype in block.dtypes:
-            dtype_name = str(dtype).replace("torch.", "")
-            if _interpreted_bfloat16(device, backend_name, dtype):
-                yield Row(block.name, device, backend_name, dtype_name, "parity", 0, float("nan"), "SKIP",
-                          INTERPRETER_BFLOAT16)
-                continue
-            cases = block.cases(torch.device(device), dtype)
-            errors = [_parity_error(case) for case in cases]
-            worst = max(errors)
-            status = "PASS" if worst <= tolerance(dtype) else "FAIL"
-            note = "" if status == "PASS" else "worst: " + cases[errors.index(worst)].label
-            yield Row(block.name, device, backend_name, dtype_name, "parity", len(cases), worst, status, note)
-        cases = [c for c in block.cases(torch.device(device), torch.float64) if c.gradcheck]
-        for name, check in (("gradcheck", _gradcheck), ("gradgradcheck", _gradgradcheck)):
-            failed = [c.label for c in cases if not check(c)]
-            yield Row(block.name, device, backend_name, "float64", name, len(cases), float("nan"),
-                      "FAIL" if failed else "PASS", ", ".join(failed))
+def _dense_cross_entropy_case(**options):
+    def ours(x, w, b):
+        return tb.dense_cross_entropy(x, w, LABELS.to(x.device), b, chunk_rows=2, **options)
+
+    def native(x, w, b):
+        return F.cross_entropy(F.linear(x, w, b), LABELS.to(x.device), **options)
+
+    return AutogradCase(ours, native, _dense_inputs(5, 3))
 
 
-# The representative set of ``run(quick=True)``: every block and optimizer,
-# in float32 and float64, every optimizer's first two option sets.
-QUICK_DTYPES = (torch.float32, torch.float64)
-QUICK_OPTION_SETS = 2
-
-
-def names() -> list:
-    """The names ``run`` can select: every block, then every optimizer."""
-    return [block.name for block in BLOCKS] + [check.name for check in OPTIMIZERS]
-
-
-def run(device: str = "all", backends: str = "all", only=None, quick: bool = False, progress=None):
-    """Every row for every block and optimizer (or those named in ``only``) on
-    every available target.
-
-    Args:
-        device, backends: narrow the targets ("all", or one).
-        only: names from ``names()``; None for all.
-        quick: the representative set (``QUICK_DTYPES``, ``QUICK_OPTION_SETS``)
-            instead of every dtype and option set.
-        progress: called with one line per row as it is done.
-
-    Example::
-
-        >>> rows = torchblocks.check.run("cpu", "reference", only=["relu"], quick=True)
-    """
-    found = targets(device, backends)
-    chosen = [entry for entry in [*BLOCKS, *OPTIMIZERS] if only is None or entry.name in only]
-    rows = []
-    with warnings.catch_warnings():
-        # the interpreter computes with numpy, which warns on the inf and NaN the cases feed it on purpose
-        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
-        for index, entry in enumerate(chosen):
-            if quick:
-                entry = dataclasses.replace(entry, dtypes=[d for d in entry.dtypes if d in QUICK_DTYPES])
-                if isinstance(entry, OptimizerCheck):
-                    entry = dataclasses.replace(entry, option_sets=entry.option_sets[:QUICK_OPTION_SETS])
-            for target in found:
-                started = time.perf_counter()
-                for row in (run_block if isinstance(entry, BlockCheck) else run_optimizer)(entry, *target):
-                    rows.append(row)
-                    if progress is not None:
-                        progress(f"[{index + 1}/{len(chosen)}] {row.block} {row.device}/{row.backend} {row.dtype} "
-                                 f"{row.check}: {row.status} ({time.perf_counter() - started:.1f} s)")
-                        started = time.perf_counter()
-    return rows
-
-
-def format_table(rows) -> str:
-    """The rows as an aligned text table."""
-    header = ("block", "device", "backend", "dtype", "check", "cases", "max rel err", "result", "note")
-    body = [
-        (r.block, r.device, r.backend, r.dtype, r.check, str(r.cases),
-         "-" if r.max_rel_error != r.max_rel_error else f"{r.max_rel_error:.2e}", r.status, r.note)
-        for r in rows
-    ]
-    return _table.format_table(header, body)
+AUTOGRAD_CASES = {
+    "relu": AutogradCase(tb.relu, F.relu, lambda device: [randn(3, 4, device=device, away_from_zero=True)]),
+    "relu in place": AutogradCase(lambda x: tb.relu(x * 1, inplace=True), lambda x: F.relu(x * 1, inplace=True),
+                                  lambda device: [randn(3, 4, device=device, away_from_zero=True)]),
+    "dense": AutogradCase(tb.dense, F.linear, _dense_inputs(3, 5)),
+    "dense relu": AutogradCase(lambda x, w, b: tb.dense(x, w, b, activation="relu"),
+                               lambda x, w, b: F.relu(F.linear(x, w, b)), _dense_inputs(3, 5)),
+    "dense no bias, 3-D input": AutogradCase(tb.dense, F.linear, _dense_inputs(2, 3, 5, bias=False)),
+    "cross_entropy indices mean": _index_case(label_smoothing=0.2),
+    "cross_entropy indices sum": _index_case(reduction="sum"),
+    "cross_entropy indices none": _index_case(reduction="none", label_smoothing=0.1),
+    "cross_entropy probabilities mean": _probability_case(label_smoothing=0.2),
+    "cross_entropy probabilities none": _probability_case(reduction="none"),
+    "dense_cross_entropy mean": _dense_cross_entropy_case(label_smoothing=0.1),
+    "dense_cross_entropy sum": _dense_cross_entropy_case(reduction="sum"),
+    "dense_cross_entropy none": _dense_cross_entropy_case(reduction="none", label_smoothing=0.1),
+}

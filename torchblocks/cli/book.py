@@ -17,9 +17,9 @@ from torch import nn
 
 import torchblocks.nn
 import torchblocks.optim
-from torchblocks import _plot, _table
-from torchblocks._progress import ProgressBar
-from torchblocks.data import Digits, load_mnist
+from torchblocks.cli import _plot, _table
+from torchblocks.cli._progress import ProgressBar
+from torchblocks.cli.data import Digits, load_mnist
 
 __all__ = ["BOOK_TEST_ACCURACY", "Epoch", "Run", "build_network", "build_optimizer", "evaluate", "format_report",
            "plot", "train"]
@@ -156,7 +156,7 @@ def train(name: str, model: nn.Module, loss_fn: nn.Module, optimizer: torch.opti
 
     Example::
 
-        >>> data = torchblocks.data.load_mnist()
+        >>> data = torchblocks.cli.data.load_mnist()
         >>> model, loss_fn = build_network(data.train_images.shape[1])
         >>> run = train("torchblocks", model, loss_fn, build_optimizer(model), data)
         >>> run.epochs[-1].test_accuracy

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from torchblocks.bench.harness import Case, generator, training_step
+from torchblocks.cli.bench.harness import Case, generator, training_step
 from torchblocks.functional import dense
 
 GEMMS = 3  # y = x W^T forward; dx = g W and dW = g^T x backward

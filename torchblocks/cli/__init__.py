@@ -9,7 +9,7 @@ import sys
 import tempfile
 import traceback
 
-from torchblocks.bench import BLOCKS as BENCH_BLOCKS
+from torchblocks.cli.bench import BLOCKS as BENCH_BLOCKS
 
 DESCRIPTION = ("torchblocks: the building blocks of a neural network (dense layer, ReLU, softmax "
                "cross-entropy, optimizers), hand-written for PyTorch, checked and timed against native PyTorch.")
@@ -22,7 +22,8 @@ def _progress(line: str) -> None:
 def _check(args) -> int:
     import torch
 
-    from torchblocks import backend, check
+    from torchblocks import backend
+    from torchblocks.cli import check
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("torchblocks check: --device cuda, but CUDA is not available here", file=sys.stderr)
@@ -80,7 +81,7 @@ def _resolve_device(command: str, choice: str):
 
 
 def _mnist(args) -> int:
-    from torchblocks import book
+    from torchblocks.cli import book
 
     device = _resolve_device("mnist", args.device)
     return 2 if device is None else book.main(args, device)
@@ -89,7 +90,7 @@ def _mnist(args) -> int:
 def _bench(args) -> int:
     import torch
 
-    from torchblocks import bench
+    from torchblocks.cli import bench
 
     device = _resolve_device("bench", args.device)
     if device is None:
@@ -114,7 +115,8 @@ def _positive_int(text: str) -> int:
 
 def main(argv=None) -> int:
     """Entry point of the ``torchblocks`` command; returns the exit status."""
-    from torchblocks import __version__, check as checks
+    from torchblocks import __version__
+    from torchblocks.cli import check as checks
 
     parser = argparse.ArgumentParser(prog="torchblocks", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"torchblocks {__version__}")
@@ -176,7 +178,7 @@ def main(argv=None) -> int:
     bench.add_argument("--out", metavar="DIR", help="write <block>.csv, <block>.png and summary.md to DIR")
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
-    from torchblocks.data import DataFileError, DownloadError, MissingDataError
+    from torchblocks.cli.data import DataFileError, DownloadError, MissingDataError
 
     try:
         return args.run(args)

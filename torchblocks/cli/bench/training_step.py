@@ -8,8 +8,8 @@ from typing import Callable, List
 
 import torch
 
-from torchblocks import book
-from torchblocks.bench.harness import Case, generator
+from torchblocks.cli import book
+from torchblocks.cli.bench.harness import Case, generator
 
 BATCH = 128
 LAYERS = ((784, book.HIDDEN_FEATURES), (book.HIDDEN_FEATURES, book.NUM_CLASSES))
@@ -31,7 +31,7 @@ def bytes_moved(dtype: torch.dtype):
     """(minimum, ours): the batch and every parameter, gradient and RMSprop
     state read and written as each op of the step needs them, per the Dense,
     cross-entropy and optimizer models: the sum of the blocks' models."""
-    from torchblocks.bench import cross_entropy, dense
+    from torchblocks.cli.bench import cross_entropy, dense
 
     size = dtype.itemsize
     minimum = ours = 0

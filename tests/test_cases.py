@@ -1,0 +1,29 @@
+"""The block table ``torchblocks check`` runs (torchblocks.cli.cases.BLOCKS),
+run here too: every case at parity with its native twin on each target and
+dtype, and the float64 cases marked for it through ``gradcheck`` (under the
+slow interpreter the blocks' own test files gradcheck the kernels)."""
+
+import pytest
+import torch
+
+from torchblocks.cli.cases import ALL_DTYPES, BLOCKS
+from torchblocks.testing import parity, tolerance, twin
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda block: block.name)
+def test_every_case_at_parity(target, block, dtype):
+    target.skip_unsupported(dtype)
+    for case in block.cases(torch.device(target.device), dtype):
+        report = parity(case.ours, case.native, case.inputs)
+        assert report.max_error <= tolerance(dtype), f"{case.label}: {report}"
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda block: block.name)
+def test_gradcheck(target, block):
+    if target.interpreted:
+        pytest.skip("the Triton kernels are gradchecked by each block's own test file")
+    for case in block.cases(torch.device(target.device), torch.float64):
+        if case.gradcheck:
+            inputs = [twin(t, t.is_floating_point()) for t in case.inputs]
+            assert torch.autograd.gradcheck(case.ours, inputs), case.label
