@@ -25,7 +25,7 @@ from ._launch import device_guard, triton_accumulation_dtype
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Each list holds shapes
 # that spill no register in any of the three products on that architecture
 # (wgmma on sm_90, mma.sync before) with triton 3.6 and 3.9
-# (tests/test_gpu_compile.py compiles them all); a launch also drops those
+# (tests/kernels/test_gpu_compile.py compiles them all); a launch also drops those
 # whose pipelines do not fit its device's shared memory (``launchable_configs``).
 TILES = {
     90: {

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchblocks
-from helpers import assert_compiled_matches_eager, assert_rejected_like_native
-from torchblocks.testing import assert_close, assert_parity, tolerance
+from torchblocks.testing import (assert_close, assert_compiled_matches_eager, assert_parity,
+                                assert_rejected_like_native, tolerance)
 
 FORMS = {"(C)": ((7,), ()), "(N, C)": ((6, 7), (6,)), "(N, C, d1, d2)": ((2, 7, 3, 2), (2, 3, 2))}
 

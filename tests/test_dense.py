@@ -6,8 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchblocks
-from helpers import assert_compiled_matches_eager, assert_rejected_like_native
-from torchblocks.testing import assert_close, assert_parity
+from torchblocks.testing import assert_close, assert_compiled_matches_eager, assert_parity, assert_rejected_like_native
 
 SIZES = [(1, 1, 1), (1, 17, 3), (7, 1, 33), (33, 65, 17), (130, 10, 200), (257, 33, 300)]  # M, N, K
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import torchblocks
-from helpers import assert_compiled_matches_eager, assert_rejected_like_native
-from torchblocks.testing import Allocations, assert_close, assert_parity, relative_error
+from torchblocks.testing import (Allocations, assert_close, assert_compiled_matches_eager, assert_parity,
+                                assert_rejected_like_native, relative_error)
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", seed=0):

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import torchblocks
-from helpers import LAYOUTS, with_layout
-from torchblocks.testing import assert_parity
+from torchblocks.testing import LAYOUTS, assert_parity, with_layout
 
 
 def randn(*shape, seed=0):

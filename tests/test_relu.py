@@ -6,8 +6,7 @@ import torch.nn.functional as F
 
 import torchblocks
 from torchblocks import backend
-from helpers import assert_compiled_matches_eager, assert_rejected_like_native
-from torchblocks.testing import assert_parity
+from torchblocks.testing import assert_compiled_matches_eager, assert_parity, assert_rejected_like_native
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(0,), (3, 0), (1,), (7,), (3, 5), (2, 3, 4, 5), (1025,), (65, 33)]

@@ -8,10 +8,18 @@ strides and storage offset (a transposed, sliced, expanded or offset view
 stays one), never a ``clone()`` that would make it contiguous. It compares
 every output and every input gradient: dtype, shape, the places of NaN and
 infinities, and the values, and it reports the worst element.
+
+Beside it, what the tests share: memory layouts to build inputs in
+(``with_layout``), errors raised like native's (``assert_rejected_like_native``),
+``torch.compile`` against eager, host-read and allocation guards, launch
+hooks, and a PNG reader for the plots.
 """
 
 import contextlib
 import dataclasses
+import re
+import struct
+import zlib
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -376,3 +384,102 @@ class Allocations(InsideBlocksMode):
     @property
     def largest(self) -> int:
         return max((size for _, size in self.ops), default=0)
+
+
+def assert_compiled_matches_eager(module, inputs, reduce=lambda output: output.sum()):
+    """``torch.compile(module, fullgraph=True)`` (so any graph break fails)
+    gives eager's output and parameter gradients; ``reduce`` turns the output
+    into the scalar to differentiate.
+
+    Example::
+
+        >>> assert_compiled_matches_eager(torchblocks.nn.Dense(4, 3), [torch.randn(2, 4)])
+    """
+    eager = module(*inputs)
+    reduce(eager).backward()
+    eager_grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)(*inputs)
+    reduce(compiled).backward()
+    assert_close(compiled, eager)
+    for param, expected in zip(module.parameters(), eager_grads):
+        assert_close(param.grad, expected, what="parameter gradient")
+
+
+LAYOUTS = ["contiguous", "sliced", "transposed", "expanded", "offset"]
+
+
+def with_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """``values`` in a tensor of the given memory layout:
+    contiguous; sliced (every other element of a wider last dimension);
+    transposed (dims reversed in memory; for 1-D, a column of a row-major
+    matrix); expanded (stride 0 along the last dim: the first value of each
+    row, repeated); offset (contiguous from storage offset 5).
+
+    Example::
+
+        >>> with_layout(torch.randn(3, 4), "transposed").stride()
+        (1, 3)
+    """
+    shape = values.shape
+    if layout == "contiguous":
+        return values.contiguous()
+    if layout == "expanded":
+        return values[..., :1].expand(shape)
+    if layout == "sliced":
+        view = values.new_empty(*shape[:-1], 2 * shape[-1])[..., ::2]
+    elif layout == "transposed" and values.dim() == 1:
+        view = values.new_empty(shape[0], 3)[:, 1]
+    elif layout == "transposed":
+        view = values.new_empty(shape[::-1]).permute(*reversed(range(values.dim())))
+    elif layout == "offset":
+        view = values.new_empty(values.numel() + 5)[5:].view(shape)
+    else:
+        raise ValueError(f"with_layout: layout must be one of {LAYOUTS}, got {layout!r}")
+    return view.copy_(values)
+
+
+def _raised(call: Callable) -> Optional[Exception]:
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001  (returned: the caller says what was expected)
+        return error
+    return None
+
+
+def assert_rejected_like_native(ours: Callable, native: Callable, error: type, message: str) -> None:
+    """``native()`` raises exactly ``error``; ``ours()`` raises the same type
+    with ``message`` in it, which names the argument and what was expected.
+
+    Example::
+
+        >>> assert_rejected_like_native(lambda: tb.relu(x, inplace=1), lambda: F.relu(x, inplace=1),
+        ...                             TypeError, "inplace must be a bool")
+    """
+    native_error, our_error = _raised(native), _raised(ours)
+    for who, raised in (("native", native_error), ("ours", our_error)):
+        assert type(raised) is error, f"{who} raised {raised!r}; expected {error.__name__}"
+    assert re.search(re.escape(message), str(our_error)), f"ours raised {our_error!r}; expected {message!r} in it"
+
+
+def read_png(path) -> tuple:
+    """(width, height) of a PNG file, after checking its signature and every
+    chunk's CRC.
+
+    Example::
+
+        >>> read_png("benchmarks/results/cpu-x86-64-2-threads/relu.png")
+    """
+    blob = open(path, "rb").read()
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    offset, chunks = 8, []
+    while offset < len(blob):
+        (length,) = struct.unpack(">I", blob[offset:offset + 4])
+        kind, body = blob[offset + 4:offset + 8], blob[offset + 8:offset + 8 + length]
+        (crc,) = struct.unpack(">I", blob[offset + 8 + length:offset + 12 + length])
+        assert zlib.crc32(kind + body) == crc, f"bad CRC in chunk {kind!r}"
+        chunks.append(kind)
+        offset += 12 + length
+    assert chunks[0] == b"IHDR" and chunks[-1] == b"IEND" and b"IDAT" in chunks
+    return struct.unpack(">II", blob[16:24])

@@ -13,12 +13,11 @@ import torchblocks
 from torchblocks import cli
 from torchblocks.cli import book
 from torchblocks.cli.data import mnist
-from torchblocks.testing import relative_error
+from torchblocks.testing import read_png, relative_error
 
 from conftest import NO_CUDA
-from helpers import read_png
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ import torch
 from torchblocks import cli
 from torchblocks.cli import bench
 from torchblocks.cli.bench import harness
+from torchblocks.testing import read_png
 
 from conftest import NO_CUDA
-from helpers import read_png
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ constants. The dense GEMM is compiled for every autotune config a launch can
 choose in each dtype (``launchable_configs``), for each of its three products.
 
 Run as a script (never under TRITON_INTERPRET, whose kernels cannot compile):
-    python tests/gpu_compile.py [--arch 90 80] [--json FILE]
-prints a table, or writes the rows as JSON for tests/test_gpu_compile.py.
+    python tests/kernels/gpu_compile.py [--arch 90 80] [--json FILE]
+prints a table, or writes the rows as JSON for tests/kernels/test_gpu_compile.py.
 """
 
 import argparse

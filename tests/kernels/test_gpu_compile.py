@@ -1,6 +1,6 @@
 """The GPU's proxy in CI: every kernel, every autotune config a launch can
 choose and every dtype, compiled offline for sm_90 (H100) and sm_80 (A100)
-by tests/gpu_compile.py, with no GPU. These fail when a config or a kernel
+by tests/kernels/gpu_compile.py, with no GPU. These fail when a config or a kernel
 regresses: it no longer compiles, outgrows shared memory, spills registers,
 loses its tensor-core instructions or its 128-bit accesses."""
 
