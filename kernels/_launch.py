@@ -1,6 +1,6 @@
 """What the launchers share: block sizes, the grid, the device guard, dtype
 tables, and the host-side description of a strided layout that
-``strided_offsets`` reads."""
+``element_offsets`` reads."""
 
 import contextlib
 
@@ -97,16 +97,21 @@ def padded_layout(sizes, strides):
 
 
 @triton.jit
-def strided_offsets(index, size1, size2, size3, stride0, stride1, stride2, stride3):
-    """Memory offset (in elements) of logical element ``index`` of a 4-D
-    strided view with sizes (-, size1, size2, size3). ``index`` is int64."""
-    i3 = index % size3
-    index = index // size3
-    i2 = index % size2
-    index = index // size2
-    i1 = index % size1
-    i0 = index // size1
-    return i0 * stride0 + i1 * stride1 + i2 * stride2 + i3 * stride3
+def element_offsets(index, size1, size2, size3, stride0, stride1, stride2, stride3, CONTIGUOUS: tl.constexpr):
+    """Memory offset (in elements) of logical element ``index`` (int64) of a
+    4-D strided view with sizes (-, size1, size2, size3): ``index`` itself
+    under CONTIGUOUS (every tensor of the launch dense with one layout)."""
+    if CONTIGUOUS:
+        offsets = index
+    else:
+        i3 = index % size3
+        index = index // size3
+        i2 = index % size2
+        index = index // size2
+        i1 = index % size1
+        i0 = index // size1
+        offsets = i0 * stride0 + i1 * stride1 + i2 * stride2 + i3 * stride3
+    return offsets
 
 
 def launch_elementwise(kernel, *tensors: torch.Tensor) -> None:

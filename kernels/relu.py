@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch_elementwise, strided_offsets
+from ._launch import element_offsets, launch_elementwise
 
 
 @triton.jit
@@ -28,15 +28,12 @@ def relu_forward_kernel(
 ):
     index = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = index < n_elements
-    if CONTIGUOUS:
-        in_offsets = index
-        out_offsets = index
-    else:
-        in_offsets = strided_offsets(index, size1, size2, size3, in_stride0, in_stride1, in_stride2, in_stride3)
-        out_offsets = strided_offsets(index, size1, size2, size3, out_stride0, out_stride1, out_stride2, out_stride3)
+    in_offsets = element_offsets(index, size1, size2, size3, in_stride0, in_stride1, in_stride2, in_stride3, CONTIGUOUS)
     x = tl.load(input_ptr + in_offsets, mask=mask)
     # x < 0 is false for NaN and -0.0, which pass through as in torch.relu
     y = tl.where(x < 0, 0, x)
+    out_offsets = element_offsets(index, size1, size2, size3, out_stride0, out_stride1, out_stride2, out_stride3,
+                                  CONTIGUOUS)
     tl.store(output_ptr + out_offsets, y, mask=mask)
 
 
@@ -58,19 +55,15 @@ def relu_backward_kernel(
 ):
     index = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = index < n_elements
-    if CONTIGUOUS:
-        go_offsets = index
-        out_offsets = index
-        gi_offsets = index
-    else:
-        go_offsets = strided_offsets(index, size1, size2, size3, go_stride0, go_stride1, go_stride2, go_stride3)
-        out_offsets = strided_offsets(index, size1, size2, size3, out_stride0, out_stride1, out_stride2, out_stride3)
-        gi_offsets = strided_offsets(index, size1, size2, size3, gi_stride0, gi_stride1, gi_stride2, gi_stride3)
+    go_offsets = element_offsets(index, size1, size2, size3, go_stride0, go_stride1, go_stride2, go_stride3, CONTIGUOUS)
+    out_offsets = element_offsets(index, size1, size2, size3, out_stride0, out_stride1, out_stride2, out_stride3,
+                                  CONTIGUOUS)
     grad_output = tl.load(grad_output_ptr + go_offsets, mask=mask)
     output = tl.load(output_ptr + out_offsets, mask=mask)
     # dx = dy where y > 0, else 0; written as `y <= 0` so a NaN y passes dy
     # through, as torch's threshold_backward does
     grad_input = tl.where(output <= 0, 0, grad_output)
+    gi_offsets = element_offsets(index, size1, size2, size3, gi_stride0, gi_stride1, gi_stride2, gi_stride3, CONTIGUOUS)
     tl.store(grad_input_ptr + gi_offsets, grad_input, mask=mask)
 
 
