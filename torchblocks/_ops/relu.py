@@ -54,6 +54,14 @@ def _(grad_output, output):
     return torch.empty_like(output)
 
 
+def _backward_through_the_mask(ctx, grad):
+    """The backward of both Functions below, from the saved y: grad * 1[y > 0]
+    (none for their second input), by ReLUBackwardFunction, so that it can be
+    differentiated again."""
+    (output,) = ctx.saved_tensors
+    return ReLUBackwardFunction.apply(grad, output), None
+
+
 class ReLUFunction(Function):
     """relu as an autograd Function; saves only the output for backward."""
 
@@ -71,10 +79,7 @@ class ReLUFunction(Function):
             ctx.mark_dirty(input)
         ctx.save_for_backward(output)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        (output,) = ctx.saved_tensors
-        return ReLUBackwardFunction.apply(grad_output, output), None
+    backward = staticmethod(_backward_through_the_mask)
 
     @staticmethod
     def vmap(info, in_dims, input, inplace):
@@ -95,10 +100,7 @@ class ReLUBackwardFunction(Function):
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[1])
 
-    @staticmethod
-    def backward(ctx, grad_grad_input):
-        (output,) = ctx.saved_tensors
-        return ReLUBackwardFunction.apply(grad_grad_input, output), None
+    backward = staticmethod(_backward_through_the_mask)
 
     @staticmethod
     def vmap(info, in_dims, grad_output, output):
