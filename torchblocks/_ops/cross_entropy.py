@@ -137,24 +137,26 @@ def backward_rows(logits, target, weight, lse, row_scale, ignore_index, label_sm
     return backward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing, out=out)
 
 
-@custom_op("torchblocks::cross_entropy_forward", mutates_args=())
-def cross_entropy_forward(
-    logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
-    label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss_i, lse_i, w_y or 0 where ignored), each (R,)."""
+RowStats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (loss_i, lse_i, w_y or 0 where ignored), each (R,)
+
+
+def _checked_forward_rows(logits, target, weight, ignore_index, label_smoothing, write_grad):
     require_class_indices("softmax_cross_entropy", target, logits.shape[1], ignore_index)
-    return forward_rows(logits, target, weight, ignore_index, label_smoothing, write_grad=False)
+    return forward_rows(logits, target, weight, ignore_index, label_smoothing, write_grad)
+
+
+@custom_op("torchblocks::cross_entropy_forward", mutates_args=())
+def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                          ignore_index: int, label_smoothing: float) -> RowStats:
+    """(loss_i, lse_i, w_y or 0 where ignored), each (R,)."""
+    return _checked_forward_rows(logits, target, weight, ignore_index, label_smoothing, write_grad=False)
 
 
 @custom_op("torchblocks::cross_entropy_forward_grad_", mutates_args=("logits",))
-def cross_entropy_forward_grad_(
-    logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
-    label_smoothing: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cross_entropy_forward_grad_(logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+                                ignore_index: int, label_smoothing: float) -> RowStats:
     """As cross_entropy_forward, and overwrites ``logits`` with dloss_i/dx."""
-    require_class_indices("softmax_cross_entropy", target, logits.shape[1], ignore_index)
-    return forward_rows(logits, target, weight, ignore_index, label_smoothing, write_grad=True)
+    return _checked_forward_rows(logits, target, weight, ignore_index, label_smoothing, write_grad=True)
 
 
 @cross_entropy_forward.register_fake

@@ -27,6 +27,7 @@ from torchblocks._ops._dispatch import Function, call, custom_op
 from torchblocks._ops._vmap import by_loop
 from torchblocks._ops.cross_entropy import (
     CrossEntropyBackwardFunction,
+    RowStats,
     _log_sum_exp,
     backward_rows,
     forward_rows,
@@ -92,7 +93,7 @@ def _fake_gradients(input, weight, bias) -> List[torch.Tensor]:
 def dense_cross_entropy_forward(
     input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
     ignore_index: int, label_smoothing: float, chunk_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> RowStats:
     """(loss_i, lse_i, w_y or 0 where ignored), each (R,) in the accumulation dtype."""
     require_class_indices("dense_cross_entropy", target, weight.shape[0], ignore_index)
     loss, lse, row_weight = (input.new_empty(input.shape[0], dtype=accumulation_dtype(input.dtype))
