@@ -13,28 +13,33 @@ from torchblocks._validate import IGNORE_INDEX, check_loss_options, require_choi
 __all__ = ["Dense", "DenseCrossEntropy", "ReLU", "SoftmaxCrossEntropy"]
 
 
-def _linear_parameters(module: nn.Module, out_features: int, in_features: int, bias: bool, device, dtype) -> None:
+class _LinearParameters(nn.Module):
     """``weight (out_features, in_features)`` and ``bias (out_features,)`` (or
-    None) on ``module``, laid out and initialised as ``nn.Linear``'s."""
-    factory = {"device": device, "dtype": dtype}
-    module.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
-    if bias:
-        module.bias = nn.Parameter(torch.empty(out_features, **factory))
-    else:
-        module.register_parameter("bias", None)
-    _reset_linear_parameters(module.weight, module.bias)
+    None), laid out and initialised as ``nn.Linear``'s: Dense's and
+    DenseCrossEntropy's."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device, dtype):
+        super().__init__()
+        self.in_features = in_features
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation, the same random draws for the same seed:
+        weight and bias uniform in +-1/sqrt(in_features)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            in_features = self.weight.shape[1]
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
 
 
-def _reset_linear_parameters(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    """nn.Linear's initialisation: the same random draws for the same seed."""
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-    if bias is not None:
-        in_features = weight.shape[1]
-        bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
-        nn.init.uniform_(bias, -bound, bound)
-
-
-class Dense(nn.Module):
+class Dense(_LinearParameters):
     """``act(x @ weight^T + bias)``; the twin of ``nn.Linear`` (+ ``nn.ReLU``).
 
     Parameters ``weight (out_features, in_features)`` and ``bias
@@ -58,16 +63,10 @@ class Dense(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: Optional[str] = None,
                  device=None, dtype=None):
-        super().__init__()
         require_choice("Dense", "activation", activation, F.ACTIVATIONS)
-        self.in_features = in_features
+        super().__init__(in_features, out_features, bias, device, dtype)
         self.out_features = out_features
         self.activation = activation
-        _linear_parameters(self, out_features, in_features, bias, device, dtype)
-
-    def reset_parameters(self) -> None:
-        """nn.Linear's initialisation: weight and bias uniform in +-1/sqrt(in_features)."""
-        _reset_linear_parameters(self.weight, self.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, activation: Optional[str] = None) -> "Dense":
@@ -146,7 +145,7 @@ class SoftmaxCrossEntropy(nn.Module):
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
 
 
-class DenseCrossEntropy(nn.Module):
+class DenseCrossEntropy(_LinearParameters):
     """A Dense classifier head and its cross-entropy loss in one, for large
     class counts: ``forward(input, target)`` returns the loss, never holding
     all ``(N, C)`` logits (``torchblocks.functional.dense_cross_entropy``).
@@ -170,18 +169,12 @@ class DenseCrossEntropy(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = True, ignore_index: int = IGNORE_INDEX,
                  reduction: str = "mean", label_smoothing: float = 0.0, device=None, dtype=None):
-        super().__init__()
         check_loss_options("DenseCrossEntropy", ignore_index, reduction, label_smoothing)
-        self.in_features = in_features
+        super().__init__(in_features, num_classes, bias, device, dtype)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
-        _linear_parameters(self, num_classes, in_features, bias, device, dtype)
-
-    def reset_parameters(self) -> None:
-        """nn.Linear's initialisation, as ``Dense.reset_parameters``."""
-        _reset_linear_parameters(self.weight, self.bias)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.dense_cross_entropy(input, self.weight, target, self.bias, self.ignore_index, self.reduction,
