@@ -131,14 +131,8 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def softmax_cross_entropy(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    weight: Optional[torch.Tensor] = None,
-    ignore_index: int = IGNORE_INDEX,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    *,
-    inplace_backward: bool = False,
+    input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None, ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean", label_smoothing: float = 0.0, *, inplace_backward: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of the softmax of ``input`` against ``target``; twin of
     ``F.cross_entropy``, with its exact semantics.
@@ -234,14 +228,8 @@ def softmax_cross_entropy(
 
 
 def dense_cross_entropy(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    ignore_index: int = IGNORE_INDEX,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    *,
+    input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: Optional[torch.Tensor] = None,
+    ignore_index: int = IGNORE_INDEX, reduction: str = "mean", label_smoothing: float = 0.0, *,
     chunk_rows: Optional[int] = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(input, weight, bias), target, ...)``, fused:
