@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from torchblocks.cli.bench.harness import Case, generator, training_step
+from torchblocks.cli.bench.harness import Case, block_providers, generator
 from torchblocks.functional import softmax_cross_entropy
 
 LOGITS_MOVED = 3  # forward reads the logits; backward reads them again and writes their gradient
@@ -46,9 +46,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool):
             target = torch.randint(classes, (rows,), generator=random, device=device)
             return (logits, target), (logits,), None
 
-        providers = {"torchblocks": training_step(softmax_cross_entropy),
-                     "native": training_step(native_cross_entropy),
-                     "compiled": training_step(torch.compile(native_cross_entropy))}
+        providers = block_providers(softmax_cross_entropy, native_cross_entropy)
         logits_bytes = rows * classes * dtype.itemsize
         minimum = LOGITS_MOVED * logits_bytes + 8 * rows  # and the targets, once
         yield Case("cross_entropy", f"N={rows} C={classes}", logits_bytes / 2**20, "MiB of logits",

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from torchblocks.cli.bench.harness import Case, generator, training_step
+from torchblocks.cli.bench.harness import Case, block_providers, generator
 from torchblocks.functional import dense
 
 GEMMS = 3  # y = x W^T forward; dx = g W and dW = g^T x backward
@@ -55,8 +55,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool):
             grad_output = torch.randn(m, n, generator=random, device=device, dtype=dtype)
             return (x, weight, bias), (x, weight, bias), grad_output
 
-        providers = {"torchblocks": training_step(ours_dense), "native": training_step(native_dense),
-                     "compiled": training_step(torch.compile(native_dense))}
+        providers = block_providers(ours_dense, native_dense)
         flops = GEMMS * 2 * m * n * k
         minimum, ours = bytes_moved(m, n, k, dtype.itemsize)
         yield Case("dense", f"M={m} N={n} K={k}", flops / 1e9, "GFLOP per pass", flops, "TFLOP/s", make_inputs, providers,

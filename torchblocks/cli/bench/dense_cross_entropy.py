@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from torchblocks._ops.dense_cross_entropy import default_chunk_rows
-from torchblocks.cli.bench.harness import Case, generator, training_step
+from torchblocks.cli.bench.harness import Case, block_providers, generator
 from torchblocks.functional import dense_cross_entropy
 
 GEMMS = 3  # logits = x W^T; dx = g W; dW = g^T x
@@ -62,8 +62,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool):
             target = torch.randint(classes, (rows,), generator=random, device=device)
             return (x, weight.requires_grad_(), target), (x, weight), None
 
-        providers = {"torchblocks": training_step(dense_cross_entropy), "native": training_step(native_head),
-                     "compiled": training_step(torch.compile(native_head))}
+        providers = block_providers(dense_cross_entropy, native_head)
         flops = GEMMS * 2 * rows * hidden * classes
         minimum, ours = bytes_moved(rows, hidden, classes, dtype)
         yield Case("dense_cross_entropy", f"N={rows} K={hidden} C={classes}", classes, "classes", flops, "TFLOP/s",

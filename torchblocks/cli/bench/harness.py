@@ -120,6 +120,18 @@ def training_step(forward: Callable[..., torch.Tensor]) -> Provider:
     return step
 
 
+def block_providers(ours: Callable[..., torch.Tensor], native: Callable[..., torch.Tensor]) -> Dict[str, Provider]:
+    """A block's three providers: torchblocks' block, its native twin, and the
+    twin under ``torch.compile``, each one ``training_step``.
+
+    Example::
+
+        >>> providers = block_providers(torchblocks.functional.relu, torch.relu)
+    """
+    return {"torchblocks": training_step(ours), "native": training_step(native),
+            "compiled": training_step(torch.compile(native))}
+
+
 def tensors_in(value) -> List[torch.Tensor]:
     """Every tensor in a (nested) tuple or list.
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from torchblocks.cli.bench.harness import Case, generator, training_step
+from torchblocks.cli.bench.harness import Case, block_providers, generator
 from torchblocks.functional import relu
 
 TENSORS_MOVED = 5  # forward reads x, writes y; backward reads dy and y, writes dx
@@ -29,8 +29,7 @@ def cases(device: str, dtype: torch.dtype, quick: bool):
             grad_output = torch.randn(elements, generator=random, device=device, dtype=dtype)
             return (x,), (x,), grad_output
 
-        providers = {"torchblocks": training_step(relu), "native": training_step(native_relu),
-                     "compiled": training_step(torch.compile(native_relu))}
+        providers = block_providers(relu, native_relu)
         moved = TENSORS_MOVED * elements * dtype.itemsize
         yield Case("relu", f"{mib} MiB", mib, "MiB of x", moved, "GB/s", make_inputs, providers,
                    min_bytes=moved, our_bytes=moved)
