@@ -1,8 +1,11 @@
 """Optimizer steps over many tensors in one launch each.
 
-One launch updates every tensor of a list that shares a device and dtype.
-The tensors are cut into chunks of BLOCK elements; program i updates chunk i,
-which belongs to tensor ``chunk_tensor[i]``. The host passes two tables per
+One launch of ``multi_tensor_kernel`` updates every tensor of a list that
+shares a device and dtype. The tensors are cut into chunks of BLOCK elements;
+program i updates chunk i, which belongs to tensor ``chunk_tensor[i]``, with
+the optimizer's chunk update (``_sgd_chunk``, ``_rmsprop_chunk``,
+``_adam_chunk``), a constexpr argument, as are its switches
+(``<Optimizer>Flags``: a new combination compiles a new kernel). The host passes two tables per
 launch, each laid out by named records below, in their fields' order:
     pointers   (ROLES, T) int64: the data pointer of each role of each of the
                T tensors (``<Optimizer>Tensors``: params, grads, state);
@@ -56,6 +59,14 @@ class SGDScalars(NamedTuple):
     one_minus_dampening: float
 
 
+class SGDFlags(NamedTuple):
+    """SGD's compile-time switches."""
+    WEIGHT_DECAY: bool
+    MOMENTUM: bool
+    NESTEROV: bool
+    MAXIMIZE: bool
+
+
 class SGDRows(NamedTuple):
     """SGD's per-tensor scalars: lists of T."""
     new_buffer: List[float]  # 1.0 where the momentum buffer starts this step
@@ -80,6 +91,14 @@ class RMSpropScalars(NamedTuple):
     momentum: float
 
 
+class RMSpropFlags(NamedTuple):
+    """RMSprop's compile-time switches."""
+    WEIGHT_DECAY: bool
+    MOMENTUM: bool
+    CENTERED: bool
+    MAXIMIZE: bool
+
+
 class AdamTensors(NamedTuple):
     """The tensors of an Adam launch: lists of T, or None where unread."""
     params: List[torch.Tensor]
@@ -101,6 +120,16 @@ class AdamScalars(NamedTuple):
     lr: float  # CAPTURABLE: the bias corrections are computed in the kernel
     log2_beta1: float
     log2_beta2: float
+
+
+class AdamFlags(NamedTuple):
+    """Adam's compile-time switches."""
+    WEIGHT_DECAY: bool
+    DECOUPLED: bool
+    AMSGRAD: bool
+    MAXIMIZE: bool
+    CAPTURABLE: bool  # step counts are device tensors, read in the kernel
+    STEP_DTYPE: tl.dtype  # their dtype
 
 
 class AdamRows(NamedTuple):
@@ -176,16 +205,14 @@ def _div(a, b):
 
 
 @triton.jit
-def _sgd_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
-               DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
-               NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr):
-    """One chunk of the update; ``mask`` is None for a full chunk."""
-    param_ptr, param, grad = _load_param_and_grad(
-        pointers_ptr, t, T, offsets, mask, DTYPE, ACC_DTYPE, MAXIMIZE, ALIGNED)
+def _sgd_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask, param, grad,
+               DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, FLAGS: tl.constexpr, ALIGNED: tl.constexpr):
+    """SGD's new p from p and g (g already negated under MAXIMIZE) on one
+    chunk, its state updated in place (FLAGS: SGDFlags)."""
     lr = tl.load(scalars_ptr + SGD_AT.value.lr).to(ACC_DTYPE)
-    if WEIGHT_DECAY:
+    if FLAGS.WEIGHT_DECAY:
         grad += tl.load(scalars_ptr + SGD_AT.value.weight_decay).to(ACC_DTYPE) * param
-    if MOMENTUM:
+    if FLAGS.MOMENTUM:
         buffer_ptr = _pointer(pointers_ptr, SGD_ROLE.value.momentum_buffers, t, T, DTYPE, ALIGNED)
         momentum = tl.load(scalars_ptr + SGD_AT.value.momentum).to(ACC_DTYPE)
         if tl.load(scalars_ptr + SGD_ROWS_START + SGD_ROW.value.new_buffer * T + t) != 0:
@@ -194,50 +221,29 @@ def _sgd_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
             buffer = tl.load(buffer_ptr + offsets, mask=mask).to(ACC_DTYPE)
             buffer = momentum * buffer + tl.load(scalars_ptr + SGD_AT.value.one_minus_dampening).to(ACC_DTYPE) * grad
         tl.store(buffer_ptr + offsets, buffer.to(DTYPE), mask=mask)
-        if NESTEROV:
+        if FLAGS.NESTEROV:
             grad += momentum * buffer
         else:
             grad = buffer
-    tl.store(param_ptr + offsets, (param - lr * grad).to(DTYPE), mask=mask)
+    return param - lr * grad
 
 
 @triton.jit
-def sgd_kernel(
-    pointers_ptr,  # (3, T) SGDTensors
-    scalars_ptr,  # SGDScalars, then (1, T) SGDRows
-    numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
-    DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr,  # every pointer 16-byte aligned
-    BLOCK: tl.constexpr,
-):
-    t, offsets, mask, full = _chunk(chunk_tensor_ptr, first_chunk_ptr, numel_ptr, BLOCK)
-    if full:  # no mask: 128-bit accesses where the pointers are aligned
-        _sgd_chunk(pointers_ptr, scalars_ptr, t, T, offsets, None,
-                   DTYPE, ACC_DTYPE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE, ALIGNED)
-    else:
-        _sgd_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
-                   DTYPE, ACC_DTYPE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE, ALIGNED)
-
-
-@triton.jit
-def _rmsprop_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
-                   DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
-                   CENTERED: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr):
-    """One chunk of the update; ``mask`` is None for a full chunk."""
-    param_ptr, param, grad = _load_param_and_grad(
-        pointers_ptr, t, T, offsets, mask, DTYPE, ACC_DTYPE, MAXIMIZE, ALIGNED)
+def _rmsprop_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask, param, grad,
+                   DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, FLAGS: tl.constexpr, ALIGNED: tl.constexpr):
+    """RMSprop's new p from p and g (g already negated under MAXIMIZE) on one
+    chunk, its state updated in place (FLAGS: RMSpropFlags)."""
     square_avg_ptr = _pointer(pointers_ptr, RMSPROP_ROLE.value.square_avgs, t, T, DTYPE, ALIGNED)
     lr = tl.load(scalars_ptr + RMSPROP_AT.value.lr).to(ACC_DTYPE)
     alpha = tl.load(scalars_ptr + RMSPROP_AT.value.alpha).to(ACC_DTYPE)
     one_minus_alpha = tl.load(scalars_ptr + RMSPROP_AT.value.one_minus_alpha).to(ACC_DTYPE)
     eps = tl.load(scalars_ptr + RMSPROP_AT.value.eps).to(ACC_DTYPE)
-    if WEIGHT_DECAY:
+    if FLAGS.WEIGHT_DECAY:
         grad += tl.load(scalars_ptr + RMSPROP_AT.value.weight_decay).to(ACC_DTYPE) * param
     square_avg = tl.load(square_avg_ptr + offsets, mask=mask).to(ACC_DTYPE)
     square_avg = alpha * square_avg + one_minus_alpha * grad * grad
     tl.store(square_avg_ptr + offsets, square_avg.to(DTYPE), mask=mask)
-    if CENTERED:
+    if FLAGS.CENTERED:
         grad_avg_ptr = _pointer(pointers_ptr, RMSPROP_ROLE.value.grad_avgs, t, T, DTYPE, ALIGNED)
         grad_avg = tl.load(grad_avg_ptr + offsets, mask=mask).to(ACC_DTYPE)
         grad_avg += one_minus_alpha * (grad - grad_avg)
@@ -245,7 +251,7 @@ def _rmsprop_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
         denom = _sqrt(square_avg - grad_avg * grad_avg) + eps
     else:
         denom = _sqrt(square_avg) + eps
-    if MOMENTUM:
+    if FLAGS.MOMENTUM:
         buffer_ptr = _pointer(pointers_ptr, RMSPROP_ROLE.value.momentum_buffers, t, T, DTYPE, ALIGNED)
         buffer = tl.load(buffer_ptr + offsets, mask=mask).to(ACC_DTYPE)
         buffer = tl.load(scalars_ptr + RMSPROP_AT.value.momentum).to(ACC_DTYPE) * buffer + _div(grad, denom)
@@ -253,42 +259,20 @@ def _rmsprop_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
         param -= lr * buffer
     else:
         param -= lr * _div(grad, denom)
-    tl.store(param_ptr + offsets, param.to(DTYPE), mask=mask)
+    return param
 
 
 @triton.jit
-def rmsprop_kernel(
-    pointers_ptr,  # (5, T) RMSpropTensors
-    scalars_ptr,  # RMSpropScalars
-    numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
-    DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr,  # every pointer 16-byte aligned
-    BLOCK: tl.constexpr,
-):
-    t, offsets, mask, full = _chunk(chunk_tensor_ptr, first_chunk_ptr, numel_ptr, BLOCK)
-    if full:  # no mask: 128-bit accesses where the pointers are aligned
-        _rmsprop_chunk(pointers_ptr, scalars_ptr, t, T, offsets, None,
-                       DTYPE, ACC_DTYPE, WEIGHT_DECAY, MOMENTUM, CENTERED, MAXIMIZE, ALIGNED)
-    else:
-        _rmsprop_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
-                       DTYPE, ACC_DTYPE, WEIGHT_DECAY, MOMENTUM, CENTERED, MAXIMIZE, ALIGNED)
-
-
-@triton.jit
-def _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
-                DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr,
-                AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, CAPTURABLE: tl.constexpr, STEP_DTYPE: tl.constexpr,
-                ALIGNED: tl.constexpr):
-    """One chunk of the update; ``mask`` is None for a full chunk."""
-    param_ptr, param, grad = _load_param_and_grad(
-        pointers_ptr, t, T, offsets, mask, DTYPE, ACC_DTYPE, MAXIMIZE, ALIGNED)
+def _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask, param, grad,
+                DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, FLAGS: tl.constexpr, ALIGNED: tl.constexpr):
+    """Adam's new p from p and g (g already negated under MAXIMIZE) on one
+    chunk, its state updated in place (FLAGS: AdamFlags)."""
     exp_avg_ptr = _pointer(pointers_ptr, ADAM_ROLE.value.exp_avgs, t, T, DTYPE, ALIGNED)
     exp_avg_sq_ptr = _pointer(pointers_ptr, ADAM_ROLE.value.exp_avg_sqs, t, T, DTYPE, ALIGNED)
-    if CAPTURABLE:
+    if FLAGS.CAPTURABLE:
         # the bias corrections from tensor t's step count, read on the device:
         # lr / (1 - beta1^t) and sqrt(1 - beta2^t), with beta^t = 2^(t * log2(beta))
-        step = tl.load(_pointer(pointers_ptr, ADAM_ROLE.value.steps, t, T, STEP_DTYPE, False)).to(ACC_DTYPE)
+        step = tl.load(_pointer(pointers_ptr, ADAM_ROLE.value.steps, t, T, FLAGS.STEP_DTYPE, False)).to(ACC_DTYPE)
         lr = tl.load(scalars_ptr + ADAM_AT.value.lr).to(ACC_DTYPE)
         step_size = _div(lr, 1 - tl.exp2(step * tl.load(scalars_ptr + ADAM_AT.value.log2_beta1).to(ACC_DTYPE)))
         bias_correction2_sqrt = _sqrt(1 - tl.exp2(step * tl.load(scalars_ptr + ADAM_AT.value.log2_beta2).to(ACC_DTYPE)))
@@ -300,8 +284,8 @@ def _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
     beta2 = tl.load(scalars_ptr + ADAM_AT.value.beta2).to(ACC_DTYPE)
     one_minus_beta2 = tl.load(scalars_ptr + ADAM_AT.value.one_minus_beta2).to(ACC_DTYPE)
     eps = tl.load(scalars_ptr + ADAM_AT.value.eps).to(ACC_DTYPE)
-    if WEIGHT_DECAY:
-        if DECOUPLED:
+    if FLAGS.WEIGHT_DECAY:
+        if FLAGS.DECOUPLED:
             param *= tl.load(scalars_ptr + ADAM_AT.value.decay_factor).to(ACC_DTYPE)
         else:
             grad += tl.load(scalars_ptr + ADAM_AT.value.weight_decay).to(ACC_DTYPE) * param
@@ -311,33 +295,40 @@ def _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask,
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * grad * grad
     tl.store(exp_avg_ptr + offsets, exp_avg.to(DTYPE), mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=mask)
-    if AMSGRAD:
+    if FLAGS.AMSGRAD:
         max_exp_avg_sq_ptr = _pointer(pointers_ptr, ADAM_ROLE.value.max_exp_avg_sqs, t, T, DTYPE, ALIGNED)
         exp_avg_sq = tl.maximum(tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(ACC_DTYPE), exp_avg_sq)
         tl.store(max_exp_avg_sq_ptr + offsets, exp_avg_sq.to(DTYPE), mask=mask)
     denom = _div(_sqrt(exp_avg_sq), bias_correction2_sqrt) + eps
-    tl.store(param_ptr + offsets, (param - step_size * _div(exp_avg, denom)).to(DTYPE), mask=mask)
+    return param - step_size * _div(exp_avg, denom)
 
 
 @triton.jit
-def adam_kernel(
-    pointers_ptr,  # (6, T) AdamTensors
-    scalars_ptr,  # AdamScalars, then (2, T) AdamRows (not CAPTURABLE)
+def _step_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask, UPDATE: tl.constexpr, FLAGS: tl.constexpr,
+                DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """p <- UPDATE(p, g) on one chunk; ``mask`` is None for a full chunk."""
+    param_ptr, param, grad = _load_param_and_grad(
+        pointers_ptr, t, T, offsets, mask, DTYPE, ACC_DTYPE, FLAGS.MAXIMIZE, ALIGNED)
+    param = UPDATE(pointers_ptr, scalars_ptr, t, T, offsets, mask, param, grad, DTYPE, ACC_DTYPE, FLAGS, ALIGNED)
+    tl.store(param_ptr + offsets, param.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def multi_tensor_kernel(
+    pointers_ptr,  # (ROLES, T) int64: <Optimizer>Tensors
+    scalars_ptr,  # float64: <Optimizer>Scalars, then <Optimizer>Rows
     numel_ptr, first_chunk_ptr, chunk_tensor_ptr, T,
+    UPDATE: tl.constexpr,  # the update of one chunk: _sgd_chunk, _rmsprop_chunk or _adam_chunk
+    FLAGS: tl.constexpr,  # its switches: SGDFlags, RMSpropFlags or AdamFlags
     DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    WEIGHT_DECAY: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    CAPTURABLE: tl.constexpr,  # step counts are device tensors, read here
-    STEP_DTYPE: tl.constexpr,  # their dtype
     ALIGNED: tl.constexpr,  # every pointer 16-byte aligned
     BLOCK: tl.constexpr,
 ):
     t, offsets, mask, full = _chunk(chunk_tensor_ptr, first_chunk_ptr, numel_ptr, BLOCK)
     if full:  # no mask: 128-bit accesses where the pointers are aligned
-        _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, None, DTYPE, ACC_DTYPE, WEIGHT_DECAY, DECOUPLED,
-                    AMSGRAD, MAXIMIZE, CAPTURABLE, STEP_DTYPE, ALIGNED)
+        _step_chunk(pointers_ptr, scalars_ptr, t, T, offsets, None, UPDATE, FLAGS, DTYPE, ACC_DTYPE, ALIGNED)
     else:
-        _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask, DTYPE, ACC_DTYPE, WEIGHT_DECAY, DECOUPLED,
-                    AMSGRAD, MAXIMIZE, CAPTURABLE, STEP_DTYPE, ALIGNED)
+        _step_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask, UPDATE, FLAGS, DTYPE, ACC_DTYPE, ALIGNED)
 
 
 def _upload(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -377,19 +368,20 @@ def _chunk_table(numels: tuple, device: torch.device):
     return torch.stack([numel, first_chunk]).to(device), chunk_tensor.to(device)
 
 
-def multi_tensor_launch(kernel, tensors: NamedTuple, scalars: NamedTuple, rows: Optional[NamedTuple] = None,
-                        **meta):
-    """Launch ``kernel`` once over T tensors.
+def multi_tensor_launch(update, tensors: NamedTuple, scalars: NamedTuple, rows: Optional[NamedTuple] = None, *,
+                        flags: NamedTuple) -> None:
+    """Run ``update`` (``_sgd_chunk``, ...) over T tensors in one launch of
+    ``multi_tensor_kernel``.
 
     Args:
-        tensors: the kernel's ``<Optimizer>Tensors``: lists of T tensors each
+        tensors: its ``<Optimizer>Tensors``: lists of T tensors each
             (parameters, gradients, state), all on one device, the i-th of
             each dense and laid out like the i-th parameter, so that one flat
             offset serves all (Adam's step counts: one element each, of their
-            own dtype). None for a role the kernel's flags leave unread.
-        scalars: the kernel's ``<Optimizer>Scalars``, shared by every tensor.
-        rows: the kernel's ``<Optimizer>Rows``: lists of T floats each, or None.
-        meta: the kernel's constexpr flags.
+            own dtype). None for a role the flags leave unread.
+        scalars: its ``<Optimizer>Scalars``, shared by every tensor.
+        rows: its ``<Optimizer>Rows``: lists of T floats each, or None.
+        flags: its ``<Optimizer>Flags``, compile-time switches.
 
     In a training loop the step uploads nothing: the pointer, scalar and
     chunk tables are found in their caches (Adam's per-tensor bias
@@ -407,10 +399,10 @@ def multi_tensor_launch(kernel, tensors: NamedTuple, scalars: NamedTuple, rows: 
     scalar_table = _scalar_table(tuple(scalars) + tuple(x for row in (rows or ()) for x in row), device)
     aligned = all(tensor.data_ptr() % 16 == 0 for role in roles for tensor in role)
     with device_guard(params[0]):
-        kernel[(chunk_tensor.numel(),)](
-            pointers, scalar_table, numel, first_chunk, chunk_tensor, len(params),
+        multi_tensor_kernel[(chunk_tensor.numel(),)](
+            pointers, scalar_table, numel, first_chunk, chunk_tensor, len(params), UPDATE=update, FLAGS=flags,
             DTYPE=TRITON_DTYPES[dtype], ACC_DTYPE=TRITON_DTYPES[accumulation_dtype(dtype)], ALIGNED=aligned,
-            BLOCK=ELEMENTWISE_BLOCK, num_warps=elementwise_warps(dtype), **meta,
+            BLOCK=ELEMENTWISE_BLOCK, num_warps=elementwise_warps(dtype),
         )
 
 
@@ -420,10 +412,10 @@ def sgd_step(params, grads, momentum_buffers, new_buffer, *, lr, weight_decay, m
     ``new_buffer[i]`` is True where momentum_buffers[i] is uninitialised this
     step; ``momentum_buffers`` is None without momentum."""
     multi_tensor_launch(
-        sgd_kernel, SGDTensors(params, grads, momentum_buffers),
+        _sgd_chunk, SGDTensors(params, grads, momentum_buffers),
         SGDScalars(lr=lr, weight_decay=weight_decay, momentum=momentum, one_minus_dampening=1 - dampening),
         SGDRows(new_buffer=[float(new) for new in new_buffer]),
-        WEIGHT_DECAY=weight_decay != 0, MOMENTUM=momentum != 0, NESTEROV=nesterov, MAXIMIZE=maximize,
+        flags=SGDFlags(WEIGHT_DECAY=weight_decay != 0, MOMENTUM=momentum != 0, NESTEROV=nesterov, MAXIMIZE=maximize),
     )
 
 
@@ -432,10 +424,11 @@ def rmsprop_step(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr,
     """RMSprop on lists of same-device, same-dtype tensors, in one launch;
     ``grad_avgs`` is None unless centered, ``momentum_buffers`` without momentum."""
     multi_tensor_launch(
-        rmsprop_kernel, RMSpropTensors(params, grads, square_avgs, grad_avgs, momentum_buffers),
+        _rmsprop_chunk, RMSpropTensors(params, grads, square_avgs, grad_avgs, momentum_buffers),
         RMSpropScalars(lr=lr, alpha=alpha, one_minus_alpha=1 - alpha, eps=eps, weight_decay=weight_decay,
                        momentum=momentum),
-        WEIGHT_DECAY=weight_decay != 0, MOMENTUM=momentum > 0, CENTERED=centered, MAXIMIZE=maximize,
+        flags=RMSpropFlags(WEIGHT_DECAY=weight_decay != 0, MOMENTUM=momentum > 0, CENTERED=centered,
+                           MAXIMIZE=maximize),
     )
 
 
@@ -450,13 +443,14 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
     scalars = AdamScalars(decay_factor=1 - lr * weight_decay, weight_decay=weight_decay, one_minus_beta1=1 - beta1,
                           beta2=beta2, one_minus_beta2=1 - beta2, eps=eps, lr=lr, log2_beta1=log2_beta1,
                           log2_beta2=log2_beta2)
-    flags = dict(WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad,
-                 MAXIMIZE=maximize, CAPTURABLE=capturable)
+    step_dtype = TRITON_DTYPES[steps[0].dtype] if capturable and steps else tl.float32
+    flags = AdamFlags(WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad,
+                      MAXIMIZE=maximize, CAPTURABLE=capturable, STEP_DTYPE=step_dtype)
     if capturable:
-        multi_tensor_launch(adam_kernel, AdamTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps),
-                            scalars, STEP_DTYPE=TRITON_DTYPES[steps[0].dtype] if steps else tl.float32, **flags)
+        multi_tensor_launch(_adam_chunk, AdamTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps),
+                            scalars, flags=flags)
         return
     rows = AdamRows(step_sizes=[lr / (1 - beta1**step) for step in steps],
                     bias_corrections2_sqrt=[(1 - beta2**step) ** 0.5 for step in steps])
-    multi_tensor_launch(adam_kernel, AdamTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, None),
-                        scalars, rows, STEP_DTYPE=tl.float32, **flags)
+    multi_tensor_launch(_adam_chunk, AdamTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, None),
+                        scalars, rows, flags=flags)

@@ -49,7 +49,7 @@ class Variant:
     dtype: str  # the data dtype; "float32-tf32" for the TF32 GEMM
     pointers: dict  # argument -> element type ("fp32", "i64", ...)
     integers: dict  # argument -> a typical value (1 becomes a constant, multiples of 16 get the hint)
-    constants: dict  # constexpr argument -> value (a triton dtype given by name, e.g. "tl.float32")
+    constants: dict  # constexpr argument -> value (a triton dtype or the module's function by name: _constant)
     num_warps: int
     num_stages: int = 1
     config: str = ""  # the autotune config, for the table
@@ -168,23 +168,23 @@ def optimizer_variants(arch: int):
     import torch
 
     from torchblocks.kernels._launch import ELEMENTWISE_BLOCK, elementwise_warps
+    from torchblocks.kernels.optim import AdamFlags, RMSpropFlags, SGDFlags
 
     table = dict(pointers_ptr="i64", scalars_ptr="fp64", numel_ptr="i64", first_chunk_ptr="i64",
                  chunk_tensor_ptr="i32")
-    every_option = {
-        "sgd": dict(WEIGHT_DECAY=True, MOMENTUM=True, NESTEROV=True, MAXIMIZE=True),
-        "rmsprop": dict(WEIGHT_DECAY=True, MOMENTUM=True, CENTERED=True, MAXIMIZE=True),
-        "adam": dict(WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=True, MAXIMIZE=True, CAPTURABLE=False,
-                     STEP_DTYPE="tl.float32"),
-        "adam capturable": dict(WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=True, MAXIMIZE=True, CAPTURABLE=True,
-                                STEP_DTYPE="tl.float32"),
+    every_option = {  # the chunk update and every switch on
+        "sgd": ("_sgd_chunk", SGDFlags(WEIGHT_DECAY=True, MOMENTUM=True, NESTEROV=True, MAXIMIZE=True)),
+        "rmsprop": ("_rmsprop_chunk", RMSpropFlags(WEIGHT_DECAY=True, MOMENTUM=True, CENTERED=True, MAXIMIZE=True)),
+        "adam": ("_adam_chunk", AdamFlags(WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=True, MAXIMIZE=True,
+                                          CAPTURABLE=False, STEP_DTYPE="tl.float32")),
+        "adam capturable": ("_adam_chunk", AdamFlags(WEIGHT_DECAY=True, DECOUPLED=True, AMSGRAD=True, MAXIMIZE=True,
+                                                     CAPTURABLE=True, STEP_DTYPE="tl.float32")),
     }
-    for name, flags in every_option.items():
+    for name, (update, flags) in every_option.items():
         for dtype in DTYPES:
-            kernel = f"{name.split()[0]}_kernel"
-            yield Variant(f"{name} step", "optim", kernel, dtype, pointers=table, integers=dict(T=200),
-                          constants=dict(flags, DTYPE=f"tl.{dtype}", ACC_DTYPE=_accumulation(dtype), ALIGNED=True,
-                                         BLOCK=ELEMENTWISE_BLOCK),
+            yield Variant(f"{name} step", "optim", "multi_tensor_kernel", dtype, pointers=table, integers=dict(T=200),
+                          constants=dict(UPDATE=update, FLAGS=flags, DTYPE=f"tl.{dtype}", ACC_DTYPE=_accumulation(dtype),
+                                         ALIGNED=True, BLOCK=ELEMENTWISE_BLOCK),
                           num_warps=elementwise_warps(getattr(torch, dtype)), wide_accesses=True)
 
 
@@ -195,10 +195,19 @@ def variants(arch: int):
     yield from optimizer_variants(arch)
 
 
-def _constant(value):
+def _constant(value, module):
+    """A constexpr's value: a triton dtype by name ("tl.float32"), a function
+    of the kernel's module by name ("_sgd_chunk"), a record of those (a
+    NamedTuple), or the value itself."""
     import triton.language as tl
 
-    return getattr(tl, value[3:]) if isinstance(value, str) and value.startswith("tl.") else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_constant(field, module) for field in value))
+    if isinstance(value, str) and value.startswith("tl."):
+        return getattr(tl, value[3:])
+    if isinstance(value, str) and hasattr(module, value):
+        return getattr(module, value)
+    return value
 
 
 def _ptxas(arch: int) -> str:
@@ -219,13 +228,14 @@ def compile_variant(arch: int, variant: Variant) -> dict:
 
     row = {"arch": arch, "id": variant.id, "name": variant.name, "module": variant.module, "kernel": variant.kernel,
            "dtype": variant.dtype, "config": variant.config, "wide_accesses": variant.wide_accesses}
-    fn = getattr(importlib.import_module(f"torchblocks.kernels.{variant.module}"), variant.kernel)
+    module = importlib.import_module(f"torchblocks.kernels.{variant.module}")
+    fn = getattr(module, variant.kernel)
     while not isinstance(fn, JITFunction):  # an autotuned kernel wraps the JIT function
         fn = fn.fn
     signature, constants, hints = {}, {}, []
     for index, name in enumerate(fn.arg_names):
         if name in variant.constants:
-            signature[name], constants[name] = "constexpr", _constant(variant.constants[name])
+            signature[name], constants[name] = "constexpr", _constant(variant.constants[name], module)
         elif name in variant.pointers:
             signature[name] = "*" + variant.pointers[name]
             hints.append(index)

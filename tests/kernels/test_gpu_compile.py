@@ -85,8 +85,9 @@ def test_gemm_uses_tensor_cores(rows):
 
 def test_elementwise_and_optimizer_kernels_use_128_bit_accesses(rows):
     wide = [row for row in rows if row["wide_accesses"]]
-    assert {row["kernel"] for row in wide} == {"relu_forward_kernel", "relu_backward_kernel", "sgd_kernel",
-                                               "rmsprop_kernel", "adam_kernel"}
+    assert {row["kernel"] for row in wide} == {"relu_forward_kernel", "relu_backward_kernel", "multi_tensor_kernel"}
+    assert {row["name"] for row in wide if row["kernel"] == "multi_tensor_kernel"} == {
+        "sgd step", "rmsprop step", "adam step", "adam capturable step"}
     assert not _failures(wide, lambda row: not (row["wide_loads"] and row["wide_stores"]) and (
         f"128-bit loads {row['wide_loads']}, stores {row['wide_stores']}"))
 
