@@ -9,13 +9,11 @@ import sys
 import tempfile
 import traceback
 
-from torchblocks.cli.bench import BLOCKS as BENCH_BLOCKS
-
 DESCRIPTION = ("torchblocks: the building blocks of a neural network (dense layer, ReLU, softmax "
                "cross-entropy, optimizers), hand-written for PyTorch, checked and timed against native PyTorch.")
 
 
-def _progress(line: str) -> None:
+def _report(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
@@ -32,8 +30,8 @@ def _check(args) -> int:
     scope = "a representative set (--quick: float32 and float64, two option sets per optimizer)" if args.quick \
         else "every dtype and option set"
     if not args.quiet:
-        _progress(f"torchblocks check: {', '.join(only or check.names())}, {scope}")
-    rows = check.run(args.device, args.backend, only, args.quick, None if args.quiet else _progress)
+        _report(f"torchblocks check: {', '.join(only or check.names())}, {scope}")
+    rows = check.run(args.device, args.backend, only, args.quick, None if args.quiet else _report)
     wants_interpreted = args.interpreter and args.device in ("all", "cpu") and args.backend in ("all", "triton")
     if wants_interpreted and not backend.INTERPRETER:
         # The interpreter must be chosen before triton defines any kernel:
@@ -117,6 +115,7 @@ def main(argv=None) -> int:
     """Entry point of the ``torchblocks`` command; returns the exit status."""
     from torchblocks import __version__
     from torchblocks.cli import check as checks
+    from torchblocks.cli.bench import BLOCKS as BENCH_BLOCKS
 
     parser = argparse.ArgumentParser(prog="torchblocks", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"torchblocks {__version__}")
