@@ -2,7 +2,6 @@
 held at or below the figures of the commit that introduced them, and a
 counter that can see what it counts."""
 
-import pytest
 import torch
 
 import torchblocks
