@@ -12,11 +12,13 @@ setup(
     # nothing named plain `kernels` lands in site-packages.
     packages=find_packages(include=["torchblocks", "torchblocks.*"]) + ["torchblocks.kernels"],
     package_dir={"torchblocks.kernels": "kernels"},
-    # The embedded stand-in for MNIST: four small gzipped IDX files.
-    package_data={"torchblocks.cli.data": ["digits/*.gz", "digits/README.md"]},
+    # The embedded stand-in for MNIST: four small gzipped IDX files. The
+    # compiled eager CPU path's source, built on first use (torch.utils.cpp_extension).
+    package_data={"torchblocks.cli.data": ["digits/*.gz", "digits/README.md"], "torchblocks._ops": ["eager_cpu.cpp"]},
     install_requires=[
         "torch>=2.4",
         "numpy",
+        "ninja",  # torch.utils.cpp_extension builds with it
         'triton>=3.0; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
     # hf: torchblocks.hf and patch()'s Hugging Face path; the tests run it

@@ -2,7 +2,9 @@
 
 Without a GPU, the Triton kernels run on the CPU under the Triton interpreter:
 TRITON_INTERPRET=1 is set here, before anything imports triton or torchblocks.
-The ``target`` fixture runs a test on each (device, backend) pair; pairs this
+The ``target`` fixture runs a test on each (device, backend) pair, and the
+reference backend on the CPU twice: through the compiled eager path
+(torchblocks/_ops/eager_cpu.cpp) and through the Python Functions; pairs this
 machine cannot run are skipped with the reason, never passed silently.
 """
 
@@ -17,6 +19,7 @@ if not HAS_CUDA:
 
 import torchblocks  # noqa: E402  (after TRITON_INTERPRET is decided)
 from torchblocks import backend  # noqa: E402
+from torchblocks._ops import _eager_cpu  # noqa: E402
 
 NO_CUDA = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 NO_TRITON = pytest.mark.skipif(not backend.TRITON_AVAILABLE, reason="needs triton")
@@ -26,6 +29,7 @@ NO_INTERPRETER = pytest.mark.skipif(
 
 TARGETS = [
     pytest.param(("cpu", "reference"), id="reference-cpu"),
+    pytest.param(("cpu", "reference-python"), id="reference-cpu-python"),
     pytest.param(("cpu", "triton"), id="triton-interpreter", marks=[pytest.mark.triton, NO_TRITON, NO_INTERPRETER]),
     pytest.param(("cuda", "reference"), id="reference-cuda", marks=[pytest.mark.cuda, NO_CUDA]),
     pytest.param(("cuda", "triton"), id="triton-cuda", marks=[pytest.mark.cuda, pytest.mark.triton, NO_CUDA, NO_TRITON]),
@@ -33,11 +37,14 @@ TARGETS = [
 
 
 class Target:
-    """Where a test runs: ``device`` and the backend in force during the test."""
+    """Where a test runs: ``device`` and the backend in force during the test;
+    ``python_eager``: the CPU reference through the Python Functions, the
+    compiled eager path turned off."""
 
     def __init__(self, device: str, backend_name: str):
         self.device = device
-        self.backend = backend_name
+        self.python_eager = backend_name == "reference-python"
+        self.backend = "reference" if self.python_eager else backend_name
         self.interpreted = device == "cpu" and backend_name == "triton"
 
     def skip_unsupported(self, dtype: torch.dtype):
@@ -48,9 +55,14 @@ class Target:
 
 @pytest.fixture(params=TARGETS)
 def target(request):
-    device, backend_name = request.param
-    with torchblocks.use_backend(backend_name):
-        yield Target(device, backend_name)
+    target = Target(*request.param)
+    compiled_eager = _eager_cpu.set_enabled(False) if target.python_eager else None
+    try:
+        with torchblocks.use_backend(target.backend):
+            yield target
+    finally:
+        if target.python_eager:
+            _eager_cpu.set_enabled(compiled_eager)
 
 
 def pytest_configure(config):

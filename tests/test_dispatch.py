@@ -6,7 +6,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchblocks
-from torchblocks._ops import _dispatch
+from torchblocks._ops import _dispatch, _eager_cpu
 
 
 class OpNames(TorchDispatchMode):
@@ -20,6 +20,7 @@ class OpNames(TorchDispatchMode):
 
 
 def test_eager_calls_skip_the_dispatcher_and_modes_see_the_op(target, monkeypatch):
+    monkeypatch.setattr(_eager_cpu, "_enabled", False)  # the Python Functions' path, the one with custom ops
     direct = []
     body = _dispatch._BODIES["torchblocks::relu"]
     monkeypatch.setitem(_dispatch._BODIES, "torchblocks::relu", lambda x: direct.append(x) or body(x))

@@ -11,6 +11,7 @@ from torch import nn
 from torch.profiler import profile
 
 import torchblocks
+from torchblocks._ops import _eager_cpu
 from torchblocks.testing import assert_close
 
 NATIVE_OPS = ("aten::linear", "aten::relu", "aten::relu_", "aten::nll_loss", "aten::nll_loss_nd", "aten::_log_softmax",
@@ -121,14 +122,16 @@ def test_native_errors_stay_errors():
         F.linear(randn(2, 3), randn(4, 5))
 
 
-def test_enable_and_disable():
+def test_enable_and_disable(monkeypatch):
     x = randn(4, 3).requires_grad_()
     torchblocks.enable()
     try:
-        assert type(F.relu(x).grad_fn).__name__ == "ReLUFunctionBackward"
+        assert F.relu(x).grad_fn.name() == "torch::autograd::CppNode<torchblocks::ReLU>"  # the compiled eager path
+        monkeypatch.setattr(_eager_cpu, "_enabled", False)
+        assert F.relu(x).grad_fn.name() == "ReLUFunctionBackward"
     finally:
         torchblocks.disable()
-    assert type(F.relu(x).grad_fn).__name__ == "ReluBackward0"
+    assert F.relu(x).grad_fn.name() == "ReluBackward0"
     torchblocks.disable()  # off already: nothing to do
 
 

@@ -9,12 +9,14 @@ from typing import Optional
 
 import torch
 
+from torchblocks._ops import _eager_cpu
 from torchblocks._ops.cross_entropy import CrossEntropyFunction, ProbabilityCrossEntropyFunction, reduce_rows
 from torchblocks._ops.dense import DenseFunction
 from torchblocks._ops.dense_cross_entropy import DenseCrossEntropyFunction, default_chunk_rows
 from torchblocks._ops.relu import ReLUFunction
 from torchblocks._validate import (
     IGNORE_INDEX,
+    REDUCTIONS,
     autocast_like_native,
     autocast_to_float32,
     check_loss_options,
@@ -88,7 +90,9 @@ def dense(
     input, weight, bias = autocast_like_native(input, weight, bias)
     out_features, in_features = _check_linear("dense", input, weight, bias, "out_features")
     rows = math.prod(input.shape[:-1])  # not -1: ambiguous when in_features is 0
-    output = DenseFunction.apply(input.reshape(rows, in_features), weight, bias, activation == "relu")
+    arguments = (input.reshape(rows, in_features), weight, bias, activation == "relu")
+    compiled = _eager_cpu.runs(input, weight, bias)
+    output = compiled.dense(*arguments) if compiled else DenseFunction.apply(*arguments)
     # A 2-D result is returned as is, not as a view of itself: native's is no
     # view, and FSDP2 warns that in-place ops on a view skip its backward hooks.
     return output if input.dim() == 2 else output.reshape(*input.shape[:-1], out_features)
@@ -116,7 +120,8 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     inplace = bool(inplace)  # any truthy value, as F.relu takes it
     if inplace:
         require_no_internal_overlap("relu", "input", input)
-    return ReLUFunction.apply(input, inplace)
+    compiled = _eager_cpu.runs(input)
+    return compiled.relu(input, inplace) if compiled else ReLUFunction.apply(input, inplace)
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -220,11 +225,16 @@ def softmax_cross_entropy(
         )
     needs_grad = input.requires_grad and torch.is_grad_enabled()
     in_place = inplace_backward and needs_grad
+    compiled = _eager_cpu.runs(input, target) if weight is None and label_smoothing == 0 and not in_place else None
+    if compiled:  # None back where a target is ignored or out of range: the Python Function handles those
+        loss = compiled.cross_entropy(_rows(input), target.reshape(-1), ignore_index, REDUCTIONS.index(reduction))
+        if loss is not None:
+            return loss.reshape(target.shape) if reduction == "none" and target.dim() != 1 else loss
     loss, row_weight, *_ = CrossEntropyFunction.apply(
         _rows(input), target.reshape(-1), weight, ignore_index, label_smoothing, in_place,
         needs_grad and not in_place and input.device.type == "cpu")
     loss = reduce_rows(loss, row_weight.sum(), reduction, input.dtype)
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    return loss.reshape(target.shape) if reduction == "none" and target.dim() != 1 else loss
 
 
 def dense_cross_entropy(

@@ -1,0 +1,173 @@
+"""The compiled eager CPU path (torchblocks/_ops/eager_cpu.cpp): taken by plain
+eager CPU calls only, the same numbers as the Python Functions to the bit,
+differentiable twice; a failed build leaves the Python path running. Its
+parity with native PyTorch is every reference-cpu test of the blocks (the
+reference-cpu-python target runs those through the Python Functions)."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torchblocks.functional as TF
+from torchblocks._ops import _eager_cpu
+from torchblocks.testing import assert_close
+
+COMPILED = "torch::autograd::CppNode<torchblocks::{}>"
+OFF = os.environ.get("TORCHBLOCKS_EAGER_CPU") == "0"
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+
+
+def indices(rows, classes, seed=0, dtype=torch.int64):
+    return torch.randint(classes, (rows,), generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.fixture
+def python_eager(monkeypatch):
+    """Runs a call through the Python Functions: ``python_eager(fn, *args)``."""
+    def run(fn, *args, **kwargs):
+        monkeypatch.setattr(_eager_cpu, "_enabled", False)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            monkeypatch.undo()
+    return run
+
+
+@pytest.mark.skipif(OFF, reason="TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off")
+def test_it_builds_here():
+    assert _eager_cpu.module() is not None, _eager_cpu.build_error()
+
+
+CALLS = {  # block: (call, its Function's name in eager_cpu.cpp)
+    "relu": (lambda: TF.relu(randn(5, 7).requires_grad_()), "ReLU"),
+    "relu_": (lambda: TF.relu(randn(5, 7).requires_grad_() * 1, inplace=True), "ReLU"),
+    "dense": (lambda: TF.dense(randn(4, 8), randn(6, 8).requires_grad_(), randn(6)), "Dense"),
+    "dense-relu": (lambda: TF.dense(randn(4, 8).requires_grad_(), randn(6, 8), None, "relu"), "Dense"),
+    "cross_entropy": (lambda: TF.softmax_cross_entropy(randn(9, 5).requires_grad_(), indices(9, 5)), "CrossEntropy"),
+}
+
+
+@pytest.mark.skipif(OFF, reason="TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off")
+@pytest.mark.parametrize("block", CALLS)
+def test_plain_eager_cpu_calls_take_it(block, python_eager):
+    call, name = CALLS[block]
+    assert call().grad_fn.name() == COMPILED.format(name)
+    assert "CppNode" not in python_eager(call).grad_fn.name()
+
+
+class Ops(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_other_calls_take_the_python_functions():
+    logits, labels = randn(9, 5).requires_grad_(), indices(9, 5)
+    labels_with_ignored = labels.clone()
+    labels_with_ignored[2] = -100
+    python_calls = {
+        "class weights": lambda: TF.softmax_cross_entropy(logits, labels, weight=torch.rand(5)),
+        "label smoothing": lambda: TF.softmax_cross_entropy(logits, labels, label_smoothing=0.1),
+        "an ignored row": lambda: TF.softmax_cross_entropy(logits, labels_with_ignored),
+        "inplace_backward": lambda: TF.softmax_cross_entropy(logits * 1, labels, inplace_backward=True),
+        "probabilities": lambda: TF.softmax_cross_entropy(logits, torch.softmax(randn(9, 5), 1)),
+    }
+    for what, call in python_calls.items():
+        assert "CppNode" not in call().grad_fn.name(), what
+    with Ops():
+        assert "CppNode" not in TF.relu(randn(3).requires_grad_()).grad_fn.name()
+    x = randn(6)
+    assert torch.equal(torch.func.grad(lambda x: TF.relu(x).sum())(x), (x > 0).float())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_same_bits_as_the_python_functions(reduction, dtype, python_eager):
+    def run(fn, *inputs, grad_output):
+        leaves = [t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs]
+        output = fn(*leaves)
+        output.backward(grad_output)
+        return [output] + [leaf.grad for leaf in leaves if leaf.is_floating_point()]
+
+    x = randn(33, 17, dtype=dtype).t()  # (17, 33), transposed: strides reach the ops as built
+    w, b = randn(12, 33, dtype=dtype, seed=1), randn(12, dtype=dtype, seed=2)
+    labels = indices(17, 33, dtype=torch.uint8)
+    grad_loss = randn(17, dtype=dtype, seed=3) if reduction == "none" else torch.tensor(0.7, dtype=dtype)
+    blocks = {
+        "relu": (lambda x: TF.relu(x), [x], randn(17, 33, dtype=dtype, seed=4)),
+        "dense": (lambda x, w, b: TF.dense(x, w, b), [x, w, b], randn(17, 12, dtype=dtype, seed=5)),
+        "dense-relu": (lambda x, w: TF.dense(x, w, activation="relu"), [x, w], randn(17, 12, dtype=dtype, seed=6)),
+        "cross_entropy": (lambda x, y: TF.softmax_cross_entropy(x, y, reduction=reduction), [x, labels], grad_loss),
+    }
+    for name, (fn, inputs, grad_output) in blocks.items():
+        compiled = run(fn, *inputs, grad_output=grad_output)
+        python = python_eager(run, fn, *inputs, grad_output=grad_output)
+        for ours, theirs in zip(compiled, python):
+            assert ours.dtype == theirs.dtype and ours.shape == theirs.shape and torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("block", ["relu", "dense", "dense-relu", "cross_entropy"])
+def test_gradcheck_and_gradgradcheck(block):
+    x = randn(5, 6, dtype=torch.float64).requires_grad_()
+    w, b = randn(4, 6, dtype=torch.float64, seed=1).requires_grad_(), randn(4, dtype=torch.float64).requires_grad_()
+    labels = indices(5, 6)
+    fn, inputs = {
+        "relu": (TF.relu, [x + 0.1]),  # away from the kink at 0
+        "dense": (TF.dense, [x, w, b]),
+        "dense-relu": (lambda x, w, b: TF.dense(x, w, b, "relu"), [x, w, b]),
+        "cross_entropy": (lambda x: TF.softmax_cross_entropy(x, labels, reduction="none"), [x]),
+    }[block]
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    assert "CppNode" in fn(*inputs).grad_fn.name() or OFF
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_a_retained_graph_gives_the_same_gradient_twice():
+    logits = randn(8, 5).requires_grad_()
+    loss = TF.softmax_cross_entropy(logits, indices(8, 5))
+    first, = torch.autograd.grad(loss, logits, retain_graph=True)  # scales the forward's buffer
+    second, = torch.autograd.grad(loss, logits)  # recomputes it
+    assert torch.equal(first, second)
+    assert_close(first, torch.autograd.grad(torch.nn.functional.cross_entropy(logits, indices(8, 5)), logits)[0])
+
+
+def test_a_failed_build_warns_once_and_the_python_path_runs(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(_eager_cpu, "_build", no_compiler)
+    monkeypatch.setattr(_eager_cpu, "_module", None)
+    monkeypatch.setattr(_eager_cpu, "_build_error", None)
+    x = randn(4).requires_grad_()
+    with pytest.warns(RuntimeWarning, match="no C.. compiler"):
+        y = TF.relu(x)
+    assert torch.equal(y, x.clamp_min(0)) and y.grad_fn.name() == "ReLUFunctionBackward"
+    assert "no C++ compiler" in _eager_cpu.build_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tried once: no second warning
+        assert TF.relu(x).grad_fn.name() == "ReLUFunctionBackward"
+
+
+def test_turned_off_by_the_environment():
+    code = ("import torch, torchblocks.functional as TF; from torchblocks._ops import _eager_cpu; "
+            "print(_eager_cpu.module(), TF.relu(torch.randn(3, requires_grad=True)).grad_fn.name())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "TORCHBLOCKS_EAGER_CPU": "0"})
+    assert result.stdout.split() == ["None", "ReLUFunctionBackward"] and "compiling" not in result.stderr
+
+
+def test_a_build_folder_per_environment_and_torch_version(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = _eager_cpu.build_directory()
+    assert folder.parent == tmp_path and torch.__version__ in folder.name
+    monkeypatch.setattr(sys, "prefix", "/another/venv")
+    assert _eager_cpu.build_directory() != folder

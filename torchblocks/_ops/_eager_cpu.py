@@ -1,0 +1,123 @@
+"""The compiled eager CPU path: eager_cpu.cpp, built once per environment.
+
+On the CPU the reference backend's blocks are a few ATen ops each, and a
+small call costs more in autograd's handling of a Python Function (about
+20 us) than in arithmetic. eager_cpu.cpp holds ReLU, Dense and the common
+case of softmax cross-entropy as C++ autograd Functions of the same ops, so
+that a plain eager call costs what a native one does. Everything else (a
+compiling or exporting trace, torch.func, tensor subclasses, dispatch modes,
+the profiler, the Triton backend, CUDA tensors) takes the Python Functions
+and custom ops as before.
+
+The first call that could use it compiles it with
+``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 30 s on two
+cores, once per Python environment and torch version) into
+``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Without a
+compiler it warns once and the Python path runs. ``TORCHBLOCKS_EAGER_CPU=0``
+turns it off.
+"""
+
+import hashlib
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from torchblocks import backend
+from torchblocks._ops._dispatch import plain_eager
+
+SOURCE = Path(__file__).with_name("eager_cpu.cpp")
+NAME = "torchblocks_eager_cpu"
+
+_enabled = os.environ.get("TORCHBLOCKS_EAGER_CPU", "1") != "0"
+_module = None
+_build_error: Optional[str] = None
+
+
+def build_directory() -> Path:
+    """Where the module is built: one folder per Python environment and torch
+    version, so that two environments never rebuild each other's.
+
+    Example::
+
+        >>> build_directory()
+        PosixPath('/root/.cache/torch_extensions/torchblocks-py311-torch2.13.0+cpu-3f2a9c1e')
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    environment = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
+    version = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    return Path(root) / f"torchblocks-{version}-{environment}"
+
+
+def _build():
+    from torch.utils import cpp_extension  # imported only when building: it is slow to import
+
+    if shutil.which("ninja") is None:
+        try:  # the ninja wheel's binary, where its venv's bin is not on PATH
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob(f"{NAME}*.so")):
+        print(f"torchblocks: compiling the eager CPU path once for this environment (about 30 s) in {directory}",
+              file=sys.stderr, flush=True)
+    return cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(directory))
+
+
+def module():
+    """The compiled module, built on the first call; None when it is turned
+    off or cannot be built (then ``build_error()`` says why).
+
+    Example::
+
+        >>> module().relu(torch.randn(4), False)
+    """
+    global _module, _build_error
+    if _module is None and _build_error is None and _enabled:
+        try:
+            _module = _build()
+        except Exception as error:  # no compiler, no ninja, a failed build: the Python path runs
+            _build_error = f"{type(error).__name__}: {error}"
+            warnings.warn(f"torchblocks: the compiled eager CPU path could not be built, so the Python one runs "
+                          f"(set TORCHBLOCKS_EAGER_CPU=0 to skip trying): {_build_error}", RuntimeWarning)
+    return _module if _enabled else None
+
+
+def build_error() -> Optional[str]:
+    """Why ``module()`` is None after a failed build, else None."""
+    return _build_error
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Turn the compiled path on or off for this process; returns the previous
+    setting (the tests use it to run the Python path in eager mode).
+
+    Example::
+
+        >>> previous = set_enabled(False)
+    """
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def runs(*tensors: Optional[torch.Tensor]):
+    """The compiled module when a call with ``tensors`` (the first one decides
+    the device and backend; None stands for an absent bias) goes to it, else
+    None: CPU tensors, the reference backend for them, a plain eager call.
+
+    Example::
+
+        >>> compiled = runs(input)
+        >>> output = compiled.relu(input, False) if compiled else ReLUFunction.apply(input, False)
+    """
+    first = tensors[0]
+    if not _enabled or first.device.type != "cpu" or backend.use_triton(first) or not plain_eager(tensors):
+        return None
+    return module()
