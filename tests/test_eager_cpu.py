@@ -88,30 +88,54 @@ def test_other_calls_take_the_python_functions():
     assert torch.equal(torch.func.grad(lambda x: TF.relu(x).sum())(x), (x > 0).float())
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_same_bits_as_the_python_functions(reduction, dtype, python_eager):
-    def run(fn, *inputs, grad_output):
-        leaves = [t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs]
-        output = fn(*leaves)
-        output.backward(grad_output)
-        return [output] + [leaf.grad for leaf in leaves if leaf.is_floating_point()]
+def _forward_and_backward(fn, *inputs, grad_output):
+    leaves = [t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    output = fn(*leaves)
+    output.backward(grad_output)
+    return [output] + [leaf.grad for leaf in leaves if leaf.is_floating_point()]
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_relu_and_dense_give_the_python_functions_bits(dtype, python_eager):
     x = randn(33, 17, dtype=dtype).t()  # (17, 33), transposed: strides reach the ops as built
     w, b = randn(12, 33, dtype=dtype, seed=1), randn(12, dtype=dtype, seed=2)
-    labels = indices(17, 33, dtype=torch.uint8)
-    grad_loss = randn(17, dtype=dtype, seed=3) if reduction == "none" else torch.tensor(0.7, dtype=dtype)
     blocks = {
         "relu": (lambda x: TF.relu(x), [x], randn(17, 33, dtype=dtype, seed=4)),
         "dense": (lambda x, w, b: TF.dense(x, w, b), [x, w, b], randn(17, 12, dtype=dtype, seed=5)),
         "dense-relu": (lambda x, w: TF.dense(x, w, activation="relu"), [x, w], randn(17, 12, dtype=dtype, seed=6)),
-        "cross_entropy": (lambda x, y: TF.softmax_cross_entropy(x, y, reduction=reduction), [x, labels], grad_loss),
     }
     for name, (fn, inputs, grad_output) in blocks.items():
-        compiled = run(fn, *inputs, grad_output=grad_output)
-        python = python_eager(run, fn, *inputs, grad_output=grad_output)
+        compiled = _forward_and_backward(fn, *inputs, grad_output=grad_output)
+        python = python_eager(_forward_and_backward, fn, *inputs, grad_output=grad_output)
         for ours, theirs in zip(compiled, python):
             assert ours.dtype == theirs.dtype and ours.shape == theirs.shape and torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("rows, classes", [(17, 33), (1, 1), (300, 131)], ids=["17x33", "1x1", "300x131"])
+def test_cross_entropy_matches_the_python_function(rows, classes, layout, reduction, dtype, python_eager):
+    """Its bits on contiguous logits. Transposed logits make the Python
+    Function's intermediates column-major, so its exp2 meets the elements in
+    another order (vector lanes and scalar tail: last-bit differences)."""
+    x = randn(rows, classes, dtype=dtype) if layout == "contiguous" else randn(classes, rows, dtype=dtype).t()
+    x[0, 0] = 30.0  # a row whose max stands out: exp(x - max) overflows unless the max is subtracted
+    labels = indices(rows, classes, dtype=torch.uint8)
+    grad_loss = randn(rows, dtype=dtype, seed=3) if reduction == "none" else torch.tensor(0.7, dtype=dtype)
+
+    def fn(x, y):
+        return TF.softmax_cross_entropy(x, y, reduction=reduction)
+
+    compiled = _forward_and_backward(fn, x, labels, grad_output=grad_loss)
+    python = python_eager(_forward_and_backward, fn, x, labels, grad_output=grad_loss)
+    assert "CppNode" in fn(x.requires_grad_(), labels).grad_fn.name()
+    for ours, theirs, what in zip(compiled, python, ["loss", "gradient"]):
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, what
+        if layout == "contiguous":
+            assert torch.equal(ours, theirs), what
+        else:
+            assert_close(ours, theirs, what=what)
 
 
 @pytest.mark.parametrize("block", ["relu", "dense", "dense-relu", "cross_entropy"])

@@ -16,7 +16,6 @@ from torchblocks._ops.dense_cross_entropy import DenseCrossEntropyFunction, defa
 from torchblocks._ops.relu import ReLUFunction
 from torchblocks._validate import (
     IGNORE_INDEX,
-    REDUCTIONS,
     autocast_like_native,
     autocast_to_float32,
     check_loss_options,
@@ -173,6 +172,12 @@ def softmax_cross_entropy(
         >>> loss = torchblocks.functional.softmax_cross_entropy(logits, labels)
         >>> loss.backward()  # logits.grad = (softmax(logits) - onehot(labels)) / 128
     """
+    if weight is None and inplace_backward is False and type(ignore_index) is int and type(reduction) is str \
+            and type(label_smoothing) in (int, float) and not label_smoothing:
+        compiled = _eager_cpu.runs(input, target)  # its call checks the rest: None back unless plain
+        loss = compiled.cross_entropy(input, target, ignore_index, reduction) if compiled else None
+        if loss is not None:
+            return loss
     fn = "softmax_cross_entropy"
     require_tensor(fn, "input", input)
     require_tensor(fn, "target", target)
@@ -225,11 +230,6 @@ def softmax_cross_entropy(
         )
     needs_grad = input.requires_grad and torch.is_grad_enabled()
     in_place = inplace_backward and needs_grad
-    compiled = _eager_cpu.runs(input, target) if weight is None and label_smoothing == 0 and not in_place else None
-    if compiled:  # None back where a target is ignored or out of range: the Python Function handles those
-        loss = compiled.cross_entropy(_rows(input), target.reshape(-1), ignore_index, REDUCTIONS.index(reduction))
-        if loss is not None:
-            return loss.reshape(target.shape) if reduction == "none" and target.dim() != 1 else loss
     loss, row_weight, *_ = CrossEntropyFunction.apply(
         _rows(input), target.reshape(-1), weight, ignore_index, label_smoothing, in_place,
         needs_grad and not in_place and input.device.type == "cpu")

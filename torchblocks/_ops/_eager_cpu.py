@@ -3,8 +3,8 @@
 On the CPU the reference backend's blocks are a few ATen ops each, and a
 small call costs more in autograd's handling of a Python Function (about
 20 us) than in arithmetic. eager_cpu.cpp holds ReLU, Dense and the common
-case of softmax cross-entropy as C++ autograd Functions of the same ops, so
-that a plain eager call costs what a native one does. Everything else (a
+case of softmax cross-entropy as C++ autograd Functions of the same arithmetic
+(the same bits), so that a plain eager call costs about what a native one does. Everything else (a
 compiling or exporting trace, torch.func, tensor subclasses, dispatch modes,
 the profiler, the Triton backend, CUDA tensors) takes the Python Functions
 and custom ops as before.
@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
-from torchblocks._ops._dispatch import plain_eager
+from torchblocks._ops._dispatch import PLAIN_TYPES, plain_eager
 
 SOURCE = Path(__file__).with_name("eager_cpu.cpp")
 NAME = "torchblocks_eager_cpu"
@@ -110,7 +110,7 @@ def set_enabled(enabled: bool) -> bool:
 def runs(*tensors: Optional[torch.Tensor]):
     """The compiled module when a call with ``tensors`` (the first one decides
     the device and backend; None stands for an absent bias) goes to it, else
-    None: CPU tensors, the reference backend for them, a plain eager call.
+    None: plain CPU tensors, the reference backend for them, a plain eager call.
 
     Example::
 
@@ -118,6 +118,7 @@ def runs(*tensors: Optional[torch.Tensor]):
         >>> output = compiled.relu(input, False) if compiled else ReLUFunction.apply(input, False)
     """
     first = tensors[0]
-    if not _enabled or first.device.type != "cpu" or backend.use_triton(first) or not plain_eager(tensors):
+    if not _enabled or not all(type(tensor) in PLAIN_TYPES for tensor in tensors if tensor is not None) \
+            or first.device.type != "cpu" or backend.use_triton(first) or not plain_eager(tensors):
         return None
     return module()

@@ -1,12 +1,19 @@
 // The reference backend's eager CPU path, compiled: the plain-PyTorch bodies
-// of relu.py, dense.py and cross_entropy.py's common case, op for op, as C++
-// autograd Functions. A Python autograd Function costs about 20 us a call in
+// of relu.py, dense.py and cross_entropy.py's common case, the same arithmetic,
+// as C++ autograd Functions. A Python autograd Function costs about 20 us a call in
 // autograd's Python handling alone, more than a small block's arithmetic;
 // these cost what a native op does. torchblocks/_ops/_eager_cpu.py builds
 // this file once per environment and decides when it runs.
 
 #include <torch/extension.h>
 
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <optional>
 
 using at::Tensor;
@@ -88,19 +95,78 @@ struct RowStats {
   Tensor gradient;  // (R, C): p - onehot(y), or undefined
 };
 
-RowStats forward_rows(const Tensor& logits, const Tensor& target, bool with_gradient) {
-  Tensor x = logits.to(accumulation_dtype(logits.scalar_type()));
-  Tensor index = target.to(at::kLong).unsqueeze(1);
-  Tensor row_max = x.amax({1}, true);
-  Tensor target_logit = x.gather(1, index).squeeze(1);
-  Tensor exp_shifted = (x - row_max).mul_(kLog2E).exp2_();  // exp as the kernels compute it
-  Tensor sum_exp = exp_shifted.sum({1}, true);
-  Tensor lse = (row_max + sum_exp.log()).squeeze(1);
-  Tensor gradient;
-  if (with_gradient) {
-    gradient = exp_shifted.div_(sum_exp).scatter_(1, index, -1.0, "add");
+// Rows per task of the two passes below: about at::internal::GRAIN_SIZE logits.
+int64_t grain_rows(int64_t classes) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, classes));
+}
+
+// One pass over the logits x (R, C), rows contiguous: (x - m_i) * log2(e)
+// into ``shifted`` (R, C) in the accumulation dtype, for exp2 to turn into exp(x - m_i).
+template <typename scalar_t>
+void shift_rows(const Tensor& logits, const Tensor& row_max, Tensor& shifted) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t classes = logits.size(1), row_stride = logits.stride(0);
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  const acc_t* m = row_max.const_data_ptr<acc_t>();
+  acc_t* shifted_out = shifted.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, logits.size(0), grain_rows(classes), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* row = x + i * row_stride;
+      acc_t* out = shifted_out + i * classes;
+      const acc_t row_max_i = m[i];
+      for (int64_t c = 0; c < classes; ++c) {
+        out[c] = (static_cast<acc_t>(row[c]) - row_max_i) * acc_t(kLog2E);
+      }
+    }
+  });
+}
+
+// One pass over the rows after p = exp(x - m) / s: loss_i = m_i + log s_i - x_iy,
+// and p_iy - 1 in place where the gradient p - onehot(y) is wanted.
+template <typename scalar_t, typename index_t>
+void finish_rows(const Tensor& logits, const Tensor& target, const Tensor& row_max, const Tensor& log_sum_exp,
+                 Tensor& probabilities, Tensor& loss, bool with_gradient) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t classes = logits.size(1), row_stride = logits.stride(0), target_stride = target.stride(0);
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  const index_t* y = target.const_data_ptr<index_t>();
+  const acc_t* m = row_max.const_data_ptr<acc_t>();
+  const acc_t* log_s = log_sum_exp.const_data_ptr<acc_t>();
+  acc_t* p = probabilities.mutable_data_ptr<acc_t>();
+  acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
+  for (int64_t i = 0; i < logits.size(0); ++i) {
+    const int64_t label = static_cast<int64_t>(y[i * target_stride]);
+    loss_out[i] = (m[i] + log_s[i]) - static_cast<acc_t>(x[i * row_stride + label]);
+    if (with_gradient) {
+      p[i * classes + label] += acc_t(-1);
+    }
   }
-  return {lse - target_logit, gradient};
+}
+
+// ATen's vectorized max, exp2, row sum, log and division, and two loops of our
+// own in place of the gather, subtract, scale, scatter and add of cross_entropy.py's
+// _plain_forward_and_gradient: its arithmetic, so its numbers to the bit (rows in
+// contiguous memory), in fewer passes and ops.
+RowStats forward_rows(const Tensor& any_logits, const Tensor& target, bool with_gradient) {
+  const Tensor logits = any_logits.stride(1) == 1 ? any_logits : any_logits.contiguous();
+  auto options = logits.options().dtype(accumulation_dtype(logits.scalar_type()));
+  const Tensor row_max = logits.amax(1).to(options.dtype());
+  Tensor exp_shifted = at::empty(logits.sizes(), options);
+  Tensor loss = at::empty({logits.size(0)}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_rows", [&] {
+    shift_rows<scalar_t>(logits, row_max, exp_shifted);
+    exp_shifted.exp2_();
+    const Tensor sum_exp = exp_shifted.sum(1, true), log_sum_exp = sum_exp.log();  // ATen's log: its bits
+    if (with_gradient) {
+      exp_shifted.div_(sum_exp);
+    }
+    if (target.scalar_type() == at::kLong) {
+      finish_rows<scalar_t, int64_t>(logits, target, row_max, log_sum_exp, exp_shifted, loss, with_gradient);
+    } else {
+      finish_rows<scalar_t, uint8_t>(logits, target, row_max, log_sum_exp, exp_shifted, loss, with_gradient);
+    }
+  });
+  return {loss, with_gradient ? exp_shifted : Tensor()};
 }
 
 struct CrossEntropy : Function<CrossEntropy> {
@@ -127,43 +193,70 @@ struct CrossEntropy : Function<CrossEntropy> {
     const Tensor &logits = saved[0], &target = saved[1];
     int64_t reduction = ctx->saved_data["reduction"].toInt();
     at::ScalarType acc = accumulation_dtype(logits.scalar_type());
-    Tensor row_scale = grad[0].to(acc);
-    if (reduction == kMean) {
-      row_scale = row_scale / logits.size(0);
-    }
-    if (reduction == kNone) {
-      row_scale = row_scale.unsqueeze(1);
-    }
+    const Tensor row_scale = grad[0].to(acc);  // (R,) for "none", else ()
     Tensor grad_logits;
     if (at::GradMode::is_enabled()) {  // create_graph: p - onehot(y) again, in differentiable ops
+      const Tensor factor = reduction == kMean ? row_scale / logits.size(0)
+                            : reduction == kNone ? row_scale.unsqueeze(1) : row_scale;
       Tensor x = logits.to(acc);
       Tensor exp_shifted = (x - x.amax({1}, true).detach()).mul(kLog2E).exp2();
       Tensor onehot = at::zeros_like(x).scatter_(1, target.to(at::kLong).unsqueeze(1), 1.0);
-      grad_logits = (exp_shifted / exp_shifted.sum({1}, true) - onehot) * row_scale;
+      grad_logits = (exp_shifted / exp_shifted.sum({1}, true) - onehot) * factor;
     } else {
       // The forward's buffer, let go after its first use; a retained graph's
       // next backward recomputes it with the same code, so to the same bits.
       Tensor gradient = ctx->saved_data.count("gradient") ? ctx->saved_data["gradient"].toTensor()
                                                           : forward_rows(logits, target, true).gradient;
       ctx->saved_data.erase("gradient");
-      grad_logits = gradient.mul_(row_scale);
+      if (reduction == kNone) {
+        grad_logits = gradient.mul_(row_scale.unsqueeze(1));
+      } else {  // one factor for every row, read on the host: dL/dloss (/ R for the mean)
+        grad_logits = AT_DISPATCH_FLOATING_TYPES(acc, "cross_entropy_scale", [&] {
+          const scalar_t scale = row_scale.item<scalar_t>();
+          return gradient.mul_(reduction == kMean ? scale / static_cast<scalar_t>(logits.size(0)) : scale);
+        });
+      }
     }
     return {grad_logits.to(logits.scalar_type()), Tensor(), Tensor(), Tensor()};
   }
 };
 
-// True for the case CrossEntropy computes: every target a class, none
-// ignored (on the CPU reading the targets' range is no host sync).
-bool plain_rows(const Tensor& target, int64_t classes, int64_t ignore_index) {
-  if (target.numel() == 0) {
-    return false;
+template <typename index_t>
+bool targets_plain(const Tensor& target, int64_t classes, int64_t ignore_index) {
+  const index_t* y = target.const_data_ptr<index_t>();
+  for (int64_t i = 0, stride = target.stride(0); i < target.size(0); ++i) {
+    const int64_t label = static_cast<int64_t>(y[i * stride]);
+    if (label < 0 || label >= classes || label == ignore_index) {
+      return false;
+    }
   }
-  auto [low_tensor, high_tensor] = at::aminmax(target);
-  int64_t low = low_tensor.item<int64_t>(), high = high_tensor.item<int64_t>();
-  if (low < 0 || high >= classes) {
-    return false;
+  return true;
+}
+
+// The call CrossEntropy computes, or nullopt for any other (the Python path
+// then checks and computes it, errors included): logits (R, C) and class
+// indices (R,) on the CPU, R and C > 0, every target a class and none
+// ignored, autocast off.
+std::optional<Tensor> cross_entropy(const Tensor& logits, const Tensor& target, int64_t ignore_index,
+                                    const std::string& reduction_name) {
+  const int64_t reduction = reduction_name == "mean" ? kMean
+                            : reduction_name == "sum" ? kSum
+                            : reduction_name == "none" ? kNone : -1;
+  const auto dtype = logits.scalar_type();
+  const bool floating = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+  const bool indices = target.scalar_type() == at::kLong || target.scalar_type() == at::kByte;
+  if (reduction < 0 || !floating || !indices || logits.dim() != 2 || target.dim() != 1 || !logits.is_cpu() ||
+      !target.is_cpu() || target.size(0) != logits.size(0) || logits.numel() == 0 ||
+      at::autocast::is_autocast_enabled(at::kCPU)) {
+    return std::nullopt;
   }
-  return !(low <= ignore_index && ignore_index <= high && target.eq(ignore_index).any().item<bool>());
+  const bool plain = target.scalar_type() == at::kLong ? targets_plain<int64_t>(target, logits.size(1), ignore_index)
+                                                       : targets_plain<uint8_t>(target, logits.size(1), ignore_index);
+  if (!plain) {
+    return std::nullopt;
+  }
+  const bool with_gradient = at::GradMode::is_enabled() && logits.requires_grad();
+  return CrossEntropy::apply(logits, target, reduction, with_gradient);
 }
 
 }  // namespace torchblocks
@@ -179,15 +272,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return Dense::apply(input, weight, bias, relu);
         },
         "dense(input (M, K), weight (N, K), bias (N,) or None, relu): act(input @ weight^T + bias)");
-  m.def("cross_entropy",
-        [](const Tensor& logits, const Tensor& target, int64_t ignore_index,
-           int64_t reduction) -> std::optional<Tensor> {
-          if (!plain_rows(target, logits.size(1), ignore_index)) {
-            return std::nullopt;
-          }
-          bool with_gradient = at::GradMode::is_enabled() && logits.requires_grad();
-          return CrossEntropy::apply(logits, target, reduction, with_gradient);
-        },
-        "cross_entropy(logits (R, C), target (R,), ignore_index, reduction 0 none / 1 mean / 2 sum): "
-        "the loss, or None where a target is out of range or ignored (the Python path then handles it)");
+  m.def("cross_entropy", &cross_entropy,
+        "cross_entropy(logits (R, C), target (R,), ignore_index, reduction): the loss of a plain call, "
+        "else None (the Python path then handles it)");
 }
