@@ -52,6 +52,7 @@ CALLS = {  # block: (call, its Function's name in eager_cpu.cpp)
     "relu_": (lambda: TF.relu(randn(5, 7).requires_grad_() * 1, inplace=True), "ReLU"),
     "dense": (lambda: TF.dense(randn(4, 8), randn(6, 8).requires_grad_(), randn(6)), "Dense"),
     "dense-relu": (lambda: TF.dense(randn(4, 8).requires_grad_(), randn(6, 8), None, "relu"), "Dense"),
+    "dense-3d": (lambda: TF.dense(randn(2, 4, 8).requires_grad_(), randn(6, 8), None), "Dense"),
     "cross_entropy": (lambda: TF.softmax_cross_entropy(randn(9, 5).requires_grad_(), indices(9, 5)), "CrossEntropy"),
 }
 
@@ -60,7 +61,9 @@ CALLS = {  # block: (call, its Function's name in eager_cpu.cpp)
 @pytest.mark.parametrize("block", CALLS)
 def test_plain_eager_cpu_calls_take_it(block, python_eager):
     call, name = CALLS[block]
-    assert call().grad_fn.name() == COMPILED.format(name)
+    output = call()
+    node = output.grad_fn.next_functions[0][0] if output.dim() == 3 else output.grad_fn  # through the unfolding view
+    assert node.name() == COMPILED.format(name)
     assert "CppNode" not in python_eager(call).grad_fn.name()
 
 
@@ -84,6 +87,9 @@ def test_other_calls_take_the_python_functions():
         assert "CppNode" not in call().grad_fn.name(), what
     with Ops():
         assert "CppNode" not in TF.relu(randn(3).requires_grad_()).grad_fn.name()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = TF.dense(randn(4, 8).requires_grad_(), randn(6, 8), randn(6))
+    assert output.dtype == torch.bfloat16 and "CppNode" not in output.grad_fn.name()
     x = randn(6)
     assert torch.equal(torch.func.grad(lambda x: TF.relu(x).sum())(x), (x > 0).float())
 

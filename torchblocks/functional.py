@@ -81,6 +81,10 @@ def dense(
         >>> w, b = torch.randn(512, 784) * 0.05, torch.zeros(512)
         >>> h = torchblocks.functional.dense(x, w, b, activation="relu")  # (128, 512)
     """
+    compiled = _eager_cpu.runs(input, weight, bias) if activation is None or type(activation) is str else None
+    output = compiled.dense(input, weight, bias, activation) if compiled else None  # None unless a plain call
+    if output is not None:
+        return output
     require_tensor("dense", "input", input)
     require_tensor("dense", "weight", weight)
     if bias is not None:
@@ -89,9 +93,7 @@ def dense(
     input, weight, bias = autocast_like_native(input, weight, bias)
     out_features, in_features = _check_linear("dense", input, weight, bias, "out_features")
     rows = math.prod(input.shape[:-1])  # not -1: ambiguous when in_features is 0
-    arguments = (input.reshape(rows, in_features), weight, bias, activation == "relu")
-    compiled = _eager_cpu.runs(input, weight, bias)
-    output = compiled.dense(*arguments) if compiled else DenseFunction.apply(*arguments)
+    output = DenseFunction.apply(input.reshape(rows, in_features), weight, bias, activation == "relu")
     # A 2-D result is returned as is, not as a view of itself: native's is no
     # view, and FSDP2 warns that in-place ops on a view skip its backward hooks.
     return output if input.dim() == 2 else output.reshape(*input.shape[:-1], out_features)
@@ -114,13 +116,16 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         >>> y = torchblocks.functional.relu(x)
         >>> y.sum().backward()  # x.grad == (y > 0)
     """
+    inplace = bool(inplace)  # any truthy value, as F.relu takes it
+    compiled = _eager_cpu.runs(input)
+    output = compiled.relu(input, inplace) if compiled else None  # None unless a plain call
+    if output is not None:
+        return output
     require_tensor("relu", "input", input)
     require_real("relu", "input", input)
-    inplace = bool(inplace)  # any truthy value, as F.relu takes it
     if inplace:
         require_no_internal_overlap("relu", "input", input)
-    compiled = _eager_cpu.runs(input)
-    return compiled.relu(input, inplace) if compiled else ReLUFunction.apply(input, inplace)
+    return ReLUFunction.apply(input, inplace)
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -174,8 +179,8 @@ def softmax_cross_entropy(
     """
     if weight is None and inplace_backward is False and type(ignore_index) is int and type(reduction) is str \
             and type(label_smoothing) in (int, float) and not label_smoothing:
-        compiled = _eager_cpu.runs(input, target)  # its call checks the rest: None back unless plain
-        loss = compiled.cross_entropy(input, target, ignore_index, reduction) if compiled else None
+        compiled = _eager_cpu.runs(input, target)
+        loss = compiled.cross_entropy(input, target, ignore_index, reduction) if compiled else None  # None unless plain
         if loss is not None:
             return loss
     fn = "softmax_cross_entropy"

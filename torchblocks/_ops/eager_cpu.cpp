@@ -221,6 +221,16 @@ struct CrossEntropy : Function<CrossEntropy> {
   }
 };
 
+bool floating(const Tensor& tensor) {
+  const auto dtype = tensor.scalar_type();
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+// Each entry point below takes a call only where its Function computes it,
+// and returns nullopt for any other: the Python path then checks that call
+// and computes it or raises, with its messages. The checks here are what
+// makes a call plain, not a second copy of the argument checks.
+
 template <typename index_t>
 bool targets_plain(const Tensor& target, int64_t classes, int64_t ignore_index) {
   const index_t* y = target.const_data_ptr<index_t>();
@@ -233,19 +243,15 @@ bool targets_plain(const Tensor& target, int64_t classes, int64_t ignore_index) 
   return true;
 }
 
-// The call CrossEntropy computes, or nullopt for any other (the Python path
-// then checks and computes it, errors included): logits (R, C) and class
-// indices (R,) on the CPU, R and C > 0, every target a class and none
-// ignored, autocast off.
+// Logits (R, C) and class indices (R,) on the CPU, R and C > 0, every target
+// a class and none ignored, autocast off.
 std::optional<Tensor> cross_entropy(const Tensor& logits, const Tensor& target, int64_t ignore_index,
                                     const std::string& reduction_name) {
   const int64_t reduction = reduction_name == "mean" ? kMean
                             : reduction_name == "sum" ? kSum
                             : reduction_name == "none" ? kNone : -1;
-  const auto dtype = logits.scalar_type();
-  const bool floating = dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
   const bool indices = target.scalar_type() == at::kLong || target.scalar_type() == at::kByte;
-  if (reduction < 0 || !floating || !indices || logits.dim() != 2 || target.dim() != 1 || !logits.is_cpu() ||
+  if (reduction < 0 || !floating(logits) || !indices || logits.dim() != 2 || target.dim() != 1 || !logits.is_cpu() ||
       !target.is_cpu() || target.size(0) != logits.size(0) || logits.numel() == 0 ||
       at::autocast::is_autocast_enabled(at::kCPU)) {
     return std::nullopt;
@@ -259,20 +265,53 @@ std::optional<Tensor> cross_entropy(const Tensor& logits, const Tensor& target, 
   return CrossEntropy::apply(logits, target, reduction, with_gradient);
 }
 
+// A real dtype on the CPU; in place, no two elements sharing memory.
+std::optional<Tensor> relu(const Tensor& input, bool inplace) {
+  if (!input.is_cpu() || input.is_complex() || input.scalar_type() == at::kBool) {
+    return std::nullopt;
+  }
+  for (int64_t d = 0; inplace && d < input.dim(); ++d) {
+    if (input.size(d) > 1 && input.stride(d) == 0) {
+      return std::nullopt;
+    }
+  }
+  return ReLU::apply(input, inplace);
+}
+
+// input (*, K) and weight (N, K), bias (N,) or none, of one floating dtype on
+// the CPU; activation none or "relu"; autocast off. (*) folds into the rows
+// of one matmul and unfolds after.
+std::optional<Tensor> dense(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                            const std::optional<std::string>& activation) {
+  const bool relu = activation == "relu";
+  if ((activation && !relu) || !floating(input) || !input.is_cpu() || input.dim() == 0 || weight.dim() != 2 ||
+      weight.scalar_type() != input.scalar_type() || !weight.is_cpu() || input.size(-1) != weight.size(1) ||
+      at::autocast::is_autocast_enabled(at::kCPU)) {
+    return std::nullopt;
+  }
+  if (bias && (bias->scalar_type() != input.scalar_type() || !bias->is_cpu() || bias->dim() != 1 ||
+               bias->size(0) != weight.size(0))) {
+    return std::nullopt;
+  }
+  if (input.dim() == 2) {
+    return Dense::apply(input, weight, bias, relu);
+  }
+  std::vector<int64_t> output_shape(input.sizes().begin(), input.sizes().end() - 1);
+  const int64_t rows = c10::multiply_integers(output_shape);
+  output_shape.push_back(weight.size(0));
+  return Dense::apply(input.reshape({rows, weight.size(1)}), weight, bias, relu).reshape(output_shape);
+}
+
 }  // namespace torchblocks
 
 using namespace torchblocks;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torchblocks' reference blocks for plain eager CPU calls, as C++ autograd Functions";
-  m.def("relu", [](const Tensor& input, bool inplace) { return ReLU::apply(input, inplace); },
-        "relu(input, inplace): max(input, 0), with its backward");
-  m.def("dense",
-        [](const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, bool relu) {
-          return Dense::apply(input, weight, bias, relu);
-        },
-        "dense(input (M, K), weight (N, K), bias (N,) or None, relu): act(input @ weight^T + bias)");
+  m.def("relu", &relu, "relu(input, inplace): max(input, 0) of a plain call, else None");
+  m.def("dense", &dense,
+        "dense(input (*, K), weight (N, K), bias (N,) or None, activation None or 'relu'): "
+        "act(input @ weight^T + bias) of a plain call, else None");
   m.def("cross_entropy", &cross_entropy,
-        "cross_entropy(logits (R, C), target (R,), ignore_index, reduction): the loss of a plain call, "
-        "else None (the Python path then handles it)");
+        "cross_entropy(logits (R, C), target (R,), ignore_index, reduction): the loss of a plain call, else None");
 }
