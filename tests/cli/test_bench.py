@@ -111,6 +111,19 @@ def test_timed_calls_rotate_through_distinct_input_sets():
     assert seen == {1.0}
 
 
+def test_cpu_calls_are_timed_on_the_threads_the_device_name_states(monkeypatch):
+    threads = []
+
+    def provider(inputs):
+        return [inputs[0]]
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # what harness reads; Timer then sets it
+    monkeypatch.setattr(torch, "set_num_threads", lambda count: threads.append(("set", count)))
+    harness.measure(tiny_case({"torchblocks": provider, "native": provider}), "cpu", torch.float32, 1.0, quick=True)
+    assert ("set", 2) in threads and ("set", 1) not in threads
+    assert harness.environment("cpu")["device"].endswith("(2 threads)")
+
+
 def test_every_block_yields_cases_for_every_device_and_mode():
     for (name, cases), device, quick in itertools.product(bench.BLOCKS.items(), ("cpu", "cuda"), (False, True)):
         found = list(cases(device, torch.float32, quick))

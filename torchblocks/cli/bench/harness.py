@@ -171,8 +171,18 @@ def time_ms(fn: Callable[[], Any], device: str, quick: bool = False) -> float:
 
         return triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, return_mode="median")
     fn()
-    timer = torch.utils.benchmark.Timer("fn()", globals={"fn": fn})
-    return timer.blocked_autorange(min_run_time=0.05 if quick else 0.5).median * 1e3
+    return cpu_timer(fn).blocked_autorange(min_run_time=0.05 if quick else 0.5).median * 1e3
+
+
+def cpu_timer(fn: Callable[[], Any]) -> torch.utils.benchmark.Timer:
+    """``torch.utils.benchmark.Timer`` of ``fn()`` on the threads torch uses
+    here, as the results' device name says (the Timer's default is one).
+
+    Example::
+
+        >>> cpu_timer(lambda: a @ a).blocked_autorange().median
+    """
+    return torch.utils.benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: str) -> Optional[float]:
@@ -271,8 +281,7 @@ def _run_interleaved(case: Case, device: str, quick: bool):
     for _ in range(ROUNDS):
         for name, (_, call) in prepared.items():
             call()
-            timer = torch.utils.benchmark.Timer("fn()", globals={"fn": call})
-            rounds[name].append(timer.blocked_autorange(min_run_time=(0.05 if quick else 0.5) / ROUNDS).median)
+            rounds[name].append(cpu_timer(call).blocked_autorange(min_run_time=(0.05 if quick else 0.5) / ROUNDS).median)
     return {name: (result, 1e3 * sorted(rounds[name])[ROUNDS // 2], None) for name, (result, _) in prepared.items()}
 
 
