@@ -8,7 +8,9 @@ import contextlib
 import csv
 import io
 import itertools
+import os
 import re
+import subprocess
 
 import pytest
 import torch
@@ -122,6 +124,14 @@ def test_cpu_calls_are_timed_on_the_threads_the_device_name_states(monkeypatch):
     harness.measure(tiny_case({"torchblocks": provider, "native": provider}), "cpu", torch.float32, 1.0, quick=True)
     assert ("set", 2) in threads and ("set", 1) not in threads
     assert harness.environment("cpu")["device"].endswith("(2 threads)")
+
+
+def test_results_name_the_commit_of_this_checkout():
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert harness.environment("cpu")["commit"] == head.stdout.strip()
 
 
 def test_every_block_yields_cases_for_every_device_and_mode():

@@ -353,7 +353,7 @@ def results_folder_name(device: str) -> str:
 
 def _commit() -> str:
     """The git commit torchblocks runs from, when it runs from a checkout; else "-"."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 3))  # torchblocks/cli/bench/..
     if not os.path.isfile(os.path.join(root, "setup.py")):  # an installed copy, not a checkout
         return "-"
     try:
