@@ -122,9 +122,9 @@ def test_relu_and_dense_give_the_python_functions_bits(dtype, python_eager):
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("rows, classes", [(17, 33), (1, 1), (300, 131)], ids=["17x33", "1x1", "300x131"])
 def test_cross_entropy_matches_the_python_function(rows, classes, layout, reduction, dtype, python_eager):
-    """Its bits on contiguous logits. Transposed logits make the Python
-    Function's intermediates column-major, so its exp2 meets the elements in
-    another order (vector lanes and scalar tail: last-bit differences)."""
+    """Above 2**12 logits, the Python Function's ops one for one: its bits.
+    Up to 2**12 the compiled path is one scalar loop per row (std::exp2, a
+    sequential sum): close, not equal."""
     x = randn(rows, classes, dtype=dtype) if layout == "contiguous" else randn(classes, rows, dtype=dtype).t()
     x[0, 0] = 30.0  # a row whose max stands out: exp(x - max) overflows unless the max is subtracted
     labels = indices(rows, classes, dtype=torch.uint8)
@@ -138,7 +138,7 @@ def test_cross_entropy_matches_the_python_function(rows, classes, layout, reduct
     assert "CppNode" in fn(x.requires_grad_(), labels).grad_fn.name()
     for ours, theirs, what in zip(compiled, python, ["loss", "gradient"]):
         assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, what
-        if layout == "contiguous":
+        if rows * classes > 2**12:
             assert torch.equal(ours, theirs), what
         else:
             assert_close(ours, theirs, what=what)

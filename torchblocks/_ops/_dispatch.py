@@ -72,15 +72,19 @@ def custom_op(name: str, mutates_args=()):
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def plain_eager(args) -> bool:
-    """True when nothing needs to see the ops of a call with ``args``: no
-    compiling trace, dispatch mode, profiler or torch.func transform, and
-    only plain tensors."""
+def nothing_watching() -> bool:
+    """True when no compiling trace, dispatch mode, profiler or torch.func
+    transform needs to see the ops of a call."""
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._autograd._profiler_enabled()
-            and not torch._C._are_functorch_transforms_active()
-            and all(type(arg) in PLAIN_TYPES for arg in args if isinstance(arg, torch.Tensor)))
+            and not torch._C._are_functorch_transforms_active())
+
+
+def plain_eager(args) -> bool:
+    """True when nothing needs to see the ops of a call with ``args``:
+    ``nothing_watching()``, and only plain tensors."""
+    return nothing_watching() and all(type(arg) in PLAIN_TYPES for arg in args if isinstance(arg, torch.Tensor))
 
 
 def call(op, *args):

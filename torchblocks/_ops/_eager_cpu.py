@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
-from torchblocks._ops._dispatch import PLAIN_TYPES, plain_eager
+from torchblocks._ops._dispatch import PLAIN_TYPES, nothing_watching
 
 SOURCE = Path(__file__).with_name("eager_cpu.cpp")
 NAME = "torchblocks_eager_cpu"
@@ -117,8 +117,10 @@ def runs(*tensors: Optional[torch.Tensor]):
         >>> compiled = runs(input)
         >>> output = compiled.relu(input, False) if compiled else ReLUFunction.apply(input, False)
     """
+    for tensor in tensors:
+        if tensor is not None and type(tensor) not in PLAIN_TYPES:
+            return None
     first = tensors[0]
-    if not _enabled or not all(type(tensor) in PLAIN_TYPES for tensor in tensors if tensor is not None) \
-            or first.device.type != "cpu" or backend.use_triton(first) or not plain_eager(tensors):
-        return None
-    return module()
+    if _enabled and first.is_cpu and not backend.use_triton(first) and nothing_watching():
+        return _module or module()
+    return None

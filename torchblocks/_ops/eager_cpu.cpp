@@ -8,10 +8,8 @@
 #include <torch/extension.h>
 
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 
-#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -95,78 +93,75 @@ struct RowStats {
   Tensor gradient;  // (R, C): p - onehot(y), or undefined
 };
 
-// Rows per task of the two passes below: about at::internal::GRAIN_SIZE logits.
-int64_t grain_rows(int64_t classes) {
-  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, classes));
-}
+// Up to this many logits, one scalar pass per row instead of the ops below: at
+// the book's 128 x 10, each op's fixed cost (about 2 us) outweighs its arithmetic.
+constexpr int64_t kSmallLogits = 1 << 12;
 
-// One pass over the logits x (R, C), rows contiguous: (x - m_i) * log2(e)
-// into ``shifted`` (R, C) in the accumulation dtype, for exp2 to turn into exp(x - m_i).
-template <typename scalar_t>
-void shift_rows(const Tensor& logits, const Tensor& row_max, Tensor& shifted) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t classes = logits.size(1), row_stride = logits.stride(0);
-  const scalar_t* x = logits.const_data_ptr<scalar_t>();
-  const acc_t* m = row_max.const_data_ptr<acc_t>();
-  acc_t* shifted_out = shifted.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, logits.size(0), grain_rows(classes), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* row = x + i * row_stride;
-      acc_t* out = shifted_out + i * classes;
-      const acc_t row_max_i = m[i];
-      for (int64_t c = 0; c < classes; ++c) {
-        out[c] = (static_cast<acc_t>(row[c]) - row_max_i) * acc_t(kLog2E);
-      }
-    }
-  });
-}
-
-// One pass over the rows after p = exp(x - m) / s: loss_i = m_i + log s_i - x_iy,
-// and p_iy - 1 in place where the gradient p - onehot(y) is wanted.
+// loss_i and, where ``gradient`` is defined, p - onehot(y), row by row; the
+// logits' rows contiguous (stride 1 along C).
 template <typename scalar_t, typename index_t>
-void finish_rows(const Tensor& logits, const Tensor& target, const Tensor& row_max, const Tensor& log_sum_exp,
-                 Tensor& probabilities, Tensor& loss, bool with_gradient) {
+void small_rows(const Tensor& logits, const Tensor& target, Tensor& loss, Tensor& gradient) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t classes = logits.size(1), row_stride = logits.stride(0), target_stride = target.stride(0);
   const scalar_t* x = logits.const_data_ptr<scalar_t>();
   const index_t* y = target.const_data_ptr<index_t>();
-  const acc_t* m = row_max.const_data_ptr<acc_t>();
-  const acc_t* log_s = log_sum_exp.const_data_ptr<acc_t>();
-  acc_t* p = probabilities.mutable_data_ptr<acc_t>();
   acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
+  acc_t* p = gradient.defined() ? gradient.mutable_data_ptr<acc_t>() : nullptr;
   for (int64_t i = 0; i < logits.size(0); ++i) {
+    const scalar_t* row = x + i * row_stride;
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t c = 0; c < classes; ++c) {
+      const acc_t value = row[c];
+      m = (value > m || value != value) ? value : m;  // a NaN wins, as amax
+    }
+    acc_t sum_exp = 0;
+    for (int64_t c = 0; c < classes; ++c) {
+      const acc_t exp_shifted = std::exp2((static_cast<acc_t>(row[c]) - m) * acc_t(kLog2E));
+      sum_exp += exp_shifted;
+      if (p) {
+        p[i * classes + c] = exp_shifted;
+      }
+    }
     const int64_t label = static_cast<int64_t>(y[i * target_stride]);
-    loss_out[i] = (m[i] + log_s[i]) - static_cast<acc_t>(x[i * row_stride + label]);
-    if (with_gradient) {
+    loss_out[i] = (m + std::log(sum_exp)) - static_cast<acc_t>(row[label]);
+    if (p) {
+      for (int64_t c = 0; c < classes; ++c) {
+        p[i * classes + c] /= sum_exp;
+      }
       p[i * classes + label] += acc_t(-1);
     }
   }
 }
 
-// ATen's vectorized max, exp2, row sum, log and division, and two loops of our
-// own in place of the gather, subtract, scale, scatter and add of cross_entropy.py's
-// _plain_forward_and_gradient: its arithmetic, so its numbers to the bit (rows in
-// contiguous memory), in fewer passes and ops.
-RowStats forward_rows(const Tensor& any_logits, const Tensor& target, bool with_gradient) {
-  const Tensor logits = any_logits.stride(1) == 1 ? any_logits : any_logits.contiguous();
-  auto options = logits.options().dtype(accumulation_dtype(logits.scalar_type()));
-  const Tensor row_max = logits.amax(1).to(options.dtype());
-  Tensor exp_shifted = at::empty(logits.sizes(), options);
-  Tensor loss = at::empty({logits.size(0)}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_rows", [&] {
-    shift_rows<scalar_t>(logits, row_max, exp_shifted);
-    exp_shifted.exp2_();
-    const Tensor sum_exp = exp_shifted.sum(1, true), log_sum_exp = sum_exp.log();  // ATen's log: its bits
-    if (with_gradient) {
-      exp_shifted.div_(sum_exp);
-    }
-    if (target.scalar_type() == at::kLong) {
-      finish_rows<scalar_t, int64_t>(logits, target, row_max, log_sum_exp, exp_shifted, loss, with_gradient);
-    } else {
-      finish_rows<scalar_t, uint8_t>(logits, target, row_max, log_sum_exp, exp_shifted, loss, with_gradient);
-    }
-  });
-  return {loss, with_gradient ? exp_shifted : Tensor()};
+// Up to kSmallLogits, small_rows; above, the ops of cross_entropy.py's
+// _plain_forward_and_gradient, one for one: its numbers to the bit.
+RowStats forward_rows(const Tensor& logits, const Tensor& target, bool with_gradient) {
+  const auto acc = accumulation_dtype(logits.scalar_type());
+  if (logits.numel() <= kSmallLogits) {
+    const Tensor rows_contiguous = logits.stride(1) == 1 ? logits : logits.contiguous();
+    RowStats rows{at::empty({logits.size(0)}, logits.options().dtype(acc)),
+                  with_gradient ? at::empty(logits.sizes(), logits.options().dtype(acc)) : Tensor()};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_small_rows", [&] {
+      if (target.scalar_type() == at::kLong) {
+        small_rows<scalar_t, int64_t>(rows_contiguous, target, rows.loss, rows.gradient);
+      } else {
+        small_rows<scalar_t, uint8_t>(rows_contiguous, target, rows.loss, rows.gradient);
+      }
+    });
+    return rows;
+  }
+  const Tensor x = logits.to(acc);
+  const Tensor index = target.to(at::kLong).unsqueeze(1);
+  const Tensor row_max = x.amax({1}, true);
+  const Tensor target_logit = x.gather(1, index).squeeze(1);
+  Tensor exp_shifted = (x - row_max).mul_(kLog2E).exp2_();  // exp as the kernels compute it
+  const Tensor sum_exp = exp_shifted.sum({1}, true);
+  const Tensor lse = (row_max + sum_exp.log()).squeeze(1);
+  Tensor gradient;
+  if (with_gradient) {
+    gradient = exp_shifted.div_(sum_exp).scatter_add_(1, index, at::full({logits.size(0), 1}, -1.0, x.options()));
+  }
+  return {lse - target_logit, gradient};
 }
 
 struct CrossEntropy : Function<CrossEntropy> {
