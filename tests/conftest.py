@@ -56,6 +56,8 @@ class Target:
 @pytest.fixture(params=TARGETS)
 def target(request):
     target = Target(*request.param)
+    if target.python_eager and request.node.get_closest_marker("no_compiled_eager"):
+        pytest.skip("no call here takes the compiled eager CPU path, so reference-cpu covers the Python path")
     compiled_eager = _eager_cpu.set_enabled(False) if target.python_eager else None
     try:
         with torchblocks.use_backend(target.backend):
@@ -68,5 +70,7 @@ def target(request):
 def pytest_configure(config):
     config.addinivalue_line("markers", "triton: runs the Triton kernels (on CUDA, or under the interpreter)")
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
+    config.addinivalue_line("markers", "no_compiled_eager: no call in the module takes the compiled eager CPU path "
+                                       "(its reference-cpu-python target would repeat reference-cpu)")
     # the interpreter computes with numpy, which warns on the inf and NaN some cases feed it on purpose
     config.addinivalue_line("filterwarnings", r"ignore::RuntimeWarning:triton\.runtime\.interpreter")

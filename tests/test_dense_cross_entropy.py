@@ -9,6 +9,8 @@ import torchblocks
 from torchblocks.testing import (Allocations, assert_close, assert_compiled_matches_eager, assert_parity,
                                 assert_rejected_like_native, relative_error)
 
+pytestmark = pytest.mark.no_compiled_eager
+
 
 def randn(*shape, dtype=torch.float32, device="cpu", seed=0):
     generator = torch.Generator().manual_seed(seed)

@@ -13,6 +13,8 @@ from torchblocks import testing
 from torchblocks.cli import cases
 from torchblocks.testing import assert_close, tolerance
 
+pytestmark = pytest.mark.no_compiled_eager
+
 CASES = [
     pytest.param(entry, options, id=f"{entry.name}-" + ",".join(f"{k}={v}" for k, v in options.items()))
     for entry in cases.OPTIMIZERS

@@ -2,10 +2,13 @@
 held at or below the figures of the commit that introduced them, and a
 counter that can see what it counts."""
 
+import pytest
 import torch
 
 import torchblocks
 from torchblocks.cli.bench import step
+
+pytestmark = pytest.mark.no_compiled_eager
 
 # (Triton launches, other tensor ops, allocations, host-to-device uploads), by
 # device and backend, measured when this test was written (a lower count is
