@@ -177,8 +177,8 @@ def softmax_cross_entropy(
         >>> loss = torchblocks.functional.softmax_cross_entropy(logits, labels)
         >>> loss.backward()  # logits.grad = (softmax(logits) - onehot(labels)) / 128
     """
-    if weight is None and inplace_backward is False and type(ignore_index) is int and type(reduction) is str \
-            and type(label_smoothing) in (int, float) and not label_smoothing:
+    if weight is None and inplace_backward is False and type(ignore_index) is int and -2**63 <= ignore_index < 2**63 \
+            and type(reduction) is str and type(label_smoothing) in (int, float) and not label_smoothing:
         compiled = _eager_cpu.runs(input, target)
         loss = compiled.cross_entropy(input, target, ignore_index, reduction) if compiled else None  # None unless plain
         if loss is not None:

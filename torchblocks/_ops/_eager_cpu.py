@@ -3,14 +3,14 @@
 On the CPU the reference backend's blocks are a few ATen ops each, and a
 small call costs more in autograd's handling of a Python Function (about
 20 us) than in arithmetic. eager_cpu.cpp holds ReLU, Dense and the common
-case of softmax cross-entropy as C++ autograd Functions of the same arithmetic
-(the same bits), so that a plain eager call costs about what a native one does. Everything else (a
-compiling or exporting trace, torch.func, tensor subclasses, dispatch modes,
-the profiler, the Triton backend, CUDA tensors) takes the Python Functions
-and custom ops as before.
+case of softmax cross-entropy as C++ autograd Functions of the same
+arithmetic, so that a plain eager call costs about what a native one does.
+Everything else (a compiling or exporting trace, torch.func, tensor
+subclasses, dispatch modes, the profiler, the Triton backend, CUDA tensors)
+takes the Python Functions and custom ops as before.
 
 The first call that could use it compiles it with
-``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 30 s on two
+``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 20 s on two
 cores, once per Python environment and torch version) into
 ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Without a
 compiler it warns once and the Python path runs. ``TORCHBLOCKS_EAGER_CPU=0``
@@ -65,7 +65,7 @@ def _build():
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob(f"{NAME}*.so")):
-        print(f"torchblocks: compiling the eager CPU path once for this environment (about 30 s) in {directory}",
+        print(f"torchblocks: compiling the eager CPU path once for this environment (about 20 s) in {directory}",
               file=sys.stderr, flush=True)
     return cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(directory))
 
