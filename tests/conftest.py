@@ -54,17 +54,14 @@ class Target:
 
 
 @pytest.fixture(params=TARGETS)
-def target(request):
+def target(request, monkeypatch):
     target = Target(*request.param)
-    if target.python_eager and request.node.get_closest_marker("no_compiled_eager"):
-        pytest.skip("no call here takes the compiled eager CPU path, so reference-cpu covers the Python path")
-    compiled_eager = _eager_cpu.set_enabled(False) if target.python_eager else None
-    try:
-        with torchblocks.use_backend(target.backend):
-            yield target
-    finally:
-        if target.python_eager:
-            _eager_cpu.set_enabled(compiled_eager)
+    if target.python_eager:
+        if request.node.get_closest_marker("no_compiled_eager"):
+            pytest.skip("no call here takes the compiled eager CPU path, so reference-cpu covers the Python path")
+        monkeypatch.setattr(_eager_cpu, "_enabled", False)
+    with torchblocks.use_backend(target.backend):
+        yield target
 
 
 def pytest_configure(config):

@@ -31,14 +31,12 @@ def indices(rows, classes, seed=0, dtype=torch.int64):
 
 
 @pytest.fixture
-def python_eager(monkeypatch):
+def python_eager():
     """Runs a call through the Python Functions: ``python_eager(fn, *args)``."""
     def run(fn, *args, **kwargs):
-        monkeypatch.setattr(_eager_cpu, "_enabled", False)
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_eager_cpu, "_enabled", False)
             return fn(*args, **kwargs)
-        finally:
-            monkeypatch.undo()
     return run
 
 

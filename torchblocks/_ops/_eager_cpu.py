@@ -94,19 +94,6 @@ def build_error() -> Optional[str]:
     return _build_error
 
 
-def set_enabled(enabled: bool) -> bool:
-    """Turn the compiled path on or off for this process; returns the previous
-    setting (the tests use it to run the Python path in eager mode).
-
-    Example::
-
-        >>> previous = set_enabled(False)
-    """
-    global _enabled
-    previous, _enabled = _enabled, bool(enabled)
-    return previous
-
-
 def runs(*tensors: Optional[torch.Tensor]):
     """The compiled module when a call with ``tensors`` (the first one decides
     the device and backend; None stands for an absent bias) goes to it, else

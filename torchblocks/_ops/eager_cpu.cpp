@@ -23,6 +23,7 @@ using torch::autograd::variable_list;
 
 namespace torchblocks {
 
+// cross_entropy.py's LOG2E and kernels/_common.py's accumulation_dtype, in C++.
 constexpr double kLog2E = 1.4426950408889634;
 
 at::ScalarType accumulation_dtype(at::ScalarType dtype) {
