@@ -4,11 +4,13 @@ Every file here is written by the test itself; the network is never touched
 (``urllib.request.urlopen`` is replaced wherever a download could start).
 """
 
+import dataclasses
 import gzip
 import hashlib
 import io
 import os
 import struct
+import tarfile
 import urllib.error
 import urllib.request
 
@@ -225,7 +227,8 @@ def test_no_files_and_no_network_fall_back_to_the_embedded_digits(default_dir, m
     assert loaded.name == "scikit-learn 8x8 digits" and loaded.image_shape == (8, 8)
     assert "could not download" in loaded.note and "network access is switched off" in loaded.note
     assert "using the embedded scikit-learn 8x8 digits instead" in loaded.note
-    assert _no_network.urls == [mirror + "train-images-idx3-ubyte.gz" for mirror in mnist.MNIST.mirrors]
+    assert _no_network.urls == ([mirror + "train-images-idx3-ubyte.gz" for mirror in mnist.MNIST.mirrors]
+                                + [archive.url for archive in mnist.MNIST.archives])
     with pytest.raises(data.MissingDataError, match="could not download"):
         data.load_mnist(fallback=False)
 
@@ -316,6 +319,90 @@ def test_a_download_that_fails_its_checksum_leaves_nothing_behind(tmp_path, monk
     with pytest.raises(data.DataFileError, match="train-images-idx3-ubyte.gz: checksum mismatch"):
         data.download(str(cache), spec, stream=io.StringIO())
     assert os.listdir(cache) == []
+
+
+def tgz_bytes(members):
+    """A gzipped tar holding ``members`` (name -> bytes)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return buffer.getvalue()
+
+
+def archive_set(tmp_path, members=None):
+    """The small set as IDX files, a spec whose mirrors are all down and
+    whose one archive (``members``, by default the four raw files under
+    package/data/) is served: ``(arrays, spec, urlopen)``."""
+    arrays = small_arrays()
+    source = tmp_path / "source"
+    source.mkdir()
+    spec = write_set(source, arrays)
+    if members is None:
+        members = {f"package/data/{s.name}": (source / s.name).read_bytes() for s in spec.files.values()}
+    blob = tgz_bytes(members)
+    archive = data.Archive("http://registry.example/small.tgz", sha256(blob), "package/data/")
+    spec = data.DataSetSpec("small", spec.files, mirrors=("http://down.example/",), archives=(archive,))
+    return arrays, spec, serve({archive.url: blob}, failing=("http://down.example/",))
+
+
+def test_with_every_mirror_down_the_missing_files_come_from_the_archive(tmp_path, monkeypatch):
+    arrays, spec, urlopen = archive_set(tmp_path)
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    present = spec.files["train_images"].name + ".gz"
+    (cache / present).write_bytes(gzip.compress((tmp_path / "source" / spec.files["train_images"].name).read_bytes()))
+    progress = io.StringIO()
+    data.download(str(cache), spec, stream=progress)
+    others = [s.name for role, s in spec.files.items() if role != "train_images"]
+    assert sorted(os.listdir(cache)) == sorted([present, *others])
+    assert "downloading small.tgz [" in progress.getvalue()
+    loaded = data.load_directory(str(cache), spec)
+    assert loaded.test_labels.tolist() == arrays["test_labels"].tolist()
+    assert loaded.train_images.shape == (10, 6)
+
+
+@pytest.mark.parametrize("problem", ["tampered", "missing"])
+def test_an_archive_member_that_fails_its_checksum_is_not_kept(tmp_path, monkeypatch, problem):
+    arrays = small_arrays()
+    names = [s.name for s in mnist.MNIST.files.values()]
+    members = {f"package/data/{name}": idx_bytes(arrays[role]) for name, role in zip(names, mnist.MNIST.files)}
+    if problem == "tampered":
+        members["package/data/t10k-images-idx3-ubyte"] = b"\x00\x00\x08\x03 tampered"
+    else:
+        del members["package/data/t10k-images-idx3-ubyte"]
+    _, spec, urlopen = archive_set(tmp_path, members)
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    cache = tmp_path / "cache"
+    message = "t10k-images-idx3-ubyte: checksum mismatch" if problem == "tampered" else "not the archive it should be"
+    with pytest.raises(data.DataFileError, match=f"http://registry.example/small.tgz: .*{message}"):
+        data.download(str(cache), spec, stream=io.StringIO())
+    assert sorted(os.listdir(cache)) == ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+
+
+def test_an_archive_that_fails_its_checksum_leaves_nothing_behind(tmp_path, monkeypatch):
+    _, spec, _ = archive_set(tmp_path)
+    archive = dataclasses.replace(spec.archives[0], sha256="0" * 64)
+    spec = dataclasses.replace(spec, archives=(archive,))
+    monkeypatch.setattr(urllib.request, "urlopen", serve({archive.url: b"\x1f\x8b tampered"},
+                                                         failing=("http://down.example/",)))
+    cache = tmp_path / "cache"
+    with pytest.raises(data.DataFileError, match="small.tgz: checksum mismatch"):
+        data.download(str(cache), spec, stream=io.StringIO())
+    assert os.listdir(cache) == []
+
+
+def test_with_mirrors_and_archives_down_every_url_tried_is_named(tmp_path, monkeypatch):
+    _, spec, _ = archive_set(tmp_path)
+    monkeypatch.setattr(urllib.request, "urlopen", serve({}, failing=("http://",)))
+    with pytest.raises(data.DownloadError) as raised:
+        data.download(str(tmp_path / "cache"), spec, stream=io.StringIO())
+    assert str(raised.value) == ("could not download train-images-idx3-ubyte.gz: "
+                                 "http://down.example/train-images-idx3-ubyte.gz: connection refused; "
+                                 "http://registry.example/small.tgz: connection refused")
 
 
 def test_default_data_dir_follows_the_environment(monkeypatch, tmp_path):

