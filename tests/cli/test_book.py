@@ -100,6 +100,8 @@ def test_mnist_command_end_to_end_on_the_embedded_digits(capsys, offline, tmp_pa
     assert "data: scikit-learn 8x8 digits: 1,437 training and 360 test images of 8x8 pixels" in out
     assert "(the first 1,000 training images used)" in out and "3 epochs of batch 128, seed 7, on cpu" in out
     assert len(re.findall(r"epoch \d/3 \[=+\] 8/8 loss", out)) == 6
+    assert re.findall(r"^(torchblocks|native torch) epoch (\d)/3", out, re.M) == [
+        (name, str(epoch)) for epoch in (1, 2, 3) for name in ("torchblocks", "native torch")], "epochs in turn"
     rows = {m[0]: float(m[1]) for m in re.findall(r"^(torchblocks|native torch)\s+scikit-learn 8x8 digits"
                                                    r"\s+\S+\s+\S+\s+\S+\s+(\S+)", out, re.M)}
     assert set(rows) == {"torchblocks", "native torch"}

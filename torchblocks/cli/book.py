@@ -10,7 +10,7 @@ import math
 import statistics
 import sys
 import time
-from typing import List, Optional, TextIO, Tuple
+from typing import Iterator, List, Optional, TextIO, Tuple
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torchblocks.cli._progress import ProgressBar
 from torchblocks.cli.data import Digits, load_mnist
 
 __all__ = ["BOOK_TEST_ACCURACY", "Epoch", "Run", "build_network", "build_optimizer", "evaluate", "format_report",
-           "plot", "train"]
+           "plot", "train", "train_epochs"]
 
 HIDDEN_FEATURES = 512
 NUM_CLASSES = 10
@@ -162,12 +162,25 @@ def train(name: str, model: nn.Module, loss_fn: nn.Module, optimizer: torch.opti
         >>> run.epochs[-1].test_accuracy
         0.98...
     """
+    return Run(name, list(train_epochs(name, model, loss_fn, optimizer, data, epochs, batch_size, seed, stream)))
+
+
+def train_epochs(name: str, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, data: Digits,
+                 epochs: int = 5, batch_size: int = 128, seed: int = 0,
+                 stream: Optional[TextIO] = None) -> Iterator[Epoch]:
+    """``train``, one ``Epoch`` at a time: two runs advanced in turn share
+    the machine's slow and fast spells, so their epoch times compare.
+
+    Example::
+
+        >>> for ours, theirs in zip(train_epochs("torchblocks", *tb, data), train_epochs("native", *nt, data)):
+        ...     print(ours.seconds / theirs.seconds)
+    """
     device = next(model.parameters()).device
     images, labels = data.train_images.to(device), data.train_labels.to(device)
     test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
     order = torch.Generator().manual_seed(seed)
     steps = math.ceil(len(labels) / batch_size)
-    run = Run(name)
     for epoch in range(1, epochs + 1):
         model.train()
         permutation = torch.randperm(len(labels), generator=order).to(device)
@@ -193,10 +206,9 @@ def train(name: str, model: nn.Module, loss_fn: nn.Module, optimizer: torch.opti
         seconds = time.perf_counter() - start
         test_loss, test_accuracy = evaluate(model, loss_fn, test_images, test_labels)
         result = Epoch(loss_sum.item() / len(labels), correct.item() / len(labels), test_loss, test_accuracy, seconds)
-        run.epochs.append(result)
         bar.close(steps, f"loss {result.train_loss:.4f} accuracy {result.train_accuracy:.4f} "
                          f"test accuracy {result.test_accuracy:.4f} {seconds:.2f}s")
-    return run
+        yield result
 
 
 def format_report(runs: List[Run], data: Digits) -> str:
@@ -268,12 +280,15 @@ def main(args, device: str) -> int:
           f"Dense({HIDDEN_FEATURES}, {NUM_CLASSES}), softmax cross-entropy, RMSprop(lr=1e-3, alpha=0.9, eps=1e-7), "
           f"{args.epochs} epoch{'s' if args.epochs > 1 else ''} of batch {args.batch_size}, seed {args.seed}, "
           f"on {device}", flush=True)
-    runs = []
+    runs, schedules = [], []
     for native in (False, True) if args.compare else (False,):
         model, loss_fn = build_network(data.train_images.shape[1], native, args.seed, device)
-        name = "native torch" if native else "torchblocks"
-        runs.append(train(name, model, loss_fn, build_optimizer(model, native), data, args.epochs,
-                          args.batch_size, args.seed))
+        runs.append(Run("native torch" if native else "torchblocks"))
+        schedules.append(train_epochs(runs[-1].name, model, loss_fn, build_optimizer(model, native), data,
+                                      args.epochs, args.batch_size, args.seed))
+    for epochs in zip(*schedules):  # in turn, epoch by epoch: both runs see the same machine
+        for run, epoch in zip(runs, epochs):
+            run.epochs.append(epoch)
     print()
     print(format_report(runs, data))
     if args.compare:
