@@ -387,7 +387,7 @@ def test_capturable_trajectory_and_state_match_twin(target, capturable_on_cpu, n
 def test_capturable_step_reads_nothing_on_the_host(target, capturable_on_cpu, name, tensor_lr):
     """No .item(), float(), .tolist(), .cpu() on the step path, from the first
     step (which creates the state) on; the non-capturable step, which reads
-    its step counts, is caught by the same guard."""
+    its step counts (Adam) or its tensor lr (RMSprop), is caught by the same guard."""
     model, ours, native_model, native = _capturable_pair(target, name, {}, tensor_lr)
     inputs = torch.randn(8, 40, device=target.device)
     for optimizer, network in ((ours, model), (native, native_model)):
@@ -395,7 +395,7 @@ def test_capturable_step_reads_nothing_on_the_host(target, capturable_on_cpu, na
             network(inputs).square().mean().backward()
             with testing.no_host_reads():
                 optimizer.step()
-    model, ours, _, _ = _pair(ENTRIES[name], {}, target.device)
+    model, ours, _, _ = _pair(ENTRIES[name], {"lr": torch.tensor(1e-3)} if name == "RMSprop" else {}, target.device)
     model(inputs).square().mean().backward()
     with pytest.raises(testing.HostRead), testing.no_host_reads():
         ours.step()

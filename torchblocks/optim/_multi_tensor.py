@@ -176,7 +176,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support complex parameters: "
                                    f"{_describe(group, group_index, param_index, param)} is {param.dtype}; "
                                    "expected a real floating-point parameter (view it with torch.view_as_real)")
-            _check_placements(type(self).__name__, _describe(group, group_index, param_index, param), param, grad)
+            if isinstance(param, DTensor) or isinstance(grad, DTensor):
+                _check_placements(type(self).__name__, _describe(group, group_index, param_index, param), param, grad)
             params.append(param)
         return params
 
@@ -186,9 +187,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
     def _advance_steps(self, params, state_keys, capturable: bool = False) -> list:
         """Give each parameter without state a ``step`` of 0 and a zero tensor
         like it per name in ``state_keys``; then add 1 to every ``step``
-        counter. Returns the new counts as floats, read on the host; or,
-        when ``capturable``, the step tensors themselves, kept on the
-        parameters' device and never read by the host."""
+        counter. Returns the step tensors: on the host, or when
+        ``capturable`` on the parameters' device (see ``_read_steps``)."""
         for param in params:
             state = self.state[param]
             if not state:
@@ -197,8 +197,11 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                     state[key] = torch.zeros_like(param)
         steps = [self.state[p]["step"] for p in params]
         torch._foreach_add_(steps, 1)
-        if capturable:
-            return steps
+        return steps
+
+    @staticmethod
+    def _read_steps(steps: list) -> list:
+        """The counts of ``steps`` (from ``_advance_steps``) as floats, read on the host."""
         return torch.stack([s.to("cpu") for s in steps]).tolist()
 
     @staticmethod

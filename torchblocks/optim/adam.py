@@ -80,6 +80,8 @@ class Adam(MultiTensorOptimizer):
                                     capturable)
         if capturable and not torch.compiler.is_compiling():
             check_capturable_devices(params, steps, supports_xla=False)
+        if not capturable:
+            steps = self._read_steps(steps)
         lr, (beta1, beta2) = group["lr"], group["betas"]
         # capturable tensor hyperparameters are read on the device, never with float()
         on_device = capturable and any(isinstance(value, torch.Tensor) for value in (lr, beta1, beta2))
