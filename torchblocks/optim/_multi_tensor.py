@@ -250,7 +250,11 @@ def _cache_sized_batches(params, indices):
 
 
 def _call(update, indices, tensors, per_tensor, options) -> None:
-    """``update`` on the entries at ``indices`` of every list of ``tensors`` and ``per_tensor``."""
-    if indices:
-        update(**{name: None if values is None else [values[i] for i in indices]
-                  for name, values in {**tensors, **per_tensor}.items()}, **options)
+    """``update`` on the entries at ``indices`` (ascending) of every list of ``tensors`` and ``per_tensor``."""
+    if not indices:
+        return
+    arguments = {**tensors, **per_tensor}
+    if len(indices) < len(tensors["params"]):
+        arguments = {name: None if values is None else [values[i] for i in indices]
+                     for name, values in arguments.items()}
+    update(**arguments, **options)
