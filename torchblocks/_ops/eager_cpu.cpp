@@ -1,12 +1,16 @@
 // The reference backend's eager CPU path, compiled: the plain-PyTorch bodies
 // of relu.py, dense.py and cross_entropy.py's common case, the same arithmetic,
-// as C++ autograd Functions. A Python autograd Function costs about 20 us a call in
-// autograd's Python handling alone, more than a small block's arithmetic;
-// these cost what a native op does. torchblocks/_ops/_eager_cpu.py builds
-// this file once per environment and decides when it runs.
+// with the same hand-derived backward passes as C++ autograd nodes. A Python
+// autograd Function costs about 20 us a call in autograd's Python handling
+// alone, more than a small block's arithmetic, and a C++ custom Function
+// still 4-6 us more than a native op; a node attached as torch's generated
+// code attaches its own costs what a native op does.
+// torchblocks/_ops/_eager_cpu.py builds this file once per environment and
+// decides when it runs.
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/utils/pybind.h>  // torch/extension.h without the C++ frontend: 19 s to build, not 26
 
 #include <ATen/OpMathType.h>
@@ -19,9 +23,48 @@
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::Function;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 namespace torchblocks {
+
+// Nodes are held in c10::intrusive_ptr from torch 2.12 on (pytorch#181782),
+// in std::shared_ptr before; the branch not taken is never instantiated.
+using NodePtr = std::decay_t<decltype(std::declval<const Tensor&>().grad_fn())>;
+constexpr bool kSharedNodes = std::is_same_v<NodePtr, std::shared_ptr<Node>>;
+
+template <typename BackwardNode>
+auto make_node() {
+  if constexpr (kSharedNodes) {  // deleteNode frees a long chain without deep recursion
+    return std::shared_ptr<BackwardNode>(new BackwardNode(), [](BackwardNode* node) { deleteNode(node); });
+  } else {
+    return c10::make_intrusive<BackwardNode>();
+  }
+}
+
+template <typename BackwardNode>
+auto self_pointer(BackwardNode* node) {  // what SavedVariable::unpack takes
+  if constexpr (kSharedNodes) {
+    return node->shared_from_this();
+  } else {
+    return node->getptr();
+  }
+}
+
+// Attach ``node`` as the grad_fn of ``output``, with one edge per input (an
+// undefined input gets none), as torch's generated code does for its ops.
+template <typename NodeHandle, typename... Inputs>
+void attach(const Tensor& output, const NodeHandle& node, const Inputs&... inputs) {
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
+  torch::autograd::set_history(output, node);
+}
+
+// A call that autograd must see in forward mode (a dual tensor) goes to the Python path.
+template <typename... Inputs>
+bool forward_grad_defined(const Inputs&... inputs) {
+  return (torch::autograd::isFwGradDefined(inputs) || ...);
+}
 
 // cross_entropy.py's LOG2E and kernels/_common.py's accumulation_dtype, in C++.
 constexpr double kLog2E = 1.4426950408889634;
@@ -32,55 +75,112 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype) {
 
 // ReLU: y = max(x, 0)
 //   dL/dx = dL/dy * 1[y > 0]      (y saved, not x)
-struct ReLU : Function<ReLU> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, bool inplace) {
-    Tensor output = inplace ? input.clamp_min_(0) : input.clamp_min(0);
-    if (inplace) {
-      ctx->mark_dirty({input});
+struct ReLUBackward : Node {
+  SavedVariable output_;
+
+  variable_list apply(variable_list&& grad) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grad[0].defined()) {
+      return {Tensor()};
     }
-    ctx->save_for_backward({output});
-    return output;
+    return {at::threshold_backward(grad[0], output_.unpack(self_pointer(this)), 0)};
+  }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    output_.reset_data();
+  }
+  std::string name() const override { return "torchblocks::ReLUBackward"; }
+};
+
+Tensor relu_out_of_place(const Tensor& input) {
+  Tensor output;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    output = input.clamp_min(0);
+  }
+  if (torch::autograd::compute_requires_grad(input)) {
+    auto node = make_node<ReLUBackward>();
+    attach(output, node, input);
+    node->output_ = SavedVariable(output, /*is_output=*/true);
+  }
+  return output;
+}
+
+// In place, the input's history is rebased onto the node, views of it
+// included: the custom Function's bookkeeping does that.
+struct ReLUInplace : Function<ReLUInplace> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input) {
+    input.clamp_min_(0);
+    ctx->mark_dirty({input});
+    ctx->save_for_backward({input});
+    return input;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
-    return {at::threshold_backward(grad[0], ctx->get_saved_variables()[0], 0), Tensor()};
+    return {at::threshold_backward(grad[0], ctx->get_saved_variables()[0], 0)};
   }
 };
 
 // Dense: y = act(x @ W^T + b), x (M, K), W (N, K), b (N,)
 //   g = dL/dy * 1[y > 0] under relu, else dL/dy
 //   dL/dx = g @ W,    dL/dW = g^T @ x,    dL/db = sum over rows of g
-struct Dense : Function<Dense> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
-                        const std::optional<Tensor>& bias, bool relu) {
-    Tensor output = bias ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
+struct DenseBackward : Node {
+  SavedVariable input_, weight_, output_;  // each only where a gradient needs it
+  bool relu_ = false;
+
+  variable_list apply(variable_list&& grad) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list grads(3);
+    if (!grad[0].defined()) {
+      return grads;
+    }
+    const Tensor g = relu_ ? at::threshold_backward(grad[0], output_.unpack(self_pointer(this)), 0) : grad[0];
+    if (should_compute_output(0)) {
+      grads[0] = g.mm(weight_.unpack());
+    }
+    if (should_compute_output(1)) {
+      grads[1] = g.t().mm(input_.unpack());
+    }
+    if (should_compute_output(2)) {
+      grads[2] = g.sum(0);
+    }
+    return grads;
+  }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input_.reset_data();
+    weight_.reset_data();
+    output_.reset_data();
+  }
+  std::string name() const override { return "torchblocks::DenseBackward"; }
+};
+
+Tensor dense_rows(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, bool relu) {
+  Tensor output;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    output = bias ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
     if (relu) {
       output.clamp_min_(0);
     }
-    ctx->save_for_backward({weight.requires_grad() ? input : Tensor(),
-                            input.requires_grad() ? weight : Tensor(), relu ? output : Tensor()});
-    ctx->saved_data["relu"] = relu;
-    ctx->saved_data["bias"] = bias.has_value();
-    return output;
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad) {
-    variable_list saved = ctx->get_saved_variables();
-    const Tensor &input = saved[0], &weight = saved[1], &output = saved[2];
-    Tensor g = ctx->saved_data["relu"].toBool() ? at::threshold_backward(grad[0], output, 0) : grad[0];
-    Tensor grad_input, grad_weight, grad_bias;
-    if (ctx->needs_input_grad(0)) {
-      grad_input = g.mm(weight);
+  const Tensor no_bias;
+  if (torch::autograd::compute_requires_grad(input, weight, bias ? *bias : no_bias)) {
+    auto node = make_node<DenseBackward>();
+    attach(output, node, input, weight, bias ? *bias : no_bias);
+    node->relu_ = relu;
+    if (weight.requires_grad()) {
+      node->input_ = SavedVariable(input, /*is_output=*/false);
     }
-    if (ctx->needs_input_grad(1)) {
-      grad_weight = g.t().mm(input);
+    if (input.requires_grad()) {
+      node->weight_ = SavedVariable(weight, /*is_output=*/false);
     }
-    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) {
-      grad_bias = g.sum(0);
+    if (relu) {
+      node->output_ = SavedVariable(output, /*is_output=*/true);
     }
-    return {grad_input, grad_weight, grad_bias, Tensor()};
   }
-};
+  return output;
+}
 
 // Softmax cross-entropy of rows x (R, C) against class indices y, the common
 // case only: no class weights, no smoothing, no row ignored.
@@ -167,35 +267,23 @@ RowStats forward_rows(const Tensor& logits, const Tensor& target, bool with_grad
   return {lse - target_logit, gradient};
 }
 
-struct CrossEntropy : Function<CrossEntropy> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& logits, const Tensor& target, int64_t reduction,
-                        bool with_gradient) {
-    RowStats rows = forward_rows(logits, target, with_gradient);
-    Tensor loss = rows.loss;
-    if (reduction != kNone) {
-      loss = loss.sum();
-      if (reduction == kMean) {
-        loss.div_(logits.size(0));
-      }
-    }
-    ctx->save_for_backward({logits, target});
-    ctx->saved_data["reduction"] = reduction;
-    if (with_gradient) {  // held, not saved: the first backward scales it in place
-      ctx->saved_data["gradient"] = rows.gradient;
-    }
-    return loss.to(logits.scalar_type());
-  }
+struct CrossEntropyBackward : Node {
+  SavedVariable logits_, target_;
+  int64_t reduction_ = kMean;
+  Tensor gradient_;  // p - onehot(y) from the forward, held, not saved: the first backward scales it in place
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad) {
-    variable_list saved = ctx->get_saved_variables();
-    const Tensor &logits = saved[0], &target = saved[1];
-    int64_t reduction = ctx->saved_data["reduction"].toInt();
-    at::ScalarType acc = accumulation_dtype(logits.scalar_type());
+  variable_list apply(variable_list&& grad) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grad[0].defined()) {
+      return {Tensor()};
+    }
+    const Tensor logits = logits_.unpack(), target = target_.unpack();
+    const at::ScalarType acc = accumulation_dtype(logits.scalar_type());
     const Tensor row_scale = grad[0].to(acc);  // (R,) for "none", else ()
     Tensor grad_logits;
     if (at::GradMode::is_enabled()) {  // create_graph: p - onehot(y) again, in differentiable ops
-      const Tensor factor = reduction == kMean ? row_scale / logits.size(0)
-                            : reduction == kNone ? row_scale.unsqueeze(1) : row_scale;
+      const Tensor factor = reduction_ == kMean ? row_scale / logits.size(0)
+                            : reduction_ == kNone ? row_scale.unsqueeze(1) : row_scale;
       Tensor x = logits.to(acc);
       Tensor exp_shifted = (x - x.amax({1}, true).detach()).mul(kLog2E).exp2();
       Tensor onehot = at::zeros_like(x).scatter_(1, target.to(at::kLong).unsqueeze(1), 1.0);
@@ -203,21 +291,54 @@ struct CrossEntropy : Function<CrossEntropy> {
     } else {
       // The forward's buffer, let go after its first use; a retained graph's
       // next backward recomputes it with the same code, so to the same bits.
-      Tensor gradient = ctx->saved_data.count("gradient") ? ctx->saved_data["gradient"].toTensor()
-                                                          : forward_rows(logits, target, true).gradient;
-      ctx->saved_data.erase("gradient");
-      if (reduction == kNone) {
+      Tensor gradient = gradient_.defined() ? std::move(gradient_) : forward_rows(logits, target, true).gradient;
+      gradient_ = Tensor();
+      if (reduction_ == kNone) {
         grad_logits = gradient.mul_(row_scale.unsqueeze(1));
       } else {  // one factor for every row, read on the host: dL/dloss (/ R for the mean)
         grad_logits = AT_DISPATCH_FLOATING_TYPES(acc, "cross_entropy_scale", [&] {
           const scalar_t scale = row_scale.item<scalar_t>();
-          return gradient.mul_(reduction == kMean ? scale / static_cast<scalar_t>(logits.size(0)) : scale);
+          return gradient.mul_(reduction_ == kMean ? scale / static_cast<scalar_t>(logits.size(0)) : scale);
         });
       }
     }
-    return {grad_logits.to(logits.scalar_type()), Tensor(), Tensor(), Tensor()};
+    return {grad_logits.to(logits.scalar_type())};
   }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    logits_.reset_data();
+    target_.reset_data();
+    gradient_ = Tensor();
+  }
+  std::string name() const override { return "torchblocks::CrossEntropyBackward"; }
 };
+
+Tensor cross_entropy_rows(const Tensor& logits, const Tensor& target, int64_t reduction) {
+  const bool with_gradient = torch::autograd::compute_requires_grad(logits);
+  Tensor loss;
+  RowStats rows;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    rows = forward_rows(logits, target, with_gradient);
+    loss = rows.loss;
+    if (reduction != kNone) {
+      loss = loss.sum();
+      if (reduction == kMean) {
+        loss.div_(logits.size(0));
+      }
+    }
+    loss = loss.to(logits.scalar_type());
+  }
+  if (with_gradient) {
+    auto node = make_node<CrossEntropyBackward>();
+    attach(loss, node, logits);
+    node->logits_ = SavedVariable(logits, /*is_output=*/false);
+    node->target_ = SavedVariable(target, /*is_output=*/false);
+    node->reduction_ = reduction;
+    node->gradient_ = std::move(rows.gradient);
+  }
+  return loss;
+}
 
 bool floating(const Tensor& tensor) {
   const auto dtype = tensor.scalar_type();
@@ -242,7 +363,7 @@ bool targets_plain(const Tensor& target, int64_t classes, int64_t ignore_index) 
 }
 
 // Logits (R, C) and class indices (R,) on the CPU, R and C > 0, every target
-// a class and none ignored, autocast off.
+// a class and none ignored, autocast off, no dual tensor.
 std::optional<Tensor> cross_entropy(const Tensor& logits, const Tensor& target, int64_t ignore_index,
                                     const std::string& reduction_name) {
   const int64_t reduction = reduction_name == "mean" ? kMean
@@ -251,7 +372,7 @@ std::optional<Tensor> cross_entropy(const Tensor& logits, const Tensor& target, 
   const bool indices = target.scalar_type() == at::kLong || target.scalar_type() == at::kByte;
   if (reduction < 0 || !floating(logits) || !indices || logits.dim() != 2 || target.dim() != 1 || !logits.is_cpu() ||
       !target.is_cpu() || target.size(0) != logits.size(0) || logits.numel() == 0 ||
-      at::autocast::is_autocast_enabled(at::kCPU)) {
+      at::autocast::is_autocast_enabled(at::kCPU) || forward_grad_defined(logits)) {
     return std::nullopt;
   }
   const bool plain = target.scalar_type() == at::kLong ? targets_plain<int64_t>(target, logits.size(1), ignore_index)
@@ -259,13 +380,12 @@ std::optional<Tensor> cross_entropy(const Tensor& logits, const Tensor& target, 
   if (!plain) {
     return std::nullopt;
   }
-  const bool with_gradient = at::GradMode::is_enabled() && logits.requires_grad();
-  return CrossEntropy::apply(logits, target, reduction, with_gradient);
+  return cross_entropy_rows(logits, target, reduction);
 }
 
-// A real dtype on the CPU; in place, no two elements sharing memory.
+// A real dtype on the CPU, no dual tensor; in place, no two elements sharing memory.
 std::optional<Tensor> relu(const Tensor& input, bool inplace) {
-  if (!input.is_cpu() || input.is_complex() || input.scalar_type() == at::kBool) {
+  if (!input.is_cpu() || input.is_complex() || input.scalar_type() == at::kBool || forward_grad_defined(input)) {
     return std::nullopt;
   }
   for (int64_t d = 0; inplace && d < input.dim(); ++d) {
@@ -273,31 +393,31 @@ std::optional<Tensor> relu(const Tensor& input, bool inplace) {
       return std::nullopt;
     }
   }
-  return ReLU::apply(input, inplace);
+  return inplace ? ReLUInplace::apply(input) : relu_out_of_place(input);
 }
 
 // input (*, K) and weight (N, K), bias (N,) or none, of one floating dtype on
-// the CPU; activation none or "relu"; autocast off. (*) folds into the rows
+// the CPU; activation none or "relu"; autocast off; no dual tensor. (*) folds into the rows
 // of one matmul and unfolds after.
 std::optional<Tensor> dense(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                             const std::optional<std::string>& activation) {
   const bool relu = activation == "relu";
   if ((activation && !relu) || !floating(input) || !input.is_cpu() || input.dim() == 0 || weight.dim() != 2 ||
       weight.scalar_type() != input.scalar_type() || !weight.is_cpu() || input.size(-1) != weight.size(1) ||
-      at::autocast::is_autocast_enabled(at::kCPU)) {
+      at::autocast::is_autocast_enabled(at::kCPU) || forward_grad_defined(input, weight)) {
     return std::nullopt;
   }
   if (bias && (bias->scalar_type() != input.scalar_type() || !bias->is_cpu() || bias->dim() != 1 ||
-               bias->size(0) != weight.size(0))) {
+               bias->size(0) != weight.size(0) || forward_grad_defined(*bias))) {
     return std::nullopt;
   }
   if (input.dim() == 2) {
-    return Dense::apply(input, weight, bias, relu);
+    return dense_rows(input, weight, bias, relu);
   }
   std::vector<int64_t> output_shape(input.sizes().begin(), input.sizes().end() - 1);
   const int64_t rows = c10::multiply_integers(output_shape);
   output_shape.push_back(weight.size(0));
-  return Dense::apply(input.reshape({rows, weight.size(1)}), weight, bias, relu).reshape(output_shape);
+  return dense_rows(input.reshape({rows, weight.size(1)}), weight, bias, relu).reshape(output_shape);
 }
 
 }  // namespace torchblocks
@@ -305,7 +425,7 @@ std::optional<Tensor> dense(const Tensor& input, const Tensor& weight, const std
 using namespace torchblocks;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "torchblocks' reference blocks for plain eager CPU calls, as C++ autograd Functions";
+  m.doc() = "torchblocks' reference blocks for plain eager CPU calls, with C++ autograd nodes";
   m.def("relu", &relu, "relu(input, inplace): max(input, 0) of a plain call, else None");
   m.def("dense", &dense,
         "dense(input (*, K), weight (N, K), bias (N,) or None, activation None or 'relu'): "
