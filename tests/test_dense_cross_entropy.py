@@ -178,8 +178,10 @@ def test_default_chunks_are_about_the_size_of_the_input():
     from torchblocks._ops.dense_cross_entropy import default_chunk_rows
 
     assert default_chunk_rows(8192, 4096, 131072) == 256  # 256 x 128k logits = 8192 x 4096 inputs
-    assert default_chunk_rows(1024, 256, 32768) == 128  # not 8: skinny GEMMs cost more than they save
-    assert default_chunk_rows(10, 512, 10) == 10
+    assert default_chunk_rows(1024, 256, 32768) == 256  # not 8: skinny GEMMs cost more than they save
+    assert default_chunk_rows(10, 512, 10) == 5  # two chunks at least: never all the logits at once
+    assert default_chunk_rows(512, 256, 1000) == 256
+    assert default_chunk_rows(1, 512, 10) == 1
     assert default_chunk_rows(0, 5, 7) == 1
 
 
