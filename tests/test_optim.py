@@ -3,6 +3,7 @@ param groups, GradScaler, and bad input. The option sets and the small model
 are the ones ``torchblocks check`` uses (torchblocks.cli.cases.OPTIMIZERS)."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -477,11 +478,29 @@ def test_reference_in_small_batches_matches_twin(monkeypatch):
     tensor or two give the same trajectories."""
     from torchblocks.optim import _multi_tensor
 
-    monkeypatch.setattr(_multi_tensor, "REFERENCE_BATCH_ELEMENTS", 64)
+    for optimizer_class in (_multi_tensor.MultiTensorOptimizer, torchblocks.optim.SGD):
+        monkeypatch.setattr(optimizer_class, "reference_batch_elements", 64)
     with torchblocks.use_backend("reference"):
         for entry in cases.OPTIMIZERS:
             error = cases.trajectory_error(entry, entry.option_sets[-1], torch.device("cpu"), torch.float32)
             assert error <= tolerance(torch.float32), entry.name
+
+
+@pytest.mark.parametrize("name, batches", [("SGD", 1), ("RMSprop", 3), ("Adam", 3)])
+def test_the_reference_steps_in_cache_sized_batches_but_sgd_in_one(monkeypatch, name, batches):
+    """RMSprop and Adam make several passes that reuse a batch while it is in
+    cache; SGD's passes do not, so its whole list is one batch."""
+    module = sys.modules[getattr(torchblocks.optim, name).__module__]
+    reference = getattr(module, f"{name.lower()}_reference")
+    calls = []
+    monkeypatch.setattr(module, f"{name.lower()}_reference", lambda params, *a, **k: (
+        calls.append(len(params)), reference(params, *a, **k)))
+    params = [torch.nn.Parameter(torch.zeros(400_000)) for _ in range(6)]  # 2.4M elements: 3 batches of 2 tensors
+    for param in params:
+        param.grad = torch.ones_like(param)
+    with torchblocks.use_backend("reference"):
+        getattr(torchblocks.optim, name)(params).step()
+    assert len(calls) == batches and sum(calls) == len(params)
 
 
 @pytest.mark.triton

@@ -15,6 +15,8 @@ shards of parameter, gradient and state with no communication. That holds
 for ``Shard`` and ``Replicate`` placements; any other placement raises.
 """
 
+from typing import Optional
+
 import torch
 
 if not torch.distributed.is_available():  # a torch built without distributed has no DTensors to meet
@@ -135,6 +137,16 @@ def _by_device_and_dtype(params):
     return list(buckets.values())
 
 
+# Elements per reference batch: each foreach op sweeps its whole list, so a
+# batch this size keeps the working set of a step in cache between ops
+# (RMSprop and Adam 1.7-2x faster at 10M parameters on a 2-core CPU than one
+# batch), and a batch of several tensors makes one foreach call do the work
+# of several: 1 << 16 put each 100K-element tensor in a batch of its own, and
+# SGD at 1M parameters ran at 0.69x native's speed; 1 << 20: 1.07x, with 10M
+# unchanged (torchblocks bench --block optim).
+REFERENCE_BATCH_ELEMENTS = 1 << 20
+
+
 class MultiTensorOptimizer(torch.optim.Optimizer):
     """Base class: ``step`` and the dispatch; subclasses define ``_update``.
 
@@ -142,6 +154,9 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
     device and dtype and have a gradient, creates any missing state, and
     calls ``self._apply(reference, launcher, tensors, per_tensor, **options)``.
     """
+
+    # Elements per batch of the reference update; None: the whole list at once.
+    reference_batch_elements: Optional[int] = REFERENCE_BATCH_ELEMENTS
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -204,8 +219,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         """The counts of ``steps`` (from ``_advance_steps``) as floats, read on the host."""
         return torch.stack([s.to("cpu") for s in steps]).tolist()
 
-    @staticmethod
-    def _apply(reference, launcher, tensors: dict, per_tensor: dict, **options) -> None:
+    def _apply(self, reference, launcher, tensors: dict, per_tensor: dict, **options) -> None:
         """Run the update on ``tensors`` (by argument name: lists of tensors
         laid out like the parameters, ``params`` first, or None for a state
         the options leave unused) and ``per_tensor`` (by argument name: one
@@ -223,24 +237,19 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             _call(launcher, flat, tensors, per_tensor, options)
             flat_set = set(flat)
             indices = [i for i in indices if i not in flat_set]
-        for batch in _cache_sized_batches(params, indices):
+        for batch in _cache_sized_batches(params, indices, self.reference_batch_elements):
             _call(reference, batch, tensors, per_tensor, options)
 
 
-# Elements per reference batch: each foreach op sweeps its whole list, so a
-# batch this size keeps the working set of a step in cache between ops
-# (RMSprop and Adam 1.7-2x faster at 10M parameters on a 2-core CPU than one
-# batch), and a batch of several tensors makes one foreach call do the work
-# of several: 1 << 16 put each 100K-element tensor in a batch of its own, and
-# SGD at 1M parameters ran at 0.69x native's speed; 1 << 20: 1.07x, with 10M
-# unchanged (torchblocks bench --block optim).
-REFERENCE_BATCH_ELEMENTS = 1 << 20
 
 
-def _cache_sized_batches(params, indices):
+def _cache_sized_batches(params, indices, limit: Optional[int]):
+    if limit is None:
+        yield list(indices)
+        return
     batch, size = [], 0
     for i in indices:
-        if batch and size + params[i].numel() > REFERENCE_BATCH_ELEMENTS:
+        if batch and size + params[i].numel() > limit:
             yield batch
             batch, size = [], 0
         batch.append(i)
