@@ -126,6 +126,30 @@ def test_cpu_calls_are_timed_on_the_threads_the_device_name_states(monkeypatch):
     assert harness.environment("cpu")["device"].endswith("(2 threads)")
 
 
+def test_cpu_runs_keep_freed_memory_and_say_so(quick_run, monkeypatch):
+    """A CPU run asks glibc to keep freed memory (no heap trimming, no mmap
+    below 1 GiB), so that large tensors are not page-faulted in anew on each
+    call; the summary says what was done, or that nothing could be."""
+    calls = []
+
+    class Libc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(harness.ctypes, "CDLL", lambda name: Libc())
+    assert "no trimming, no mmap below 32 MiB" in harness.hold_freed_cpu_memory()
+    assert sorted(calls) == [(-3, 32 << 20), (-1, 2**31 - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(harness.ctypes, "CDLL", no_glibc)
+    assert harness.hold_freed_cpu_memory() == "allocator: as the process found it (no glibc mallopt)"
+    summary = (quick_run[2] / "summary.md").read_text()
+    assert re.search(r"\n\nallocator: (glibc malloc keeps freed memory|as the process found it)", summary)
+
+
 def test_results_name_the_commit_of_this_checkout():
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.abspath(__file__)))

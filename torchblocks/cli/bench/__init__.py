@@ -186,6 +186,7 @@ def run(blocks: Sequence[str], device: str, dtypes: Sequence[torch.dtype], quick
     # the step's profiler annotation: nothing a reader of the tables can act on
     logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(_profiler_notes)
     env = harness.environment(device)
+    allocator_line = harness.hold_freed_cpu_memory() if device == "cpu" else None
     copy_peak = harness.copy_bandwidth_gbs(device, quick)
     matmul_peaks = {dtype: harness.matmul_peak_tflops(device, dtype, quick) for dtype in dtypes}
     header = " | ".join(f"{key}: {value}" for key, value in env.items())
@@ -193,14 +194,15 @@ def run(blocks: Sequence[str], device: str, dtypes: Sequence[torch.dtype], quick
                             for dtype, tflops in matmul_peaks.items())
     peak_line = f"peaks measured in this run: copy {copy_peak:.1f} GB/s; native matmul {matmul_line}"
     step_line = step.describe(step.count_training_step(device))
-    print(header, peak_line, step_line, sep="\n", file=stream, flush=True)
+    notes = [peak_line] + ([allocator_line] if allocator_line else []) + [step_line]
+    print(header, *notes, sep="\n", file=stream, flush=True)
     plots = out_dir is not None and _plot.has_matplotlib()
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         if not plots:
             print("no plots: matplotlib is not installed (pip install 'torchblocks[plot]')", file=stream)
     summary = [f"# torchblocks bench{' --quick' if quick else ''}", "", header.replace(" | ", "  \n"), "",
-               peak_line, "", step_line, ""]
+               *(line for note in notes for line in (note, ""))]
     every_row = []
     for block in blocks:
         rows = []
