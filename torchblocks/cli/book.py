@@ -10,7 +10,7 @@ import math
 import statistics
 import sys
 import time
-from typing import Iterator, List, Optional, TextIO, Tuple
+from typing import List, Optional, Sequence, TextIO, Tuple
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torchblocks.cli._progress import ProgressBar
 from torchblocks.cli.data import Digits, load_mnist
 
 __all__ = ["BOOK_TEST_ACCURACY", "Epoch", "Run", "build_network", "build_optimizer", "evaluate", "format_report",
-           "plot", "train", "train_epochs"]
+           "plot", "train", "train_together"]
 
 HIDDEN_FEATURES = 512
 NUM_CLASSES = 10
@@ -137,22 +137,7 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, labels:
 
 def train(name: str, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, data: Digits,
           epochs: int = 5, batch_size: int = 128, seed: int = 0, stream: Optional[TextIO] = None) -> Run:
-    """Train ``model`` on ``data`` the book's way, showing a progress bar per epoch.
-
-    Each epoch visits the training images in a fresh random order drawn from
-    a generator seeded with ``seed`` (so two runs with one seed see the same
-    batches), in batches of ``batch_size``, the last partial batch kept; one
-    optimizer step per batch; then the test set is evaluated.
-
-    Args:
-        name: the run's name, shown in the progress bar.
-        model, loss_fn, optimizer: from ``build_network`` and ``build_optimizer``.
-        data: the images and labels; moved to the model's device.
-        epochs, batch_size, seed: the schedule.
-        stream: where the progress bars go (default ``sys.stdout``, as Keras's).
-
-    Returns:
-        the ``Run`` with one ``Epoch`` per epoch.
+    """Train ``model`` on ``data`` the book's way: ``train_together`` with one network.
 
     Example::
 
@@ -162,53 +147,84 @@ def train(name: str, model: nn.Module, loss_fn: nn.Module, optimizer: torch.opti
         >>> run.epochs[-1].test_accuracy
         0.98...
     """
-    return Run(name, list(train_epochs(name, model, loss_fn, optimizer, data, epochs, batch_size, seed, stream)))
+    return train_together([(name, model, loss_fn, optimizer)], data, epochs, batch_size, seed, stream)[0]
 
 
-def train_epochs(name: str, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, data: Digits,
-                 epochs: int = 5, batch_size: int = 128, seed: int = 0,
-                 stream: Optional[TextIO] = None) -> Iterator[Epoch]:
-    """``train``, one ``Epoch`` at a time: two runs advanced in turn share
-    the machine's slow and fast spells, so their epoch times compare.
+def train_together(networks: Sequence[Tuple[str, nn.Module, nn.Module, torch.optim.Optimizer]], data: Digits,
+                   epochs: int = 5, batch_size: int = 128, seed: int = 0,
+                   stream: Optional[TextIO] = None) -> List[Run]:
+    """Train several networks on ``data`` the book's way, a step of each in turn.
+
+    Each epoch visits the training images in a fresh random order drawn from
+    a generator seeded with ``seed`` (so every network, and every run with
+    that seed, sees the same batches), in batches of ``batch_size``, the
+    last partial batch kept. Each batch is one optimizer step of every
+    network, one network after the other (in reverse order on every other
+    batch, so that none is always first to meet the batch), so that the
+    machine's slow and fast spells fall on all of them alike; a network's
+    epoch time counts its own steps only. Then the test set is evaluated.
+    One progress bar per epoch, then a line per network.
+
+    Args:
+        networks: ``(name, model, loss_fn, optimizer)`` each, from
+            ``build_network`` and ``build_optimizer``, on one device.
+        data: the images and labels; moved to the models' device.
+        epochs, batch_size, seed: the schedule.
+        stream: where the progress goes (default ``sys.stdout``, as Keras's).
+
+    Returns:
+        a ``Run`` per network, with one ``Epoch`` per epoch.
 
     Example::
 
-        >>> for ours, theirs in zip(train_epochs("torchblocks", *tb, data), train_epochs("native", *nt, data)):
-        ...     print(ours.seconds / theirs.seconds)
+        >>> runs = train_together([("torchblocks", *build_network(784), optimizer),
+        ...                        ("native torch", *build_network(784, native=True), native_optimizer)], data)
     """
-    device = next(model.parameters()).device
+    stream = stream or sys.stdout
+    device = next(networks[0][1].parameters()).device
     images, labels = data.train_images.to(device), data.train_labels.to(device)
     test_images, test_labels = data.test_images.to(device), data.test_labels.to(device)
     order = torch.Generator().manual_seed(seed)
     steps = math.ceil(len(labels) / batch_size)
+    runs = [Run(name) for name, *_ in networks]
+    width = max(len(run.name) for run in runs)
     for epoch in range(1, epochs + 1):
-        model.train()
+        for _, model, _, _ in networks:
+            model.train()
         permutation = torch.randperm(len(labels), generator=order).to(device)
-        bar = ProgressBar(steps, label=f"{name} epoch {epoch}/{epochs}", stream=stream or sys.stdout)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        _synchronize(device)
-        start = time.perf_counter()
+        bar = ProgressBar(steps, label=f"epoch {epoch}/{epochs}", stream=stream)
+        loss_sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in networks]
+        corrects = [torch.zeros((), dtype=torch.int64, device=device) for _ in networks]
+        seconds = [0.0 for _ in networks]
         for step in range(steps):
             batch = permutation[step * batch_size:(step + 1) * batch_size]
             batch_images, batch_labels = images[batch], labels[batch]
-            logits = model(batch_images)
-            loss = loss_fn(logits, batch_labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach().double() * len(batch)
-            correct += (logits.detach().argmax(dim=1) == batch_labels).sum()
+            for index in range(len(networks)) if step % 2 == 0 else reversed(range(len(networks))):
+                _, model, loss_fn, optimizer = networks[index]
+                _synchronize(device)
+                start = time.perf_counter()
+                logits = model(batch_images)
+                loss = loss_fn(logits, batch_labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                _synchronize(device)
+                seconds[index] += time.perf_counter() - start
+                loss_sums[index] += loss.detach().double() * len(batch)
+                corrects[index] += (logits.detach().argmax(dim=1) == batch_labels).sum()
             if bar.due():
                 seen = min((step + 1) * batch_size, len(labels))
-                bar.update(step + 1, f"loss {loss_sum.item() / seen:.4f} accuracy {correct.item() / seen:.4f}")
-        _synchronize(device)
-        seconds = time.perf_counter() - start
-        test_loss, test_accuracy = evaluate(model, loss_fn, test_images, test_labels)
-        result = Epoch(loss_sum.item() / len(labels), correct.item() / len(labels), test_loss, test_accuracy, seconds)
-        bar.close(steps, f"loss {result.train_loss:.4f} accuracy {result.train_accuracy:.4f} "
-                         f"test accuracy {result.test_accuracy:.4f} {seconds:.2f}s")
-        yield result
+                bar.update(step + 1, " | ".join(f"{run.name} loss {loss_sum.item() / seen:.4f}"
+                                                for run, loss_sum in zip(runs, loss_sums)))
+        bar.close(steps)
+        for (_, model, loss_fn, _), run, loss_sum, correct, spent in zip(networks, runs, loss_sums, corrects, seconds):
+            test_loss, test_accuracy = evaluate(model, loss_fn, test_images, test_labels)
+            result = Epoch(loss_sum.item() / len(labels), correct.item() / len(labels), test_loss, test_accuracy,
+                           spent)
+            run.epochs.append(result)
+            print(f"  {run.name:<{width}}  loss {result.train_loss:.4f} accuracy {result.train_accuracy:.4f} "
+                  f"test accuracy {result.test_accuracy:.4f} {spent:.2f}s", file=stream, flush=True)
+    return runs
 
 
 def format_report(runs: List[Run], data: Digits) -> str:
@@ -280,15 +296,11 @@ def main(args, device: str) -> int:
           f"Dense({HIDDEN_FEATURES}, {NUM_CLASSES}), softmax cross-entropy, RMSprop(lr=1e-3, alpha=0.9, eps=1e-7), "
           f"{args.epochs} epoch{'s' if args.epochs > 1 else ''} of batch {args.batch_size}, seed {args.seed}, "
           f"on {device}", flush=True)
-    runs, schedules = [], []
+    networks = []
     for native in (False, True) if args.compare else (False,):
         model, loss_fn = build_network(data.train_images.shape[1], native, args.seed, device)
-        runs.append(Run("native torch" if native else "torchblocks"))
-        schedules.append(train_epochs(runs[-1].name, model, loss_fn, build_optimizer(model, native), data,
-                                      args.epochs, args.batch_size, args.seed))
-    for epochs in zip(*schedules):  # in turn, epoch by epoch: both runs see the same machine
-        for run, epoch in zip(runs, epochs):
-            run.epochs.append(epoch)
+        networks.append(("native torch" if native else "torchblocks", model, loss_fn, build_optimizer(model, native)))
+    runs = train_together(networks, data, args.epochs, args.batch_size, args.seed)
     print()
     print(format_report(runs, data))
     if args.compare:
