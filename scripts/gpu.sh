@@ -6,7 +6,8 @@
 #   bash scripts/gpu.sh [--out DIR] STAGE [STAGE ...]
 #
 #   test          the CUDA tests (pytest -m cuda): the Triton kernels and the
-#                 reference on the GPU
+#                 reference on the GPU; and the compiled eager CPU path's
+#                 tests (-m eager_cpu), built against this machine's torch
 #   check         torchblocks check on the GPU (gradcheck, parity, optimizers)
 #   bench [BLOCK ...]
 #                 the benchmark suite: every block, or the ones named
@@ -136,7 +137,7 @@ stage() {
 run_test() {
     "$PYTHON" -c 'import pytest' 2>/dev/null ||
         { echo "the test stage needs pytest, which this Python ($PYTHON) lacks" | tee "$STAGING/test.txt"; return 2; }
-    "$PYTHON" -m pytest "$ROOT/tests" -m cuda -q -p no:cacheprovider 2>&1 | tee "$STAGING/test.txt"
+    "$PYTHON" -m pytest "$ROOT/tests" -m "cuda or eager_cpu" -q -p no:cacheprovider 2>&1 | tee "$STAGING/test.txt"
     return "${PIPESTATUS[0]}"
 }
 

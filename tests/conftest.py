@@ -67,6 +67,8 @@ def target(request, monkeypatch):
 def pytest_configure(config):
     config.addinivalue_line("markers", "triton: runs the Triton kernels (on CUDA, or under the interpreter)")
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
+    config.addinivalue_line("markers", "eager_cpu: the compiled eager CPU path itself (scripts/gpu.sh runs these too, "
+                                       "against the GPU machine's own torch)")
     config.addinivalue_line("markers", "no_compiled_eager: no call in the module takes the compiled eager CPU path "
                                        "(its reference-cpu-python target would repeat reference-cpu)")
     # the interpreter computes with numpy, which warns on the inf and NaN some cases feed it on purpose

@@ -18,6 +18,7 @@ from torchblocks._ops import _eager_cpu
 from torchblocks.testing import assert_close
 
 OFF = os.environ.get("TORCHBLOCKS_EAGER_CPU") == "0"
+pytestmark = pytest.mark.eager_cpu
 
 
 def from_eager_cpu(node) -> bool:
