@@ -130,8 +130,8 @@ def test_relu_and_dense_give_the_python_functions_bits(dtype, python_eager):
 @pytest.mark.parametrize("rows, classes", [(17, 33), (1, 1), (300, 131)], ids=["17x33", "1x1", "300x131"])
 def test_cross_entropy_matches_the_python_function(rows, classes, layout, reduction, dtype, python_eager):
     """Above 2**12 logits, the Python Function's ops one for one: its bits.
-    Up to 2**12 the compiled path is one scalar loop per row (std::exp2, a
-    sequential sum): close, not equal."""
+    Up to 2**12 the compiled path is scalar passes over the rows around one
+    exp2 op (a sequential sum): close, not equal."""
     x = randn(rows, classes, dtype=dtype) if layout == "contiguous" else randn(classes, rows, dtype=dtype).t()
     x[0, 0] = 30.0  # a row whose max stands out: exp(x - max) overflows unless the max is subtracted
     labels = indices(rows, classes, dtype=torch.uint8)
