@@ -29,8 +29,9 @@ using torch::autograd::variable_list;
 
 namespace torchblocks {
 
-// Nodes are held in c10::intrusive_ptr from torch 2.12 on (pytorch#181782),
-// in std::shared_ptr before; the branch not taken is never instantiated.
+// Nodes are held in c10::intrusive_ptr since pytorch#181782 (torch 2.13 has
+// it, 2.11 does not), in std::shared_ptr before; the branch not taken is
+// never instantiated.
 using NodePtr = std::decay_t<decltype(std::declval<const Tensor&>().grad_fn())>;
 constexpr bool kSharedNodes = std::is_same_v<NodePtr, std::shared_ptr<Node>>;
 
