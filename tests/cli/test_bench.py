@@ -128,7 +128,7 @@ def test_cpu_calls_are_timed_on_the_threads_the_device_name_states(monkeypatch):
 
 def test_cpu_runs_keep_freed_memory_and_say_so(quick_run, monkeypatch):
     """A CPU run asks glibc to keep freed memory (no heap trimming, no mmap
-    below 1 GiB), so that large tensors are not page-faulted in anew on each
+    below 32 MiB), so that large tensors are not page-faulted in anew on each
     call; the summary says what was done, or that nothing could be."""
     calls = []
 

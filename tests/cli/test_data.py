@@ -405,6 +405,21 @@ def test_with_mirrors_and_archives_down_every_url_tried_is_named(tmp_path, monke
                                  "http://registry.example/small.tgz: connection refused")
 
 
+def test_a_download_error_names_only_the_file_that_could_not_be_had(tmp_path, monkeypatch):
+    source = tmp_path / "source"
+    source.mkdir()
+    spec = write_set(source, small_arrays(), compress=True)
+    spec = data.DataSetSpec("small", spec.files, mirrors=("http://down.example/", "http://up.example/"))
+    first = spec.files["train_images"].name + ".gz"
+    monkeypatch.setattr(urllib.request, "urlopen", serve({f"http://up.example/{first}": (source / first).read_bytes()},
+                                                         failing=("http://down.example/", "http://up.example/t10k",
+                                                                  "http://up.example/train-labels")))
+    with pytest.raises(data.DownloadError) as raised:
+        data.download(str(tmp_path / "cache"), spec, stream=io.StringIO())
+    assert str(raised.value).startswith("could not download train-labels-idx1-ubyte.gz: ")
+    assert "train-images" not in str(raised.value)
+
+
 def test_default_data_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCHBLOCKS_DATA_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <utility>
 
 using at::Tensor;
 using torch::autograd::AutogradContext;
@@ -165,10 +166,10 @@ Tensor dense_rows(const Tensor& input, const Tensor& weight, const std::optional
       output.clamp_min_(0);
     }
   }
-  const Tensor no_bias;
-  if (torch::autograd::compute_requires_grad(input, weight, bias ? *bias : no_bias)) {
+  const Tensor bias_or_none = bias ? *bias : Tensor();  // undefined: no edge, no gradient
+  if (torch::autograd::compute_requires_grad(input, weight, bias_or_none)) {
     auto node = make_node<DenseBackward>();
-    attach(output, node, input, weight, bias ? *bias : no_bias);
+    attach(output, node, input, weight, bias_or_none);
     node->relu_ = relu;
     if (weight.requires_grad()) {
       node->input_ = SavedVariable(input, /*is_output=*/false);
@@ -304,8 +305,8 @@ struct CrossEntropyBackward : Node {
     } else {
       // The forward's buffer, let go after its first use; a retained graph's
       // next backward recomputes it with the same code, so to the same bits.
-      Tensor gradient = gradient_.defined() ? std::move(gradient_) : forward_rows(logits, target, true).gradient;
-      gradient_ = Tensor();
+      Tensor gradient = gradient_.defined() ? std::exchange(gradient_, Tensor())
+                                            : forward_rows(logits, target, true).gradient;
       if (reduction_ == kNone) {
         grad_logits = gradient.mul_(row_scale.unsqueeze(1));
       } else {  // one factor for every row, read on the host: dL/dloss (/ R for the mean)
@@ -358,7 +359,7 @@ bool floating(const Tensor& tensor) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
-// Each entry point below takes a call only where its Function computes it,
+// Each entry point below takes a call only where its block computes it,
 // and returns nullopt for any other: the Python path then checks that call
 // and computes it or raises, with its messages. The checks here are what
 // makes a call plain, not a second copy of the argument checks.

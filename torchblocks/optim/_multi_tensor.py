@@ -142,8 +142,9 @@ def _by_device_and_dtype(params):
 # (RMSprop and Adam 1.7-2x faster at 10M parameters on a 2-core CPU than one
 # batch), and a batch of several tensors makes one foreach call do the work
 # of several: 1 << 16 put each 100K-element tensor in a batch of its own, and
-# SGD at 1M parameters ran at 0.69x native's speed; 1 << 20: 1.07x, with 10M
-# unchanged (torchblocks bench --block optim).
+# SGD (which batched then) at 1M parameters ran at 0.69x native's speed;
+# 1 << 20: 1.07x (torchblocks bench --block optim). An optimizer whose passes
+# do not reuse a batch sets its reference_batch_elements to None (SGD).
 REFERENCE_BATCH_ELEMENTS = 1 << 20
 
 
@@ -224,8 +225,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         laid out like the parameters, ``params`` first, or None for a state
         the options leave unused) and ``per_tensor`` (by argument name: one
         value per parameter, a float or a capturable step tensor) with the
-        Triton ``launcher`` in one launch, or with ``reference`` in
-        cache-sized batches (always, when ``launcher`` is None). The two take
+        Triton ``launcher`` in one launch, or with ``reference`` in batches of
+        ``reference_batch_elements`` (always, when ``launcher`` is None). The two take
         the same arguments. DTensors are replaced by their local shards first."""
         tensors = {name: None if role is None else [_local(tensor) for tensor in role]
                    for name, role in tensors.items()}
@@ -239,8 +240,6 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             indices = [i for i in indices if i not in flat_set]
         for batch in _cache_sized_batches(params, indices, self.reference_batch_elements):
             _call(reference, batch, tensors, per_tensor, options)
-
-
 
 
 def _cache_sized_batches(params, indices, limit: Optional[int]):

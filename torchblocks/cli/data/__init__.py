@@ -9,8 +9,8 @@ Example::
 """
 
 from torchblocks.cli.data.idx import DataFileError, gunzip, parse_idx
-from torchblocks.cli.data.mnist import (DIGITS, MNIST, Archive, DataSetSpec, Digits, DownloadError, FileSpec, MissingDataError,
-                                    default_data_dir, download, load_directory, load_mnist)
+from torchblocks.cli.data.mnist import (DIGITS, MNIST, Archive, DataSetSpec, Digits, DownloadError, FileSpec,
+                                    MissingDataError, default_data_dir, download, load_directory, load_mnist)
 
 __all__ = ["DIGITS", "MNIST", "Archive", "DataFileError", "DataSetSpec", "Digits", "DownloadError", "FileSpec",
            "MissingDataError", "default_data_dir", "download", "gunzip", "load_directory", "load_mnist", "parse_idx"]

@@ -301,9 +301,10 @@ def _unpack(archive_path: str, archive: Archive, directory: str, wanted: List[Fi
                 if member is None:
                     raise DataFileError(f"{archive.url}: {archive.folder + spec_file.name} is not a file")
                 content = member.read()
-                if _sha256(content) != spec_file.sha256:
+                digest = _sha256(content)
+                if digest != spec_file.sha256:
                     raise DataFileError(f"{archive.url}: {spec_file.name}: checksum mismatch: SHA-256 "
-                                        f"{_sha256(content)}, expected {spec_file.sha256}; nothing was kept")
+                                        f"{digest}, expected {spec_file.sha256}; nothing was kept")
                 handle, temporary = tempfile.mkstemp(dir=directory, prefix=".unpack-")
                 with os.fdopen(handle, "wb") as out:
                     out.write(content)
@@ -350,8 +351,8 @@ def download(directory: str, spec: DataSetSpec = MNIST, stream: Optional[TextIO]
     directory = os.path.expanduser(directory)
     os.makedirs(directory, exist_ok=True)
     missing = [spec.files[role] for role in ROLES if _find(directory, spec.files[role]) is None]
-    failures: List[str] = []
     for index, spec_file in enumerate(missing):
+        failures: List[str] = []
         for mirror in spec.mirrors:
             url = mirror + spec_file.name + ".gz"
             try:
