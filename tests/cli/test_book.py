@@ -111,6 +111,11 @@ def test_networks_trained_together_take_turns_step_by_step_and_time_their_own_st
     assert [[epoch.seconds for epoch in run.epochs] for run in runs] == [[steps, steps], [steps, steps]]
 
 
+def test_train_together_needs_a_network():
+    with pytest.raises(ValueError, match="networks is empty; expected at least one"):
+        book.train_together([], embedded_digits())
+
+
 def run_mnist(capsys, *argv):
     status = cli.main(["mnist", *argv])
     return status, capsys.readouterr().out

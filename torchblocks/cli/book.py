@@ -175,11 +175,16 @@ def train_together(networks: Sequence[Tuple[str, nn.Module, nn.Module, torch.opt
     Returns:
         a ``Run`` per network, with one ``Epoch`` per epoch.
 
+    Raises:
+        ValueError: ``networks`` is empty.
+
     Example::
 
         >>> runs = train_together([("torchblocks", *build_network(784), optimizer),
         ...                        ("native torch", *build_network(784, native=True), native_optimizer)], data)
     """
+    if not networks:
+        raise ValueError("train_together: networks is empty; expected at least one (name, model, loss_fn, optimizer)")
     stream = stream or sys.stdout
     device = next(networks[0][1].parameters()).device
     images, labels = data.train_images.to(device), data.train_labels.to(device)
