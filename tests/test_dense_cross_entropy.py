@@ -9,17 +9,17 @@ import torchblocks
 from torchblocks.testing import (Allocations, assert_close, assert_compiled_matches_eager, assert_parity,
                                 assert_rejected_like_native, relative_error)
 
-pytestmark = pytest.mark.no_compiled_eager
-
 
 def randn(*shape, dtype=torch.float32, device="cpu", seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
-def labels(shape, classes, device, seed=1):
+def labels(shape, classes, device, seed=1, ignored=True):
+    """Class indices, every fifth one ``ignore_index`` unless not ``ignored``."""
     target = torch.randint(classes, shape, generator=torch.Generator().manual_seed(seed))
-    target.view(-1)[::5] = -100
+    if ignored:
+        target.view(-1)[::5] = -100
     return target.to(device)
 
 
@@ -51,6 +51,20 @@ def test_equals_the_unfused_pair(target, chunk_rows, dtype, reduction, bias, smo
     b = randn(C, dtype=dtype, device=target.device, seed=3) if bias else None
     check_against_unfused(x, w, b, labels((N,), C, target.device), reduction=reduction, label_smoothing=smoothing,
                           chunk_rows=chunk_rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("chunk_rows", [None, 1, 16], ids=lambda c: f"chunk={c}")
+@pytest.mark.parametrize("reduction, bias", list(itertools.product(["mean", "sum"], [True, False])), ids=str)
+def test_plain_calls_equal_the_unfused_pair(target, chunk_rows, dtype, reduction, bias):
+    """The common case, which the compiled eager CPU path takes: no row
+    ignored, no smoothing, "mean" or "sum"; x transposed, uint8 targets."""
+    N, K, C = 37, 9, 23
+    x = randn(K, N, dtype=dtype, device=target.device).t()
+    w = randn(C, K, dtype=dtype, device=target.device, seed=2)
+    b = randn(C, dtype=dtype, device=target.device, seed=3) if bias else None
+    y = labels((N,), C, target.device, ignored=False).to(torch.uint8)
+    check_against_unfused(x, w, b, y, reduction=reduction, chunk_rows=chunk_rows)
 
 
 def test_bfloat16_is_as_close_to_float64_as_the_unfused_pair(target):
@@ -163,6 +177,11 @@ def test_gradcheck(target, reduction):
 
 
 def test_never_holds_all_logits(monkeypatch):
+    """The Python path; the compiled one's chunks are its, to the bit
+    (test_eager_cpu.py)."""
+    from torchblocks._ops import _eager_cpu
+
+    monkeypatch.setattr(_eager_cpu, "_enabled", False)
     # the reference Dense computes each chunk's logits with addmm: record their shapes
     logits_shapes = []
     addmm = torch.addmm

@@ -61,6 +61,8 @@ CALLS = {  # block: (call, its node's name in eager_cpu.cpp)
     "dense-3d": (lambda: TF.dense(randn(2, 4, 8).requires_grad_(), randn(6, 8), None), "torchblocks::DenseBackward"),
     "cross_entropy": (lambda: TF.softmax_cross_entropy(randn(9, 5).requires_grad_(), indices(9, 5)),
                       "torchblocks::CrossEntropyBackward"),
+    "dense_cross_entropy": (lambda: TF.dense_cross_entropy(randn(9, 4).requires_grad_(), randn(6, 4), indices(9, 6)),
+                            "torchblocks::DenseCrossEntropyBackward"),
 }
 
 
@@ -90,6 +92,13 @@ def test_other_calls_take_the_python_functions():
         "inplace_backward": lambda: TF.softmax_cross_entropy(logits * 1, labels, inplace_backward=True),
         "probabilities": lambda: TF.softmax_cross_entropy(logits, torch.softmax(randn(9, 5), 1)),
     }
+    x, w = randn(9, 4).requires_grad_(), randn(5, 4)
+    python_calls.update({
+        f"head, {what}": lambda options=options: TF.dense_cross_entropy(x, w, labels, **options)
+        for what, options in [("an ignored row", {"ignore_index": int(labels[3])}), ("label smoothing",
+                              {"label_smoothing": 0.1}), ('"none"', {"reduction": "none"})]
+    })
+    python_calls["head, bfloat16"] = lambda: TF.dense_cross_entropy(x.bfloat16(), w.bfloat16(), labels)
     for what, call in python_calls.items():
         assert not from_eager_cpu(call().grad_fn), what
     with Ops():
@@ -151,7 +160,34 @@ def test_cross_entropy_matches_the_python_function(rows, classes, layout, reduct
             assert_close(ours, theirs, what=what)
 
 
-@pytest.mark.parametrize("block", ["relu", "dense", "dense-relu", "cross_entropy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction, bias", [("mean", True), ("sum", False)])
+def test_the_head_gives_the_python_functions_bits(reduction, bias, dtype, python_eager):
+    """Chunk for chunk the Python head's ops: its bits, with x transposed and
+    37 rows that no chunk size divides. Summed over other chunks, dL/dW
+    differs in its last bits, so a path that ignored ``chunk_rows`` would fail."""
+    x = randn(9, 37, dtype=dtype).t()
+    w, b = randn(23, 9, dtype=dtype, seed=1), randn(23, dtype=dtype, seed=2) if bias else None
+    labels = indices(37, 23)
+    grad_loss = torch.tensor(0.7, dtype=dtype)
+
+    def head(chunk_rows):
+        return lambda *leaves: TF.dense_cross_entropy(*leaves[:2], labels, *leaves[2:], reduction=reduction,
+                                                      chunk_rows=chunk_rows)
+
+    inputs = [x, w] + ([b] if bias else [])
+    assert from_eager_cpu(head(5)(*[t.requires_grad_() for t in inputs]).grad_fn)
+    for chunk_rows in (1, 5, None):
+        compiled = _forward_and_backward(head(chunk_rows), *inputs, grad_output=grad_loss)
+        python = python_eager(_forward_and_backward, head(chunk_rows), *inputs, grad_output=grad_loss)
+        for ours, theirs, what in zip(compiled, python, ["loss", "dL/dx", "dL/dW", "dL/db"]):
+            assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, what
+            assert torch.equal(ours, theirs), f"{what}, chunks of {chunk_rows}"
+    other_chunks = python_eager(_forward_and_backward, head(37), *inputs, grad_output=grad_loss)
+    assert not torch.equal(compiled[2], other_chunks[2])
+
+
+@pytest.mark.parametrize("block", ["relu", "dense", "dense-relu", "cross_entropy", "dense_cross_entropy"])
 def test_gradcheck_and_gradgradcheck(block):
     x = randn(5, 6, dtype=torch.float64).requires_grad_()
     w, b = randn(4, 6, dtype=torch.float64, seed=1).requires_grad_(), randn(4, dtype=torch.float64).requires_grad_()
@@ -161,6 +197,8 @@ def test_gradcheck_and_gradgradcheck(block):
         "dense": (TF.dense, [x, w, b]),
         "dense-relu": (lambda x, w, b: TF.dense(x, w, b, "relu"), [x, w, b]),
         "cross_entropy": (lambda x: TF.softmax_cross_entropy(x, labels, reduction="none"), [x]),
+        "dense_cross_entropy": (lambda x, w, b: TF.dense_cross_entropy(x, w, indices(5, 4), b, chunk_rows=2),
+                                [x, w, b]),
     }[block]
     inputs = [t.detach().requires_grad_() for t in inputs]
     assert from_eager_cpu(fn(*inputs).grad_fn) or OFF
@@ -173,6 +211,8 @@ NODE_CALLS = {  # block: (fn of leaves, leaves); every input the node saves is a
     "dense-relu": (lambda x, w, b: TF.dense(x, w, b, "relu"),
                    lambda: [randn(4, 8).requires_grad_(), randn(6, 8, seed=1).requires_grad_(), randn(6, seed=2)]),
     "cross_entropy": (lambda x: TF.softmax_cross_entropy(x, indices(9, 5)), lambda: [randn(9, 5).requires_grad_()]),
+    "dense_cross_entropy": (lambda x, w: TF.dense_cross_entropy(x, w, indices(9, 6), chunk_rows=4),
+                            lambda: [randn(9, 4).requires_grad_(), randn(6, 4, seed=1).requires_grad_()]),
 }
 
 
@@ -223,6 +263,14 @@ def test_a_retained_graph_gives_the_same_gradient_twice():
     second, = torch.autograd.grad(loss, logits)  # recomputes it
     assert torch.equal(first, second)
     assert_close(first, torch.autograd.grad(torch.nn.functional.cross_entropy(logits, indices(8, 5)), logits)[0])
+    x, w = randn(8, 3).requires_grad_(), randn(5, 3, seed=1).requires_grad_()
+    loss = TF.dense_cross_entropy(x, w, indices(8, 5), chunk_rows=3)
+    first = torch.autograd.grad(loss, (x, w), retain_graph=True)  # scales the forward's gradients
+    second = torch.autograd.grad(loss, (x, w))  # recomputes them
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    native = torch.autograd.grad(torch.nn.functional.cross_entropy(x @ w.t(), indices(8, 5)), (x, w))
+    for ours, theirs in zip(first, native):
+        assert_close(ours, theirs)
 
 
 def test_a_failed_build_warns_once_and_the_python_path_runs(monkeypatch):

@@ -292,12 +292,19 @@ def dense_cross_entropy(
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1):
         raise ValueError(f"{fn}: chunk_rows must be a positive int or None, got {chunk_rows!r}")
     rows = math.prod(input.shape[:-1])
+    input_rows, target_rows = input.reshape(rows, in_features), target.reshape(rows)
+    chunk_rows = chunk_rows or default_chunk_rows(rows, in_features, classes)
+    if reduction != "none" and not label_smoothing:
+        compiled = _eager_cpu.runs(input, weight, bias, target)
+        loss = compiled.dense_cross_entropy(input_rows, weight, bias, target_rows, ignore_index, reduction,
+                                            chunk_rows) if compiled else None  # None unless plain
+        if loss is not None:
+            return loss
     # the gradients are computed in the forward pass when they will be needed
     grads_now = reduction != "none" and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias))
     loss = DenseCrossEntropyFunction.apply(
-        input.reshape(rows, in_features), weight, bias, target.reshape(rows), ignore_index, reduction,
-        label_smoothing, chunk_rows or default_chunk_rows(rows, in_features, classes), grads_now,
+        input_rows, weight, bias, target_rows, ignore_index, reduction, label_smoothing, chunk_rows, grads_now,
     )[0]
     if reduction == "none":
         loss = loss.reshape(target.shape)

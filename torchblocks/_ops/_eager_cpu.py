@@ -3,8 +3,9 @@
 On the CPU the reference backend's blocks are a few ATen ops each, and a
 small call costs more in autograd's handling of a Python Function (about
 20 us) than in arithmetic. eager_cpu.cpp holds ReLU, Dense and the common
-case of softmax cross-entropy in C++ with autograd nodes of the same
-arithmetic, so that a plain eager call costs about what a native one does.
+cases of softmax cross-entropy and of the fused head in C++ with autograd
+nodes of the same arithmetic, so that a plain eager call costs about what a
+native one does.
 Everything else (a compiling or exporting trace, torch.func, tensor
 subclasses, dispatch modes, the profiler, the Triton backend, CUDA tensors)
 takes the Python Functions and custom ops as before.

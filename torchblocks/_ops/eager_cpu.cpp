@@ -1,10 +1,11 @@
 // The reference backend's eager CPU path, compiled: the plain-PyTorch bodies
-// of relu.py, dense.py and cross_entropy.py's common case, the same arithmetic,
-// with the same hand-derived backward passes as C++ autograd nodes. A Python
-// autograd Function costs about 20 us a call in autograd's Python handling
-// alone, more than a small block's arithmetic, and a C++ custom Function
-// still 4-6 us more than a native op; a node attached as torch's generated
-// code attaches its own costs what a native op does.
+// of relu.py, dense.py, and the common cases of cross_entropy.py and
+// dense_cross_entropy.py, the same arithmetic, with the same hand-derived
+// backward passes as C++ autograd nodes. A Python autograd Function costs
+// about 20 us a call in autograd's Python handling alone, more than a small
+// block's arithmetic, and a C++ custom Function still 4-6 us more than a
+// native op; a node attached as torch's generated code attaches its own
+// costs what a native op does.
 // torchblocks/_ops/_eager_cpu.py builds this file once per environment and
 // decides when it runs.
 
@@ -16,6 +17,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/autocast_mode.h>
 
+#include <array>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -247,11 +249,12 @@ void small_rows(const Tensor& logits, const Tensor& target, Tensor& loss, Tensor
   }
 }
 
-// Up to kSmallLogits, small_rows; above, the ops of cross_entropy.py's
+// Up to kSmallLogits, small_rows; above, or ``in_place`` (the gradient written
+// over float32 or float64 logits), the ops of cross_entropy.py's
 // _plain_forward_and_gradient, one for one: its numbers to the bit.
-RowStats forward_rows(const Tensor& logits, const Tensor& target, bool with_gradient) {
+RowStats forward_rows(const Tensor& logits, const Tensor& target, bool with_gradient, bool in_place = false) {
   const auto acc = accumulation_dtype(logits.scalar_type());
-  if (logits.numel() <= kSmallLogits) {
+  if (logits.numel() <= kSmallLogits && !in_place) {
     const Tensor rows_contiguous = logits.stride(1) == 1 ? logits : logits.contiguous();
     Tensor exp_shifted = at::empty(logits.sizes(), logits.options().dtype(acc));
     RowStats rows{at::empty({logits.size(0)}, logits.options().dtype(acc)), Tensor()};
@@ -267,11 +270,12 @@ RowStats forward_rows(const Tensor& logits, const Tensor& target, bool with_grad
     }
     return rows;
   }
-  const Tensor x = logits.to(acc);
+  Tensor x = logits.to(acc);  // the logits themselves in float32 and float64
   const Tensor index = target.to(at::kLong).unsqueeze(1);
   const Tensor row_max = x.amax({1}, true);
   const Tensor target_logit = x.gather(1, index).squeeze(1);
-  Tensor exp_shifted = (x - row_max).mul_(kLog2E).exp2_();  // exp as the kernels compute it
+  Tensor exp_shifted = in_place ? at::sub_out(x, x, row_max) : x - row_max;
+  exp_shifted.mul_(kLog2E).exp2_();  // exp as the kernels compute it
   const Tensor sum_exp = exp_shifted.sum({1}, true);
   const Tensor lse = (row_max + sum_exp.log()).squeeze(1);
   Tensor gradient;
@@ -279,6 +283,15 @@ RowStats forward_rows(const Tensor& logits, const Tensor& target, bool with_grad
     gradient = exp_shifted.div_(sum_exp).scatter_add_(1, index, at::full({logits.size(0), 1}, -1.0, x.options()));
   }
   return {lse - target_logit, gradient};
+}
+
+// p - onehot(y) of logits (R, C) again, in differentiable ops: for a backward
+// that is itself differentiated (create_graph).
+Tensor differentiable_gradient(const Tensor& logits, const Tensor& target) {
+  const Tensor x = logits.to(accumulation_dtype(logits.scalar_type()));
+  const Tensor exp_shifted = (x - x.amax({1}, true).detach()).mul(kLog2E).exp2();
+  const Tensor onehot = at::zeros_like(x).scatter_(1, target.to(at::kLong).unsqueeze(1), 1.0);
+  return exp_shifted / exp_shifted.sum({1}, true) - onehot;
 }
 
 struct CrossEntropyBackward : Node {
@@ -298,10 +311,7 @@ struct CrossEntropyBackward : Node {
     if (at::GradMode::is_enabled()) {  // create_graph: p - onehot(y) again, in differentiable ops
       const Tensor factor = reduction_ == kMean ? row_scale / logits.size(0)
                             : reduction_ == kNone ? row_scale.unsqueeze(1) : row_scale;
-      Tensor x = logits.to(acc);
-      Tensor exp_shifted = (x - x.amax({1}, true).detach()).mul(kLog2E).exp2();
-      Tensor onehot = at::zeros_like(x).scatter_(1, target.to(at::kLong).unsqueeze(1), 1.0);
-      grad_logits = (exp_shifted / exp_shifted.sum({1}, true) - onehot) * factor;
+      grad_logits = differentiable_gradient(logits, target) * factor;
     } else {
       // The forward's buffer, let go after its first use; a retained graph's
       // next backward recomputes it with the same code, so to the same bits.
@@ -354,6 +364,152 @@ Tensor cross_entropy_rows(const Tensor& logits, const Tensor& target, int64_t re
   return loss;
 }
 
+// Dense + softmax cross-entropy head (dense_cross_entropy.py), its common
+// case: class indices, none ignored, no smoothing, "mean" or "sum". Over
+// chunks of rows c, so the (R, C) logits are never all in memory at once:
+//   z_c = x_c W^T + b,   g_c = p_c - onehot(y_c), written over z_c
+//   dL/dx_c = s g_c @ W,   dL/dW = s sum_c g_c^T @ x_c,   dL/db = s sum_c (row sums of g_c^T)
+// s = dL/dloss (/ R for the mean) is one scalar: the forward computes the
+// gradients at s = 1 and the backward scales them, in place.
+struct HeadRows {
+  Tensor loss;               // (R,)
+  variable_list gradients;   // dL/dx, dL/dW, dL/db at s = 1, each undefined unless wanted
+};
+
+// The ops of dense_cross_entropy.py's forward_and_gradients, one for one:
+// its numbers to the bit. ``wanted``: which gradients (x, W, b) to compute.
+HeadRows head_rows(const Tensor& input, const Tensor& weight, const Tensor& bias, const Tensor& target,
+                   int64_t chunk_rows, std::array<bool, 3> wanted) {
+  const int64_t rows = input.size(0);
+  HeadRows head{at::empty({rows}, input.options()), variable_list(3)};
+  Tensor &grad_input = head.gradients[0], &grad_weight = head.gradients[1], &grad_bias = head.gradients[2];
+  if (wanted[0]) {
+    grad_input = at::empty_like(input);
+  }
+  if (wanted[1]) {
+    grad_weight = at::empty(weight.sizes(), weight.options());
+  }
+  if (wanted[2]) {
+    grad_bias = at::empty({weight.size(0)}, weight.options());
+  }
+  const bool with_gradient = wanted[0] || wanted[1] || wanted[2];
+  for (int64_t start = 0; start < rows; start += chunk_rows) {
+    const int64_t count = std::min(chunk_rows, rows - start);
+    const Tensor x = input.narrow(0, start, count);
+    const Tensor logits = bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
+    const RowStats stats = forward_rows(logits, target.narrow(0, start, count), with_gradient, /*in_place=*/true);
+    head.loss.narrow(0, start, count).copy_(stats.loss);
+    if (!with_gradient) {
+      continue;
+    }
+    const Tensor grad_logits_t = stats.gradient.t();  // over the logits
+    if (wanted[0]) {
+      Tensor grad_input_rows = grad_input.narrow(0, start, count);
+      at::mm_out(grad_input_rows, stats.gradient, weight);
+    }
+    if (wanted[1] && start == 0) {
+      at::mm_out(grad_weight, grad_logits_t, x);
+    } else if (wanted[1]) {
+      grad_weight.addmm_(grad_logits_t, x);
+    }
+    if (wanted[2] && start == 0) {
+      at::sum_out(grad_bias, grad_logits_t, {1});
+    } else if (wanted[2]) {
+      grad_bias.add_(grad_logits_t.sum({1}));
+    }
+  }
+  return head;
+}
+
+// The gradients at s = ``scale`` again, chunk by chunk in differentiable ops:
+// for a backward that is itself differentiated (create_graph).
+variable_list differentiable_head_gradients(const Tensor& input, const Tensor& weight, const Tensor& bias,
+                                            const Tensor& target, const Tensor& scale, int64_t chunk_rows) {
+  std::vector<Tensor> grad_input_rows;
+  Tensor grad_weight = at::zeros_like(weight), grad_bias = bias.defined() ? at::zeros_like(bias) : Tensor();
+  for (int64_t start = 0; start < input.size(0); start += chunk_rows) {
+    const int64_t count = std::min(chunk_rows, input.size(0) - start);
+    const Tensor x = input.narrow(0, start, count);
+    const Tensor logits = bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
+    const Tensor grad_logits = differentiable_gradient(logits, target.narrow(0, start, count)) * scale;
+    grad_input_rows.push_back(grad_logits.mm(weight));
+    grad_weight = grad_weight + grad_logits.t().mm(x);
+    if (bias.defined()) {
+      grad_bias = grad_bias + grad_logits.sum(0);
+    }
+  }
+  return {at::cat(grad_input_rows), grad_weight, grad_bias};
+}
+
+struct DenseCrossEntropyBackward : Node {
+  SavedVariable input_, weight_, bias_, target_;
+  int64_t reduction_ = kMean, chunk_rows_ = 1;
+  std::array<bool, 3> wanted_{};
+  variable_list gradients_;  // from the forward, held, not saved: the first backward scales them in place
+
+  variable_list apply(variable_list&& grad) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grad[0].defined()) {
+      return variable_list(3);
+    }
+    const Tensor input = input_.unpack(), weight = weight_.unpack(), bias = bias_.unpack();
+    const Tensor target = target_.unpack();
+    const Tensor scale = reduction_ == kMean ? grad[0] / input.size(0) : grad[0];
+    if (at::GradMode::is_enabled()) {
+      return differentiable_head_gradients(input, weight, bias, target, scale, chunk_rows_);
+    }
+    // The forward's gradients, let go after their first use; a retained graph's
+    // next backward recomputes them with the same code, so to the same bits.
+    variable_list gradients = gradients_.empty() ? head_rows(input, weight, bias, target, chunk_rows_, wanted_).gradients
+                                                 : std::exchange(gradients_, variable_list());
+    for (Tensor& gradient : gradients) {
+      if (gradient.defined()) {
+        gradient.mul_(scale);
+      }
+    }
+    return gradients;
+  }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input_.reset_data();
+    weight_.reset_data();
+    bias_.reset_data();
+    target_.reset_data();
+    gradients_.clear();
+  }
+  std::string name() const override { return "torchblocks::DenseCrossEntropyBackward"; }
+};
+
+Tensor dense_cross_entropy_rows(const Tensor& input, const Tensor& weight, const Tensor& bias, const Tensor& target,
+                                int64_t reduction, int64_t chunk_rows) {
+  const bool with_gradient = torch::autograd::compute_requires_grad(input, weight, bias);
+  const std::array<bool, 3> wanted{with_gradient && input.requires_grad(), with_gradient && weight.requires_grad(),
+                                   with_gradient && bias.defined() && bias.requires_grad()};
+  Tensor loss;
+  HeadRows head;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    head = head_rows(input, weight, bias, target, chunk_rows, wanted);
+    loss = head.loss.sum();
+    if (reduction == kMean) {
+      loss.div_(input.size(0));
+    }
+  }
+  if (with_gradient) {
+    auto node = make_node<DenseCrossEntropyBackward>();
+    attach(loss, node, input, weight, bias);
+    node->input_ = SavedVariable(input, /*is_output=*/false);
+    node->weight_ = SavedVariable(weight, /*is_output=*/false);
+    node->bias_ = SavedVariable(bias, /*is_output=*/false);
+    node->target_ = SavedVariable(target, /*is_output=*/false);
+    node->reduction_ = reduction;
+    node->chunk_rows_ = chunk_rows;
+    node->wanted_ = wanted;
+    node->gradients_ = std::move(head.gradients);
+  }
+  return loss;
+}
+
 bool floating(const Tensor& tensor) {
   const auto dtype = tensor.scalar_type();
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
@@ -395,6 +551,34 @@ std::optional<Tensor> cross_entropy(const Tensor& logits, const Tensor& target, 
     return std::nullopt;
   }
   return cross_entropy_rows(logits, target, reduction);
+}
+
+// input (R, K), weight (C, K) and bias (C,) or none, all float32 or all float64
+// on the CPU, R and C > 0; class indices (R,), every one a class and none
+// ignored; "mean" or "sum"; autocast off; no dual tensor.
+std::optional<Tensor> dense_cross_entropy(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                                          const Tensor& target, int64_t ignore_index,
+                                          const std::string& reduction_name, int64_t chunk_rows) {
+  const int64_t reduction = reduction_name == "mean" ? kMean : reduction_name == "sum" ? kSum : -1;
+  const auto dtype = input.scalar_type();
+  const bool indices = target.scalar_type() == at::kLong || target.scalar_type() == at::kByte;
+  if (reduction < 0 || (dtype != at::kFloat && dtype != at::kDouble) || input.dim() != 2 || weight.dim() != 2 ||
+      weight.scalar_type() != dtype || !input.is_cpu() || !weight.is_cpu() || input.size(1) != weight.size(1) ||
+      input.size(0) == 0 || weight.size(0) == 0 || !indices || target.dim() != 1 || !target.is_cpu() ||
+      target.size(0) != input.size(0) || chunk_rows < 1 || at::autocast::is_autocast_enabled(at::kCPU) ||
+      forward_grad_defined(input, weight)) {
+    return std::nullopt;
+  }
+  if (bias && (bias->scalar_type() != dtype || !bias->is_cpu() || bias->dim() != 1 ||
+               bias->size(0) != weight.size(0) || forward_grad_defined(*bias))) {
+    return std::nullopt;
+  }
+  const bool plain = target.scalar_type() == at::kLong ? targets_plain<int64_t>(target, weight.size(0), ignore_index)
+                                                       : targets_plain<uint8_t>(target, weight.size(0), ignore_index);
+  if (!plain) {
+    return std::nullopt;
+  }
+  return dense_cross_entropy_rows(input, weight, bias ? *bias : Tensor(), target, reduction, chunk_rows);
 }
 
 // A real dtype on the CPU, no dual tensor; in place, no two elements sharing memory.
@@ -446,4 +630,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "act(input @ weight^T + bias) of a plain call, else None");
   m.def("cross_entropy", &cross_entropy,
         "cross_entropy(logits (R, C), target (R,), ignore_index, reduction): the loss of a plain call, else None");
+  m.def("dense_cross_entropy", &dense_cross_entropy,
+        "dense_cross_entropy(input (R, K), weight (C, K), bias (C,) or None, target (R,), ignore_index, reduction, "
+        "chunk_rows): the loss of a plain call, else None");
 }
