@@ -110,6 +110,14 @@ def test_other_calls_take_the_python_functions():
     assert torch.equal(torch.func.grad(lambda x: TF.relu(x).sum())(x), (x > 0).float())
 
 
+def test_an_ignore_index_beyond_int64_takes_the_python_path(python_eager):
+    """C++ cannot take it; no target can equal it, so nothing is ignored."""
+    x, w, labels = randn(6, 4), randn(5, 4), indices(6, 5)
+    for loss in (lambda: TF.softmax_cross_entropy(x @ w.t(), labels, ignore_index=2**70),
+                 lambda: TF.dense_cross_entropy(x, w, labels, ignore_index=2**70)):
+        assert torch.equal(loss(), python_eager(loss))
+
+
 def _forward_and_backward(fn, *inputs, grad_output):
     leaves = [t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs]
     output = fn(*leaves)

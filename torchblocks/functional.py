@@ -294,7 +294,7 @@ def dense_cross_entropy(
     rows = math.prod(input.shape[:-1])
     input_rows, target_rows = input.reshape(rows, in_features), target.reshape(rows)
     chunk_rows = chunk_rows or default_chunk_rows(rows, in_features, classes)
-    if reduction != "none" and not label_smoothing:
+    if reduction != "none" and not label_smoothing and -2**63 <= ignore_index < 2**63:
         compiled = _eager_cpu.runs(input, weight, bias, target)
         loss = compiled.dense_cross_entropy(input_rows, weight, bias, target_rows, ignore_index, reduction,
                                             chunk_rows) if compiled else None  # None unless plain
