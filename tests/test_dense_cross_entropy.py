@@ -54,7 +54,7 @@ def test_equals_the_unfused_pair(target, chunk_rows, dtype, reduction, bias, smo
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("chunk_rows", [None, 1, 16], ids=lambda c: f"chunk={c}")
+@pytest.mark.parametrize("chunk_rows", [None, 5], ids=lambda c: f"chunk={c}")
 @pytest.mark.parametrize("reduction, bias", list(itertools.product(["mean", "sum"], [True, False])), ids=str)
 def test_plain_calls_equal_the_unfused_pair(target, chunk_rows, dtype, reduction, bias):
     """The common case, which the compiled eager CPU path takes: no row
