@@ -112,6 +112,8 @@ def test_extreme_and_non_finite_logits(target, dtype, smoothing):
     check_against_native(x, torch.full_like(labels, -100), reduction="sum", label_smoothing=smoothing)  # NaN rows ignored
     finite_rows = x[:6]
     check_against_native(finite_rows, labels[:6], label_smoothing=smoothing)
+    wide = torch.cat([x, torch.zeros(9, 16, dtype=dtype, device=target.device)], dim=1)
+    check_against_native(wide, labels, reduction="none", label_smoothing=smoothing)  # within the first eight logits
 
 
 def test_first_and_last_class_and_uint8_targets(target):

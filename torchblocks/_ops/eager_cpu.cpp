@@ -17,9 +17,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/autocast_mode.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <optional>
 #include <utility>
 
@@ -200,12 +202,55 @@ struct RowStats {
   Tensor gradient;  // (R, C): p - onehot(y), or undefined
 };
 
-// Up to this many logits, scalar passes over the rows instead of the ops
-// below: at the book's 128 x 10, each op's fixed cost (about 2 us) outweighs
-// its arithmetic. The exponentials alone are one ATen op, whose kernel is
-// vectorised: a scalar exp2 per logit made 64 x 64 logits take 0.68x
-// native's time.
-constexpr int64_t kSmallLogits = 1 << 12;
+// Up to this many logits, passes over the rows instead of the ops below: at
+// the book's 128 x 10, each op's fixed cost (about 2 us) outweighs its
+// arithmetic. The exponentials are one ATen op, whose kernel is vectorised
+// (a scalar exp2 per logit made 64 x 64 logits take 0.68x native's time);
+// the max and the sum run in kLanes independent lanes, which the compiler
+// vectorises (a single running max or sum cannot be reordered): 2.2-3.9x
+// faster than one lane from 32 x 100 to 64 x 4096. Forward + backward by
+// hand: 16 x 1000 and 256 x 100 took 53-55 and 63-67 us against 69 and 82
+// through the ops; 64 x 1000 took 116 against 95-117, so the ops from 2^15.
+constexpr int64_t kSmallLogits = 1 << 15;
+constexpr int64_t kLanes = 8;
+
+// max_c row[c], NaNs passed over: a NaN logit makes its row's sum, and so
+// its loss and gradient, NaN whatever the max.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+acc_t row_max_of(const scalar_t* row, int64_t classes) {
+  acc_t lane_max[kLanes];
+  std::fill(lane_max, lane_max + kLanes, -std::numeric_limits<acc_t>::infinity());
+  const int64_t body = classes - classes % kLanes;
+  for (int64_t c = 0; c < body; c += kLanes) {
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
+      const acc_t value = row[c + lane];
+      lane_max[lane] = value > lane_max[lane] ? value : lane_max[lane];
+    }
+  }
+  acc_t m = *std::max_element(lane_max, lane_max + kLanes);
+  for (int64_t c = body; c < classes; ++c) {
+    const acc_t value = row[c];
+    m = value > m ? value : m;
+  }
+  return m;
+}
+
+// sum_c row[c], in kLanes partial sums.
+template <typename acc_t>
+acc_t row_sum_of(const acc_t* row, int64_t classes) {
+  acc_t lane_sum[kLanes] = {};
+  const int64_t body = classes - classes % kLanes;
+  for (int64_t c = 0; c < body; c += kLanes) {
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
+      lane_sum[lane] += row[c + lane];
+    }
+  }
+  acc_t sum = std::accumulate(lane_sum, lane_sum + kLanes, acc_t(0));
+  for (int64_t c = body; c < classes; ++c) {
+    sum += row[c];
+  }
+  return sum;
+}
 
 // loss_i into ``loss`` (R,) and exp2((x - m_i) log2 e) into ``exp_shifted``
 // (R, C), then, ``with_gradient``, p - onehot(y) over it; the logits' rows
@@ -221,11 +266,7 @@ void small_rows(const Tensor& logits, const Tensor& target, Tensor& loss, Tensor
   acc_t* e = exp_shifted.mutable_data_ptr<acc_t>();
   for (int64_t i = 0; i < rows; ++i) {
     const scalar_t* row = x + i * row_stride;
-    acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t c = 0; c < classes; ++c) {
-      const acc_t value = row[c];
-      m = (value > m || value != value) ? value : m;  // a NaN wins, as amax
-    }
+    const acc_t m = row_max_of(row, classes);
     row_max[i] = m;
     for (int64_t c = 0; c < classes; ++c) {
       e[i * classes + c] = (static_cast<acc_t>(row[c]) - m) * acc_t(kLog2E);
@@ -234,10 +275,7 @@ void small_rows(const Tensor& logits, const Tensor& target, Tensor& loss, Tensor
   exp_shifted.exp2_();
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* row_e = e + i * classes;
-    acc_t sum_exp = 0;
-    for (int64_t c = 0; c < classes; ++c) {
-      sum_exp += row_e[c];
-    }
+    const acc_t sum_exp = row_sum_of(row_e, classes);
     const int64_t label = static_cast<int64_t>(y[i * target_stride]);
     row_max[i] = (row_max[i] + std::log(sum_exp)) - static_cast<acc_t>(x[i * row_stride + label]);
     if (with_gradient) {
