@@ -161,16 +161,21 @@ struct DenseBackward : Node {
   std::string name() const override { return "torchblocks::DenseBackward"; }
 };
 
+// x @ W^T + b, or x @ W^T where ``bias`` is undefined: dense.py's GEMM.
+Tensor affine(const Tensor& input, const Tensor& weight, const Tensor& bias) {
+  return bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
+}
+
 Tensor dense_rows(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, bool relu) {
+  const Tensor bias_or_none = bias ? *bias : Tensor();  // undefined: no edge, no gradient
   Tensor output;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    output = bias ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
+    output = affine(input, weight, bias_or_none);
     if (relu) {
       output.clamp_min_(0);
     }
   }
-  const Tensor bias_or_none = bias ? *bias : Tensor();  // undefined: no edge, no gradient
   if (torch::autograd::compute_requires_grad(input, weight, bias_or_none)) {
     auto node = make_node<DenseBackward>();
     attach(output, node, input, weight, bias_or_none);
@@ -434,7 +439,7 @@ HeadRows head_rows(const Tensor& input, const Tensor& weight, const Tensor& bias
   for (int64_t start = 0; start < rows; start += chunk_rows) {
     const int64_t count = std::min(chunk_rows, rows - start);
     const Tensor x = input.narrow(0, start, count);
-    const Tensor logits = bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
+    const Tensor logits = affine(x, weight, bias);
     const RowStats stats = forward_rows(logits, target.narrow(0, start, count), with_gradient, /*in_place=*/true);
     head.loss.narrow(0, start, count).copy_(stats.loss);
     if (!with_gradient) {
@@ -468,7 +473,7 @@ variable_list differentiable_head_gradients(const Tensor& input, const Tensor& w
   for (int64_t start = 0; start < input.size(0); start += chunk_rows) {
     const int64_t count = std::min(chunk_rows, input.size(0) - start);
     const Tensor x = input.narrow(0, start, count);
-    const Tensor logits = bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
+    const Tensor logits = affine(x, weight, bias);
     const Tensor grad_logits = differentiable_gradient(logits, target.narrow(0, start, count)) * scale;
     grad_input_rows.push_back(grad_logits.mm(weight));
     grad_weight = grad_weight + grad_logits.t().mm(x);
