@@ -13,8 +13,9 @@ setup(
     packages=find_packages(include=["torchblocks", "torchblocks.*"]) + ["torchblocks.kernels"],
     package_dir={"torchblocks.kernels": "kernels"},
     # The embedded stand-in for MNIST: four small gzipped IDX files. The
-    # compiled eager CPU path's source, built on first use (torch.utils.cpp_extension).
-    package_data={"torchblocks.cli.data": ["digits/*.gz", "digits/README.md"], "torchblocks._ops": ["eager_cpu.cpp"]},
+    # compiled eager CPU path's sources, built on first use (torch.utils.cpp_extension).
+    package_data={"torchblocks.cli.data": ["digits/*.gz", "digits/README.md"],
+                  "torchblocks._ops": ["eager_cpu.cpp", "optim_cpu.cpp", "optim_cpu.h"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

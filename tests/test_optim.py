@@ -3,6 +3,7 @@ param groups, GradScaler, and bad input. The option sets and the small model
 are the ones ``torchblocks check`` uses (torchblocks.cli.cases.OPTIMIZERS)."""
 
 import copy
+import os
 import sys
 
 import pytest
@@ -11,10 +12,9 @@ import torch
 import torchblocks
 import torchblocks.optim
 from torchblocks import testing
+from torchblocks._ops import _eager_cpu
 from torchblocks.cli import cases
-from torchblocks.testing import assert_close, tolerance
-
-pytestmark = pytest.mark.no_compiled_eager
+from torchblocks.testing import assert_close, relative_error, tolerance
 
 CASES = [
     pytest.param(entry, options, id=f"{entry.name}-" + ",".join(f"{k}={v}" for k, v in options.items()))
@@ -478,6 +478,7 @@ def test_reference_in_small_batches_matches_twin(monkeypatch):
     tensor or two give the same trajectories."""
     from torchblocks.optim import _multi_tensor
 
+    monkeypatch.setattr(_eager_cpu, "_enabled", False)
     for optimizer_class in (_multi_tensor.MultiTensorOptimizer, torchblocks.optim.SGD):
         monkeypatch.setattr(optimizer_class, "reference_batch_elements", 64)
     with torchblocks.use_backend("reference"):
@@ -490,6 +491,7 @@ def test_reference_in_small_batches_matches_twin(monkeypatch):
 def test_the_reference_steps_in_cache_sized_batches_but_sgd_in_one(monkeypatch, name, batches):
     """RMSprop and Adam make several passes that reuse a batch while it is in
     cache; SGD's passes do not, so its whole list is one batch."""
+    monkeypatch.setattr(_eager_cpu, "_enabled", False)
     module = sys.modules[getattr(torchblocks.optim, name).__module__]
     reference = getattr(module, f"{name.lower()}_reference")
     calls = []
@@ -501,6 +503,59 @@ def test_the_reference_steps_in_cache_sized_batches_but_sgd_in_one(monkeypatch, 
     with torchblocks.use_backend("reference"):
         getattr(torchblocks.optim, name)(params).step()
     assert len(calls) == batches and sum(calls) == len(params)
+
+
+def _refuse_the_reference(monkeypatch, entry):
+    """Make the foreach reference of ``entry``'s optimizer fail if it runs."""
+    module = sys.modules[entry.ours.__module__]
+    name = next(name for name in vars(module) if name.endswith("_reference"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{name} ran: the compiled step left an entry it should have taken")
+
+    monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.mark.eager_cpu
+@pytest.mark.skipif(os.environ.get("TORCHBLOCKS_EAGER_CPU") == "0", reason="TORCHBLOCKS_EAGER_CPU=0 turns it off")
+@pytest.mark.parametrize("dtype", TRAJECTORY_DTYPES, ids=str)
+@pytest.mark.parametrize("entry, options", CASES)
+def test_compiled_cpu_step_split_over_threads_matches_twin(monkeypatch, entry, options, dtype):
+    """Plain CPU tensors on the reference backend take the one-pass compiled
+    step (optim_cpu.cpp) and never the foreach reference. 100,003 elements
+    split over two threads: the second starts off a 16-byte boundary and the
+    loops end off the vector width."""
+    assert _eager_cpu.module() is not None, _eager_cpu.build_error()
+    _refuse_the_reference(monkeypatch, entry)
+    generator = torch.Generator().manual_seed(0)
+    starts = [torch.randn(100_003, generator=generator, dtype=dtype) / 4,
+              torch.randn(7, 5, generator=generator, dtype=dtype) / 4]
+    params, native_params = ([torch.nn.Parameter(start.clone()) for start in starts] for _ in range(2))
+    with torchblocks.use_backend("reference"):
+        ours, native = entry.ours(params, **options), entry.native(native_params, **options)
+        for step in range(5):
+            for param, native_param in zip(params, native_params):
+                param.grad = torch.randn(param.shape, generator=generator, dtype=dtype)
+                native_param.grad = param.grad.clone()
+            ours.step()
+            native.step()
+    for param, native_param, start in zip(params, native_params, starts):
+        assert not torch.equal(native_param, start)
+        error = relative_error(param, native_param)
+        assert error <= tolerance(dtype), f"{tuple(param.shape)}: relative error {error:.3g}"
+
+
+@pytest.mark.eager_cpu
+@pytest.mark.parametrize("entry", cases.OPTIMIZERS, ids=lambda entry: entry.name)
+def test_under_a_compiling_trace_the_reference_steps(monkeypatch, entry):
+    """A step torch.compile traces takes the foreach reference, which dynamo can see."""
+    _refuse_the_reference(monkeypatch, entry)
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.ones(3)
+    optimizer = entry.ours([param], lr=0.1)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torchblocks.use_backend("reference"), pytest.raises(AssertionError, match="_reference ran"):
+        optimizer.step()
 
 
 @pytest.mark.triton

@@ -1,11 +1,13 @@
-"""The compiled eager CPU path: eager_cpu.cpp, built once per environment.
+"""The compiled eager CPU path: eager_cpu.cpp and optim_cpu.cpp, built once
+per environment.
 
 On the CPU the reference backend's blocks are a few ATen ops each, and a
 small call costs more in autograd's handling of a Python Function (about
 20 us) than in arithmetic. eager_cpu.cpp holds ReLU, Dense and the common
 cases of softmax cross-entropy and of the fused head in C++ with autograd
 nodes of the same arithmetic, so that a plain eager call costs about what a
-native one does.
+native one does. optim_cpu.cpp holds the optimizers' steps, each in one pass
+over memory where the reference makes one per op.
 Everything else (a compiling or exporting trace, torch.func, tensor
 subclasses, dispatch modes, the profiler, the Triton backend, CUDA tensors)
 takes the Python Functions and custom ops as before.
@@ -31,7 +33,7 @@ import torch
 from torchblocks import backend
 from torchblocks._ops._dispatch import PLAIN_TYPES, nothing_watching
 
-SOURCE = Path(__file__).with_name("eager_cpu.cpp")
+SOURCES = [Path(__file__).with_name("eager_cpu.cpp"), Path(__file__).with_name("optim_cpu.cpp")]
 NAME = "torchblocks_eager_cpu"
 
 _enabled = os.environ.get("TORCHBLOCKS_EAGER_CPU", "1") != "0"
@@ -68,7 +70,26 @@ def _build():
     if not any(directory.glob(f"{NAME}*.so")):
         print(f"torchblocks: compiling the eager CPU path once for this environment (about 20 s) in {directory}",
               file=sys.stderr, flush=True)
-    return cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(directory))
+    return cpp_extension.load(NAME, [str(source) for source in SOURCES], extra_cflags=compile_flags(),
+                              build_directory=str(directory))
+
+
+def compile_flags() -> list:
+    """-O3; no errno from the math functions, so that loops calling sqrt
+    vectorise (their results are unchanged); and where torch's threads are
+    OpenMP's (Linux), -fopenmp, so that at::parallel_for splits the
+    optimizers' loops over them. The module is not linked with an OpenMP
+    library of its own: it calls the one torch has loaded.
+
+    Example::
+
+        >>> compile_flags()
+        ['-O3', '-fno-math-errno', '-fopenmp']
+    """
+    flags = ["-O3", "-fno-math-errno"]
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        flags.append("-fopenmp")
+    return flags
 
 
 def module():

@@ -17,6 +17,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/autocast_mode.h>
 
+#include "optim_cpu.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -676,4 +678,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_cross_entropy", &dense_cross_entropy,
         "dense_cross_entropy(input (R, K), weight (C, K), bias (C,) or None, target (R,), ignore_index, reduction, "
         "chunk_rows): the loss of a plain call, else None");
+  namespace py = pybind11;  // the references' argument names: the optimizers call either with keywords
+  m.def("sgd_step", &sgd_step, "SGD's step in one pass (optim_cpu.h); returns the indices it left",
+        py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("new_buffer"), py::kw_only(),
+        py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
+        py::arg("maximize"));
+  m.def("rmsprop_step", &rmsprop_step, "RMSprop's step in one pass (optim_cpu.h); returns the indices it left",
+        py::arg("params"), py::arg("grads"), py::arg("square_avgs"), py::arg("grad_avgs"),
+        py::arg("momentum_buffers"), py::kw_only(), py::arg("lr"), py::arg("alpha"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("momentum"), py::arg("centered"), py::arg("maximize"));
+  m.def("adam_step", &adam_step, "Adam's step in one pass (optim_cpu.h); returns the indices it left",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
+        py::arg("steps"), py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("decoupled_weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
+        py::arg("capturable"));
 }

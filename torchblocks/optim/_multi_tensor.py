@@ -2,12 +2,15 @@
 
 For each group, the parameters that have a gradient are checked, split by
 (device, dtype), and handed to the optimizer's update as lists. The update has
-two implementations with one signature: the Triton launcher in
-``torchblocks.kernels.optim`` (one launch per list) and the plain-PyTorch
-``torch._foreach_*`` reference in the optimizer's module. The backend setting
-chooses between them, as for the blocks; tensors the kernels cannot address
-with one flat offset (a parameter that is not dense, or a gradient laid out
-unlike its parameter) take the reference.
+three implementations with one signature: the Triton launcher in
+``torchblocks.kernels.optim`` (one launch per list), the plain-PyTorch
+``torch._foreach_*`` reference in the optimizer's module, and, for the
+reference backend on the CPU, the same update compiled in one pass over
+memory (``torchblocks/_ops/optim_cpu.cpp``, built with the eager CPU path;
+under a compiling trace, a dispatch mode or torch.func the reference runs).
+The backend setting chooses, as for the blocks; tensors the Triton or
+compiled step cannot address with one flat offset (a parameter that is not
+dense, or a gradient laid out unlike its parameter) take the reference.
 
 DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are updated
 shard by shard: the update is elementwise, so each rank steps its local
@@ -30,6 +33,7 @@ else:
 from torch.optim.optimizer import _get_capturable_supported_devices
 
 from torchblocks import backend
+from torchblocks._ops import _eager_cpu
 from torchblocks._ops._dispatch import kernels
 
 
@@ -153,7 +157,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
 
     ``_update(group, params)`` gets the parameters of one group that share a
     device and dtype and have a gradient, creates any missing state, and
-    calls ``self._apply(reference, launcher, tensors, per_tensor, **options)``.
+    calls ``self._apply(reference, launcher, compiled, tensors, per_tensor, **options)``.
     """
 
     # Elements per batch of the reference update; None: the whole list at once.
@@ -220,14 +224,17 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         """The counts of ``steps`` (from ``_advance_steps``) as floats, read on the host."""
         return torch.stack([s.to("cpu") for s in steps]).tolist()
 
-    def _apply(self, reference, launcher, tensors: dict, per_tensor: dict, **options) -> None:
+    def _apply(self, reference, launcher, compiled: Optional[str], tensors: dict, per_tensor: dict,
+               **options) -> None:
         """Run the update on ``tensors`` (by argument name: lists of tensors
         laid out like the parameters, ``params`` first, or None for a state
         the options leave unused) and ``per_tensor`` (by argument name: one
         value per parameter, a float or a capturable step tensor) with the
-        Triton ``launcher`` in one launch, or with ``reference`` in batches of
-        ``reference_batch_elements`` (always, when ``launcher`` is None). The two take
-        the same arguments. DTensors are replaced by their local shards first."""
+        Triton ``launcher`` in one launch, or with the eager CPU module's
+        function named ``compiled``, or with ``reference`` in batches of
+        ``reference_batch_elements``: the last for what the others leave, and
+        for everything when they are None. The three take the same arguments.
+        DTensors are replaced by their local shards first."""
         tensors = {name: None if role is None else [_local(tensor) for tensor in role]
                    for name, role in tensors.items()}
         params = tensors["params"]
@@ -238,6 +245,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             _call(launcher, flat, tensors, per_tensor, options)
             flat_set = set(flat)
             indices = [i for i in indices if i not in flat_set]
+        elif compiled is not None and (module := _eager_cpu.runs(*params, *tensors["grads"])) is not None:
+            indices = getattr(module, compiled)(**tensors, **per_tensor, **options)  # the entries it left
         for batch in _cache_sized_batches(params, indices, self.reference_batch_elements):
             _call(reference, batch, tensors, per_tensor, options)
 

@@ -89,7 +89,7 @@ class Adam(MultiTensorOptimizer):
             lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
         states = [self.state[p] for p in params]
         self._apply(
-            adam_reference, None if on_device else kernels.optim.adam_step,
+            adam_reference, None if on_device else kernels.optim.adam_step, None if capturable else "adam_step",
             dict(params=params, grads=[p.grad for p in params], exp_avgs=[s["exp_avg"] for s in states],
                  exp_avg_sqs=[s["exp_avg_sq"] for s in states],
                  max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else None),

@@ -78,8 +78,9 @@ class RMSprop(MultiTensorOptimizer):
         lr = group["lr"]
         device_lr = capturable and isinstance(lr, torch.Tensor)  # read on the device, not with float()
         states = [self.state[p] for p in params]
+        launcher, compiled = (None, None) if device_lr else (kernels.optim.rmsprop_step, "rmsprop_step")
         self._apply(
-            rmsprop_reference, None if device_lr else kernels.optim.rmsprop_step,
+            rmsprop_reference, launcher, compiled,
             dict(params=params, grads=[p.grad for p in params], square_avgs=[s["square_avg"] for s in states],
                  grad_avgs=[s["grad_avg"] for s in states] if centered else None,
                  momentum_buffers=[s["momentum_buffer"] for s in states] if momentum > 0 else None),

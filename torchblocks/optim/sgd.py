@@ -76,7 +76,7 @@ class SGD(MultiTensorOptimizer):
                     new_buffer[i] = True
                 buffers.append(state["momentum_buffer"])
         self._apply(
-            sgd_reference, kernels.optim.sgd_step,
+            sgd_reference, kernels.optim.sgd_step, "sgd_step",
             dict(params=params, grads=[p.grad for p in params], momentum_buffers=buffers), dict(new_buffer=new_buffer),
             lr=float(group["lr"]), weight_decay=group["weight_decay"], momentum=group["momentum"],
             dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
