@@ -45,9 +45,10 @@ class SGD(MultiTensorOptimizer):
         >>> optimizer.step()
     """
 
-    # One pass per op over the parameter, gradient and buffer: batching saved
-    # no cache traffic and cost calls (10M parameters in 1M-element batches:
-    # 0.91-0.97x torch's default step over five bench runs; one batch: its ops).
+    # The reference makes one pass per op over the parameter, gradient and
+    # buffer: batching saved no cache traffic and cost calls (10M parameters
+    # in 1M-element batches: 0.91-0.97x torch's default step over five bench
+    # runs; one batch: its ops).
     reference_batch_elements = None
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *, maximize=False,
