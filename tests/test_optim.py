@@ -505,6 +505,19 @@ def test_the_reference_steps_in_cache_sized_batches_but_sgd_in_one(monkeypatch, 
     assert len(calls) == batches and sum(calls) == len(params)
 
 
+@pytest.mark.parametrize("entry", cases.OPTIMIZERS, ids=lambda entry: entry.name)
+def test_a_step_is_an_in_place_write_to_autograd(target, entry):
+    """A graph that saved a parameter raises on backward after a step, as
+    with torch.optim, rather than computing with the stepped values."""
+    for optimizer_class in (entry.native, entry.ours):
+        param = torch.nn.Parameter(torch.ones(3, device=target.device))
+        loss = (param * param).sum()
+        loss.backward(retain_graph=True)
+        optimizer_class([param], lr=0.1).step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 def _refuse_the_reference(monkeypatch, entry):
     """Make the foreach reference of ``entry``'s optimizer fail if it runs."""
     module = sys.modules[entry.ours.__module__]

@@ -243,12 +243,32 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             roles = [role for role in tensors.values() if role is not None]
             flat = [i for i in indices if kernels._launch.shares_flat_layout(*(role[i] for role in roles))]
             _call(launcher, flat, tensors, per_tensor, options)
+            _count_writes(tensors, flat)
             flat_set = set(flat)
             indices = [i for i in indices if i not in flat_set]
         elif compiled is not None and (module := _eager_cpu.runs(*params, *tensors["grads"])) is not None:
-            indices = getattr(module, compiled)(**tensors, **per_tensor, **options)  # the entries it left
+            left = getattr(module, compiled)(**tensors, **per_tensor, **options)
+            left_set = set(left)
+            _count_writes(tensors, [i for i in indices if i not in left_set])
+            indices = left
         for batch in _cache_sized_batches(params, indices, self.reference_batch_elements):
             _call(reference, batch, tensors, per_tensor, options)
+
+
+def _count_writes(tensors: dict, indices) -> None:
+    """Bump autograd's version counter of every tensor at ``indices`` that a
+    Triton or compiled step wrote through its data pointer (all roles but
+    the gradients), as an in-place op would: a graph that saved a parameter
+    before the step then raises on backward, as with torch.optim, instead of
+    computing with the new values. A compiling trace tracks the writes itself."""
+    if not indices or torch.compiler.is_compiling():
+        return
+    written = [role[i] for name, role in tensors.items() if role is not None and name != "grads" for i in indices]
+    try:
+        torch.autograd.graph.increment_version(written)
+    except TypeError:  # torch < 2.6 takes one tensor a call
+        for tensor in written:
+            torch.autograd.graph.increment_version(tensor)
 
 
 def _cache_sized_batches(params, indices, limit: Optional[int]):
