@@ -62,6 +62,20 @@ def _is_dense(tensor: torch.Tensor) -> bool:
     return True
 
 
+def readable(*tensors):
+    """The tensors as a kernel reads their memory: one with a lazy negation
+    (``torch._neg_view``'s negative bit, which no pointer carries) copied
+    with the negation applied; any other, and None, as it is.
+
+    Example::
+
+        >>> x, w = readable(torch._neg_view(torch.ones(2)), None)
+        >>> x.is_neg(), x.tolist(), w
+        (False, [-1.0, -1.0], None)
+    """
+    return tuple(t.resolve_neg() if t is not None and t.is_neg() else t for t in tensors)
+
+
 def shares_flat_layout(*tensors: torch.Tensor) -> bool:
     """True when all ``tensors`` are dense with the same strides, so element i
     of one sits at memory offset i of each: one flat index serves them all."""

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import accumulation_dtype, device_guard, triton_accumulation_dtype
+from ._launch import accumulation_dtype, device_guard, readable, triton_accumulation_dtype
 
 # Widest chunk of a row one program holds at once.
 MAX_BLOCK_C = 4096
@@ -241,6 +241,12 @@ def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing,
     dloss_i/dx is written into it too. Every argument is read (and ``grad``
     written) through its strides; none is copied.
     Returns ``(loss, lse, row_weight)``, each (R,), in the accumulation dtype."""
+    if grad is not None and grad.is_neg():  # written through a lazy negation: computed apart, then copied in
+        gradient = torch.empty_like(grad, memory_format=torch.contiguous_format)
+        results = cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, gradient)
+        grad.copy_(gradient)
+        return results
+    logits, target, weight = readable(logits, target, weight)
     rows, classes = logits.shape
     acc = accumulation_dtype(logits.dtype)
     loss, lse, row_weight = (torch.empty(rows, dtype=acc, device=logits.device) for _ in range(3))
@@ -267,6 +273,9 @@ def cross_entropy_backward(logits, target, weight, lse, row_scale, ignore_index,
     strides (the one scale of a reduced loss arrives expanded, stride 0, and
     is read so, not copied); the gradient is written into ``out`` (R, C) (it
     may be ``logits`` itself) or a new contiguous tensor, and returned."""
+    if out is not None and out.is_neg():  # written through a lazy negation: computed apart, then copied in
+        return out.copy_(cross_entropy_backward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing))
+    logits, target, weight, lse, row_scale = readable(logits, target, weight, lse, row_scale)
     rows, classes = logits.shape
     grad = out if out is not None else torch.empty_like(logits, memory_format=torch.contiguous_format)
     if rows == 0:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRETER
-from ._launch import device_guard, triton_accumulation_dtype
+from ._launch import device_guard, readable, triton_accumulation_dtype
 
 
 # Tile shapes a GPU autotunes over, by architecture and kind of operand:
@@ -241,6 +241,7 @@ def dense_matmul(a, b, bias=None, relu=False, row_sum=False, out=None, row_sums=
     when ``accumulate``; ``row_sums`` (M,), contiguous, then receives (or
     accumulates) the row sums. Returns ``out``.
     """
+    a, b, bias = readable(a, b, bias)
     M, K = a.shape
     N = b.shape[1]
     if out is None:

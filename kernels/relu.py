@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import element_offsets, launch_elementwise
+from ._launch import element_offsets, launch_elementwise, readable
 
 
 @triton.jit
@@ -70,6 +70,9 @@ def relu_backward_kernel(
 def relu_forward(input: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
     """y = relu(x) for a tensor of any shape and strides; ``out`` may be
     ``input`` itself for the in-place form. Returns y."""
+    if out is not None and out.is_neg():  # written through a lazy negation: computed apart, then copied in
+        return out.copy_(relu_forward(input))
+    (input,) = readable(input)
     if out is None:
         out = torch.empty_like(input)
     launch_elementwise(relu_forward_kernel, input, out)
@@ -78,6 +81,7 @@ def relu_forward(input: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
 
 def relu_backward(grad_output: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """dL/dx from dL/dy and the saved output y (same shape, any strides)."""
+    grad_output, output = readable(grad_output, output)
     grad_input = torch.empty_like(output)
     launch_elementwise(relu_backward_kernel, grad_output, output, grad_input)
     return grad_input

@@ -505,6 +505,24 @@ def test_the_reference_steps_in_cache_sized_batches_but_sgd_in_one(monkeypatch, 
     assert len(calls) == batches and sum(calls) == len(params)
 
 
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam"])
+def test_a_lazily_negated_gradient_steps_as_its_values(target, name):
+    """A gradient with torch._neg_view's negative bit (memory holding -g)
+    steps as g: the Triton and compiled steps, which read memory through
+    pointers, leave it to the reference."""
+    entry = ENTRIES[name]
+    options = entry.option_sets[1]
+    params = [torch.nn.Parameter(torch.ones(4, 3, device=target.device)) for _ in range(2)]
+    ours, native = entry.ours([params[0]], **options), entry.native([params[1]], **options)
+    for step in range(3):
+        grad = torch.randn(4, 3, generator=torch.Generator().manual_seed(step)).to(target.device)
+        params[0].grad, params[1].grad = torch._neg_view(-grad), grad
+        ours.step()
+        native.step()
+    assert params[0].grad.is_neg()
+    assert_close(params[0], params[1])
+
+
 @pytest.mark.parametrize("entry", cases.OPTIMIZERS, ids=lambda entry: entry.name)
 def test_a_step_is_an_in_place_write_to_autograd(target, entry):
     """A graph that saved a parameter raises on backward after a step, as

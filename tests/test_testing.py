@@ -24,8 +24,10 @@ def test_with_layout_keeps_the_values_in_the_layout_it_names(layout):
     built = testing.with_layout(values, layout)
     expected_values = values[:, :1].expand(3, 4) if layout == "expanded" else values
     assert torch.equal(built, expected_values)
-    assert built.is_contiguous() == (layout in ("contiguous", "offset"))
+    assert built.is_contiguous() == (layout in ("contiguous", "offset", "negated"))
     assert (built.storage_offset() == 5) == (layout == "offset")
+    assert built.is_neg() == (layout == "negated")
+    assert torch.equal(testing.twin(built), expected_values) and testing.twin(built).is_neg() == built.is_neg()
 
 
 def test_assert_rejected_like_native_fails_on_a_wrong_type_or_message():

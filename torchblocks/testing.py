@@ -146,6 +146,7 @@ def twin(tensor: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
     storage = tensor.detach().untyped_storage().clone()
     copy = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
     copy.set_(storage, tensor.storage_offset(), tensor.shape, tensor.stride())
+    torch._C._set_neg(copy, tensor.is_neg())  # a lazy negation (the "negated" layout) kept, on a leaf
     return copy.requires_grad_(requires_grad)
 
 
@@ -407,7 +408,7 @@ def assert_compiled_matches_eager(module, inputs, reduce=lambda output: output.s
         assert_close(param.grad, expected, what="parameter gradient")
 
 
-LAYOUTS = ["contiguous", "sliced", "transposed", "expanded", "offset"]
+LAYOUTS = ["contiguous", "sliced", "transposed", "expanded", "offset", "negated"]
 
 
 def with_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
@@ -415,7 +416,9 @@ def with_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
     contiguous; sliced (every other element of a wider last dimension);
     transposed (dims reversed in memory; for 1-D, a column of a row-major
     matrix); expanded (stride 0 along the last dim: the first value of each
-    row, repeated); offset (contiguous from storage offset 5).
+    row, repeated); offset (contiguous from storage offset 5); negated
+    (contiguous, memory holding -values under the negative bit of
+    ``torch._neg_view``, which reads them back as values).
 
     Example::
 
@@ -435,6 +438,8 @@ def with_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
         view = values.new_empty(shape[::-1]).permute(*reversed(range(values.dim())))
     elif layout == "offset":
         view = values.new_empty(values.numel() + 5)[5:].view(shape)
+    elif layout == "negated":
+        view = torch._neg_view(values.new_empty(shape))
     else:
         raise ValueError(f"with_layout: layout must be one of {LAYOUTS}, got {layout!r}")
     return view.copy_(values)

@@ -585,9 +585,10 @@ std::optional<Tensor> cross_entropy(const Tensor& logits, const Tensor& target, 
                             : reduction_name == "sum" ? kSum
                             : reduction_name == "none" ? kNone : -1;
   const bool indices = target.scalar_type() == at::kLong || target.scalar_type() == at::kByte;
+  // logits and target are read through their pointers: a lazy negation (torch._neg_view) takes the Python path
   if (reduction < 0 || !floating(logits) || !indices || logits.dim() != 2 || target.dim() != 1 || !logits.is_cpu() ||
-      !target.is_cpu() || target.size(0) != logits.size(0) || logits.numel() == 0 ||
-      at::autocast::is_autocast_enabled(at::kCPU) || forward_grad_defined(logits)) {
+      !target.is_cpu() || target.size(0) != logits.size(0) || logits.numel() == 0 || logits.is_neg() ||
+      target.is_neg() || at::autocast::is_autocast_enabled(at::kCPU) || forward_grad_defined(logits)) {
     return std::nullopt;
   }
   const bool plain = target.scalar_type() == at::kLong ? targets_plain<int64_t>(target, logits.size(1), ignore_index)
@@ -610,8 +611,8 @@ std::optional<Tensor> dense_cross_entropy(const Tensor& input, const Tensor& wei
   if (reduction < 0 || (dtype != at::kFloat && dtype != at::kDouble) || input.dim() != 2 || weight.dim() != 2 ||
       weight.scalar_type() != dtype || !input.is_cpu() || !weight.is_cpu() || input.size(1) != weight.size(1) ||
       input.size(0) == 0 || weight.size(0) == 0 || !indices || target.dim() != 1 || !target.is_cpu() ||
-      target.size(0) != input.size(0) || chunk_rows < 1 || at::autocast::is_autocast_enabled(at::kCPU) ||
-      forward_grad_defined(input, weight)) {
+      target.size(0) != input.size(0) || chunk_rows < 1 || target.is_neg() ||  // target: read through its pointer
+      at::autocast::is_autocast_enabled(at::kCPU) || forward_grad_defined(input, weight)) {
     return std::nullopt;
   }
   if (bias && (bias->scalar_type() != dtype || !bias->is_cpu() || bias->dim() != 1 ||

@@ -21,7 +21,8 @@ namespace {
 constexpr int64_t kGrain = 1 << 15;
 
 // Whether one flat index serves every role of an entry: the parameter's
-// dtype (float32 or float64), size and strides, over gap-free memory.
+// dtype (float32 or float64), size and strides, over gap-free memory, and
+// no lazy negation (torch._neg_view), which no pointer carries.
 bool one_flat_layout(std::initializer_list<const at::Tensor*> roles) {
   const at::Tensor& param = **roles.begin();
   if (param.scalar_type() != at::kFloat && param.scalar_type() != at::kDouble) {
@@ -29,7 +30,7 @@ bool one_flat_layout(std::initializer_list<const at::Tensor*> roles) {
   }
   for (const at::Tensor* role : roles) {
     if (!role->is_cpu() || role->scalar_type() != param.scalar_type() || role->sizes() != param.sizes() ||
-        role->strides() != param.strides() || !role->is_non_overlapping_and_dense()) {
+        role->strides() != param.strides() || !role->is_non_overlapping_and_dense() || role->is_neg()) {
       return false;
     }
   }

@@ -10,7 +10,8 @@ memory (``torchblocks/_ops/optim_cpu.cpp``, built with the eager CPU path;
 under a compiling trace, a dispatch mode or torch.func the reference runs).
 The backend setting chooses, as for the blocks; tensors the Triton or
 compiled step cannot address with one flat offset (a parameter that is not
-dense, or a gradient laid out unlike its parameter) take the reference.
+dense, a gradient laid out unlike its parameter, or one with
+``torch._neg_view``'s lazy negation) take the reference.
 
 DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are updated
 shard by shard: the update is elementwise, so each rank steps its local
@@ -241,7 +242,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         indices = range(len(params))
         if launcher is not None and backend.use_triton(params[0]):
             roles = [role for role in tensors.values() if role is not None]
-            flat = [i for i in indices if kernels._launch.shares_flat_layout(*(role[i] for role in roles))]
+            flat = [i for i in indices if kernels._launch.shares_flat_layout(*(role[i] for role in roles))
+                    and not any(role[i].is_neg() for role in roles)]  # a lazy negation no pointer carries
             _call(launcher, flat, tensors, per_tensor, options)
             _count_writes(tensors, flat)
             flat_set = set(flat)
