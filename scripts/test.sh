@@ -25,8 +25,9 @@ if [ "$COMPAT_TRITON" != "none" ]; then
     install_once "$COMPAT_VENV" "${TORCH_SPEC:-torch>=2.4} $COMPAT_TRITON" install_compat
     compat_log="$(mktemp)"
     # triton 3.6's interpreter converts arrays to scalars the way numpy 2.3 deprecates; the
-    # compiled eager CPU path is Triton's business nowhere, so this run does not build it
-    TORCHBLOCKS_EAGER_CPU=0 "$COMPAT_VENV/bin/python" -m pytest tests -m triton \
+    # compiled eager CPU path is Triton's business nowhere, so this run does not build it; one
+    # thread, so that its torch ops do not spin OpenMP threads against the main run's on the cores
+    TORCHBLOCKS_EAGER_CPU=0 OMP_NUM_THREADS=1 "$COMPAT_VENV/bin/python" -m pytest tests -m triton \
         -W "ignore:Conversion of an array with ndim > 0:DeprecationWarning" "$@" > "$compat_log" 2>&1 &
     compat_pid=$!
 fi
