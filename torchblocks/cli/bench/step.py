@@ -22,6 +22,7 @@ from typing import Dict, List
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from torchblocks import backend
 from torchblocks.testing import InsideBlocksMode, around_triton_launches, tensors
 
 BATCH = 128
@@ -40,12 +41,14 @@ class StepCounts:
         host_uploads: tensors built from host data (``torch.tensor``) or
             copied from the CPU onto another device.
         ops: each counted tensor op's name and how often it ran.
+        path: what was counted, where it is not the Triton kernels.
     """
     triton_launches: int
     tensor_ops: int
     allocations: int
     host_uploads: int
     ops: Dict[str, int]
+    path: str = ""
 
 
 def describe(counts: StepCounts) -> str:
@@ -56,7 +59,8 @@ def describe(counts: StepCounts) -> str:
         >>> describe(StepCounts(9, 5, 17, 0, {}))
         'one training step of the book network (...): 9 Triton launches, 5 other tensor ops, 17 allocations, ...'
     """
-    return (f"one training step of the book network (784-512-10, batch {BATCH}, RMSprop): "
+    path = f"; {counts.path}" if counts.path else ""
+    return (f"one training step of the book network (784-512-10, batch {BATCH}, RMSprop{path}): "
             f"{counts.triton_launches} Triton launches, {counts.tensor_ops} other tensor ops, "
             f"{counts.allocations} allocations, {counts.host_uploads} host-to-device uploads")
 
@@ -152,5 +156,7 @@ def count_training_step(device: str, dtype: torch.dtype = torch.float32, batch: 
     counter = _OpCounter(_storage(state["step"]) for state in optimizer.state.values())
     with count_triton_launches() as launches, counter:
         step()
+    path = "" if backend.use_triton(images) else "the reference's Python Functions" + (
+        ", which a counting mode takes instead of the compiled eager CPU path" if images.is_cpu else "")
     return StepCounts(launches[0], sum(counter.ops.values()), counter.allocations, counter.host_uploads,
-                      dict(sorted(counter.ops.items())))
+                      dict(sorted(counter.ops.items())), path)
