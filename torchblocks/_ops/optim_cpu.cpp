@@ -81,7 +81,7 @@ std::vector<int64_t> sgd_step(const TensorList& params, const TensorList& grads,
   std::vector<int64_t> left;
   for (size_t t = 0; t < params.size(); ++t) {
     const at::Tensor& param = params[t];
-    const at::Tensor* buffer = momentum_buffers ? &(*momentum_buffers)[t] : &param;
+    const at::Tensor* buffer = momentum_buffers ? &(*momentum_buffers)[t] : &param;  // absent: never read
     if (!one_flat_layout({&param, &grads[t], buffer})) {
       left.push_back(static_cast<int64_t>(t));
       continue;
@@ -123,7 +123,7 @@ std::vector<int64_t> rmsprop_step(const TensorList& params, const TensorList& gr
   std::vector<int64_t> left;
   for (size_t t = 0; t < params.size(); ++t) {
     const at::Tensor& param = params[t];
-    const at::Tensor* grad_avg = grad_avgs ? &(*grad_avgs)[t] : &param;
+    const at::Tensor* grad_avg = grad_avgs ? &(*grad_avgs)[t] : &param;  // absent states: never read
     const at::Tensor* buffer = momentum_buffers ? &(*momentum_buffers)[t] : &param;
     if (!one_flat_layout({&param, &grads[t], &square_avgs[t], grad_avg, buffer})) {
       left.push_back(static_cast<int64_t>(t));
@@ -180,7 +180,7 @@ std::vector<int64_t> adam_step(const TensorList& params, const TensorList& grads
   std::vector<int64_t> left;
   for (size_t t = 0; t < params.size(); ++t) {
     const at::Tensor& param = params[t];
-    const at::Tensor* max_exp_avg_sq = max_exp_avg_sqs ? &(*max_exp_avg_sqs)[t] : &param;
+    const at::Tensor* max_exp_avg_sq = max_exp_avg_sqs ? &(*max_exp_avg_sqs)[t] : &param;  // absent: never read
     if (!one_flat_layout({&param, &grads[t], &exp_avgs[t], &exp_avg_sqs[t], max_exp_avg_sq})) {
       left.push_back(static_cast<int64_t>(t));
       continue;
