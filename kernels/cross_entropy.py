@@ -239,7 +239,8 @@ def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing,
     class indices ``target`` (R,), with class weights ``weight`` (C,) or None.
     When ``grad`` (R, C) is given (it may be ``logits`` itself), the unscaled
     dloss_i/dx is written into it too. Every argument is read (and ``grad``
-    written) through its strides; none is copied.
+    written) through its strides; none is copied but a lazily negated one
+    (``readable``).
     Returns ``(loss, lse, row_weight)``, each (R,), in the accumulation dtype."""
     if grad is not None and grad.is_neg():  # written through a lazy negation: computed apart, then copied in
         gradient = torch.empty_like(grad, memory_format=torch.contiguous_format)

@@ -233,7 +233,7 @@ def dense_matmul(a, b, bias=None, relu=False, row_sum=False, out=None, row_sums=
     """C = act(A @ B + bias) for 2-D ``a`` (M, K) and ``b`` (K, N) of any strides.
 
     Every argument is read through its strides (``bias`` (N,) too); none is
-    copied. Returns ``C`` (M, N), contiguous, the dtype of ``a``, and, when
+    copied but a lazily negated one (``readable``). Returns ``C`` (M, N), contiguous, the dtype of ``a``, and, when
     ``row_sum``, also the sums of each row of ``a`` (M,).
 
     With ``out`` (M, N), of any strides and dtype (a float32 accumulator for
