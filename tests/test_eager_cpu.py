@@ -7,6 +7,8 @@ reference-cpu-python target runs those through the Python Functions)."""
 import os
 import subprocess
 import sys
+import threading
+import time
 import warnings
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchblocks.functional as TF
+import torchblocks.optim
 from torchblocks._ops import _eager_cpu
 from torchblocks.testing import assert_close
 
@@ -313,3 +316,39 @@ def test_a_build_folder_per_environment_and_torch_version(monkeypatch, tmp_path)
     assert folder.parent == tmp_path and torch.__version__ in folder.name
     monkeypatch.setattr(sys, "prefix", "/another/venv")
     assert _eager_cpu.build_directory() != folder
+
+
+def _adam_step_on_20m_parameters():
+    param = torch.nn.Parameter(torch.zeros(20_000_000))
+    param.grad = torch.ones_like(param)
+    optimizer = torchblocks.optim.Adam([param], amsgrad=True)
+    optimizer.step()  # its state made
+    return optimizer.step
+
+
+def _relu_of_64m_elements():
+    x = torch.randn(64_000_000)
+    return lambda: TF.relu(x)
+
+
+@pytest.mark.skipif(OFF, reason="TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off")
+@pytest.mark.parametrize("make_call", [_adam_step_on_20m_parameters, _relu_of_64m_elements], ids=["adam", "relu"])
+def test_a_compiled_call_lets_other_python_threads_run(make_call):
+    """A long compiled call runs without the GIL, as torch's own ops do: a
+    Python thread waiting on it starts within the call's first half, not
+    when it returns. torch on one thread, so that a core is free for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        call = make_call()
+        go, started = threading.Event(), []
+        waiting = threading.Thread(target=lambda: (go.wait(), started.append(time.perf_counter())))
+        waiting.start()
+        begin = time.perf_counter()
+        go.set()
+        call()
+        end = time.perf_counter()
+        waiting.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert started[0] - begin < (end - begin) / 2, (started[0] - begin, end - begin)

@@ -670,27 +670,33 @@ using namespace torchblocks;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torchblocks' reference blocks for plain eager CPU calls, with C++ autograd nodes";
-  m.def("relu", &relu, "relu(input, inplace): max(input, 0) of a plain call, else None");
+  namespace py = pybind11;
+  // Each call runs without the GIL, as torch's own ops do, so that other
+  // Python threads go on meanwhile (the arguments are converted before, the
+  // result after; a saved-tensor hook takes the GIL itself).
+  const auto without_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("relu", &relu, "relu(input, inplace): max(input, 0) of a plain call, else None", without_gil);
   m.def("dense", &dense,
         "dense(input (*, K), weight (N, K), bias (N,) or None, activation None or 'relu'): "
-        "act(input @ weight^T + bias) of a plain call, else None");
+        "act(input @ weight^T + bias) of a plain call, else None", without_gil);
   m.def("cross_entropy", &cross_entropy,
-        "cross_entropy(logits (R, C), target (R,), ignore_index, reduction): the loss of a plain call, else None");
+        "cross_entropy(logits (R, C), target (R,), ignore_index, reduction): the loss of a plain call, else None",
+        without_gil);
   m.def("dense_cross_entropy", &dense_cross_entropy,
         "dense_cross_entropy(input (R, K), weight (C, K), bias (C,) or None, target (R,), ignore_index, reduction, "
-        "chunk_rows): the loss of a plain call, else None");
-  namespace py = pybind11;  // the references' argument names: the optimizers call either with keywords
+        "chunk_rows): the loss of a plain call, else None", without_gil);
+  // the optimizers' steps take their references' argument names: the optimizers call either with keywords
   m.def("sgd_step", &sgd_step, "SGD's step in one pass (optim_cpu.h); returns the indices it left",
         py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("new_buffer"), py::kw_only(),
         py::arg("lr"), py::arg("weight_decay"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
-        py::arg("maximize"));
+        py::arg("maximize"), without_gil);
   m.def("rmsprop_step", &rmsprop_step, "RMSprop's step in one pass (optim_cpu.h); returns the indices it left",
         py::arg("params"), py::arg("grads"), py::arg("square_avgs"), py::arg("grad_avgs"),
         py::arg("momentum_buffers"), py::kw_only(), py::arg("lr"), py::arg("alpha"), py::arg("eps"),
-        py::arg("weight_decay"), py::arg("momentum"), py::arg("centered"), py::arg("maximize"));
+        py::arg("weight_decay"), py::arg("momentum"), py::arg("centered"), py::arg("maximize"), without_gil);
   m.def("adam_step", &adam_step, "Adam's step in one pass (optim_cpu.h); returns the indices it left",
         py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"),
         py::arg("steps"), py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("decoupled_weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
-        py::arg("capturable"));
+        py::arg("capturable"), without_gil);
 }
