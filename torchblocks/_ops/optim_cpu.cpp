@@ -67,11 +67,6 @@ T maximum(T a, T b) {
   return ((a > b) | (a != a)) ? a : b;
 }
 
-template <typename T>
-T* data(const at::Tensor& tensor) {
-  return tensor.data_ptr<T>();
-}
-
 }  // namespace
 
 std::vector<int64_t> sgd_step(const TensorList& params, const TensorList& grads,
@@ -88,9 +83,9 @@ std::vector<int64_t> sgd_step(const TensorList& params, const TensorList& grads,
     }
     AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "sgd_step", [&] {
       using T = scalar_t;
-      T* p = data<T>(param);
-      const T* g = data<T>(grads[t]);
-      T* b = data<T>(*buffer);
+      T* p = param.data_ptr<T>();
+      const T* g = grads[t].data_ptr<T>();
+      T* b = buffer->data_ptr<T>();
       const T sign = maximize ? T(-1) : T(1), decay = T(weight_decay), rate = T(lr), mu = T(momentum),
               keep = T(1 - dampening);
       with_flag(weight_decay != 0, [&](auto decays) {
@@ -131,11 +126,11 @@ std::vector<int64_t> rmsprop_step(const TensorList& params, const TensorList& gr
     }
     AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "rmsprop_step", [&] {
       using T = scalar_t;
-      T* p = data<T>(param);
-      const T* g = data<T>(grads[t]);
-      T* v = data<T>(square_avgs[t]);
-      T* a = data<T>(*grad_avg);
-      T* b = data<T>(*buffer);
+      T* p = param.data_ptr<T>();
+      const T* g = grads[t].data_ptr<T>();
+      T* v = square_avgs[t].data_ptr<T>();
+      T* a = grad_avg->data_ptr<T>();
+      T* b = buffer->data_ptr<T>();
       const T sign = maximize ? T(-1) : T(1), decay = T(weight_decay), rate = T(lr), smoothing = T(alpha),
               fresh = T(1 - alpha), epsilon = T(eps), mu = T(momentum);
       with_flag(weight_decay != 0, [&](auto decays) {
@@ -190,11 +185,11 @@ std::vector<int64_t> adam_step(const TensorList& params, const TensorList& grads
     const double bias_correction2_sqrt = std::pow(1 - std::pow(beta2, steps[t]), 0.5);
     AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "adam_step", [&] {
       using T = scalar_t;
-      T* p = data<T>(param);
-      const T* g = data<T>(grads[t]);
-      T* m = data<T>(exp_avgs[t]);
-      T* v = data<T>(exp_avg_sqs[t]);
-      T* v_max = data<T>(*max_exp_avg_sq);
+      T* p = param.data_ptr<T>();
+      const T* g = grads[t].data_ptr<T>();
+      T* m = exp_avgs[t].data_ptr<T>();
+      T* v = exp_avg_sqs[t].data_ptr<T>();
+      T* v_max = max_exp_avg_sq->data_ptr<T>();
       const T sign = maximize ? T(-1) : T(1), decay = T(weight_decay), decay_factor = T(1 - lr * weight_decay),
               fresh1 = T(1 - beta1), smoothing2 = T(beta2), fresh2 = T(1 - beta2), epsilon = T(eps),
               scaled_rate = T(step_size), correction2 = T(bias_correction2_sqrt);
