@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import subprocess
+import types
 
 import pytest
 import torch
@@ -111,6 +112,31 @@ def test_timed_calls_rotate_through_distinct_input_sets():
     harness.measure(tiny_case({"torchblocks": provider, "native": provider}, rotate=False), "cpu", torch.float32, 1.0,
                     quick=True)
     assert seen == {1.0}
+
+
+def test_cpu_rounds_alternate_the_order_of_the_providers(monkeypatch):
+    ran, timed = [], []
+
+    def provider(name):
+        def run(inputs):
+            ran.append(name)
+            return [inputs[0]]
+        return run
+
+    class Timer:
+        def __init__(self, fn):
+            fn()
+            timed.append(ran[-1])
+
+        def blocked_autorange(self, min_run_time):
+            return types.SimpleNamespace(median=1e-3)
+
+    monkeypatch.setattr(harness, "cpu_timer", Timer)
+    names = ["torchblocks", "native", "compiled"]
+    harness.measure(tiny_case({name: provider(name) for name in names}), "cpu", torch.float32, 1.0, quick=True)
+    rounds = [timed[i:i + len(names)] for i in range(0, len(timed), len(names))]
+    assert len(rounds) == harness.ROUNDS
+    assert rounds == [names if index % 2 == 0 else names[::-1] for index in range(harness.ROUNDS)]
 
 
 def test_cpu_calls_are_timed_on_the_threads_the_device_name_states(monkeypatch):

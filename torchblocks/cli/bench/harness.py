@@ -306,12 +306,15 @@ def _run_provider(case: Case, name: str, device: str, quick: bool):
 
 def _run_interleaved(case: Case, device: str, quick: bool):
     """{provider: (result, median ms, None)} on the CPU: every provider's
-    input sets made first, then ROUNDS rounds timing each provider in turn;
-    a provider's time is the median of its rounds."""
+    input sets made first, then ROUNDS rounds timing each provider in turn,
+    in the reverse order every other round, so that no provider always runs
+    first; a provider's time is the median of its rounds."""
     prepared = {name: _prepare_provider(case, name, device) for name in case.providers}
     rounds = {name: [] for name in prepared}
-    for _ in range(ROUNDS):
-        for name, (_, call) in prepared.items():
+    for round_index in range(ROUNDS):
+        order = list(prepared) if round_index % 2 == 0 else list(reversed(prepared))
+        for name in order:
+            call = prepared[name][1]
             call()
             rounds[name].append(cpu_timer(call).blocked_autorange(min_run_time=(0.05 if quick else 0.5) / ROUNDS).median)
     return {name: (result, 1e3 * sorted(rounds[name])[ROUNDS // 2], None) for name, (result, _) in prepared.items()}
