@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from torchblocks import cli
-from torchblocks.cli import bench
-from torchblocks.cli.bench import harness
+from torchblocks.cli import bench, book
+from torchblocks.cli.bench import harness, training_step
 from torchblocks.testing import read_png
 
 from conftest import NO_CUDA
@@ -137,6 +137,30 @@ def test_cpu_rounds_alternate_the_order_of_the_providers(monkeypatch):
     rounds = [timed[i:i + len(names)] for i in range(0, len(timed), len(names))]
     assert len(rounds) == harness.ROUNDS
     assert rounds == [names if index % 2 == 0 else names[::-1] for index in range(harness.ROUNDS)]
+
+
+def test_the_training_step_case_cycles_through_distinct_batches(monkeypatch):
+    """One batch stepped on over and over is fitted to a loss of ~0 and turns
+    RMSprop's state denormal: the case must step through BATCHES batches."""
+    labels_seen = []
+    build_network = book.build_network
+
+    def recording_network(*args, **kwargs):
+        model, loss_fn = build_network(*args, **kwargs)
+
+        def loss(logits, labels):
+            labels_seen.append(labels.tolist())
+            return loss_fn(logits, labels)
+
+        return model, loss
+
+    monkeypatch.setattr(book, "build_network", recording_network)
+    case = next(training_step.cases("cpu", torch.float32, quick=True))
+    trainer = case.make_inputs(0, "native")
+    for _ in range(training_step.BATCHES + 1):
+        trainer.step()
+    assert len({tuple(labels) for labels in labels_seen}) == training_step.BATCHES
+    assert labels_seen[-1] == labels_seen[0]
 
 
 def test_cpu_calls_are_timed_on_the_threads_the_device_name_states(monkeypatch):
