@@ -32,7 +32,12 @@ from torchblocks.testing import TF32_TOLERANCE, relative_error, tolerance
 # any L2 or L3 cache here), at most MAX_ROTATIONS copies.
 ROTATION_BYTES = 256 * 2**20
 MAX_ROTATIONS = 64
-ROUNDS = 5
+# CPU rounds, and the seconds of each (a twentieth in --quick). Native timed
+# against itself (ReLU at 16 MiB, five runs each) read 0.75-1.04x from 5
+# rounds of 0.1 s and 0.92-1.08x from 15: this machine's state drifts over
+# seconds, and more rounds sample more of it.
+ROUNDS = 15
+ROUND_SECONDS = 0.1
 
 # A provider takes one input set and returns the tensors to compare with the
 # twin's (outputs, gradients, updated parameters).
@@ -316,7 +321,8 @@ def _run_interleaved(case: Case, device: str, quick: bool):
         for name in order:
             call = prepared[name][1]
             call()
-            rounds[name].append(cpu_timer(call).blocked_autorange(min_run_time=(0.05 if quick else 0.5) / ROUNDS).median)
+            seconds = ROUND_SECONDS / 20 if quick else ROUND_SECONDS
+            rounds[name].append(cpu_timer(call).blocked_autorange(min_run_time=seconds).median)
     return {name: (result, 1e3 * sorted(rounds[name])[ROUNDS // 2], None) for name, (result, _) in prepared.items()}
 
 
