@@ -114,6 +114,20 @@ def test_timed_calls_rotate_through_distinct_input_sets():
     assert seen == {1.0}
 
 
+def test_cpu_input_sets_are_made_provider_by_provider_in_turn():
+    made = []
+
+    def make_inputs(seed, provider):
+        made.append((seed, provider))
+        return (torch.full((4,), float(seed + 1)),)
+
+    names = ["torchblocks", "native"]
+    case = harness.Case("toy", "4", 4, "elements", 32, "GB/s", make_inputs,
+                        {name: (lambda inputs: [inputs[0]]) for name in names}, min_bytes=32, our_bytes=32)
+    harness.measure(case, "cpu", torch.float32, 1.0, quick=True)
+    assert made == [(seed, name) for seed in range(harness.MAX_ROTATIONS) for name in names]
+
+
 def test_cpu_rounds_alternate_the_order_of_the_providers(monkeypatch):
     ran, timed = [], []
 
