@@ -149,8 +149,8 @@ def test_cpu_rounds_alternate_the_order_of_the_providers(monkeypatch):
     names = ["torchblocks", "native", "compiled"]
     harness.measure(tiny_case({name: provider(name) for name in names}), "cpu", torch.float32, 1.0, quick=True)
     rounds = [timed[i:i + len(names)] for i in range(0, len(timed), len(names))]
-    assert len(rounds) == harness.ROUNDS
-    assert rounds == [names if index % 2 == 0 else names[::-1] for index in range(harness.ROUNDS)]
+    assert len(rounds) == harness.QUICK_ROUNDS
+    assert rounds == [names if index % 2 == 0 else names[::-1] for index in range(harness.QUICK_ROUNDS)]
 
 
 def test_the_training_step_case_cycles_through_distinct_batches(monkeypatch):

@@ -32,12 +32,13 @@ from torchblocks.testing import TF32_TOLERANCE, relative_error, tolerance
 # any L2 or L3 cache here), at most MAX_ROTATIONS copies.
 ROTATION_BYTES = 256 * 2**20
 MAX_ROTATIONS = 64
-# CPU rounds, and the seconds of each (a twentieth in --quick). Native timed
-# against itself (ReLU at 16 MiB, five runs each) read 0.75-1.04x from 5
-# rounds of 0.1 s and 0.92-1.08x from 15: this machine's state drifts over
-# seconds, and more rounds sample more of it.
-ROUNDS = 15
-ROUND_SECONDS = 0.1
+# CPU rounds, and the seconds of each. Native timed against itself (ReLU at
+# 16 MiB, five runs each) read 0.75-1.04x from 5 rounds of 0.1 s and
+# 0.92-1.08x from 15: this machine's state drifts over seconds, and more
+# rounds sample more of it. --quick checks that every case runs, in 5
+# rounds of 0.01 s.
+ROUNDS, ROUND_SECONDS = 15, 0.1
+QUICK_ROUNDS, QUICK_ROUND_SECONDS = 5, 0.01
 
 # A provider takes one input set and returns the tensors to compare with the
 # twin's (outputs, gradients, updated parameters).
@@ -330,19 +331,20 @@ def _run_provider(case: Case, name: str, device: str, quick: bool):
 
 def _run_interleaved(case: Case, device: str, quick: bool):
     """{provider: (result, median ms, None)} on the CPU: every provider's
-    input sets made first (interleaved), then ROUNDS rounds timing each provider in turn,
-    in the reverse order every other round, so that no provider always runs
-    first; a provider's time is the median of its rounds."""
+    input sets made first, in turn, then ROUNDS rounds (QUICK_ROUNDS when
+    ``quick``) timing each provider in turn, in the reverse order every other
+    round, so that no provider always runs first; a provider's time is the
+    median of its rounds."""
     prepared = _prepare_providers_interleaved(case, device)
     rounds = {name: [] for name in prepared}
-    for round_index in range(ROUNDS):
+    count, seconds = (QUICK_ROUNDS, QUICK_ROUND_SECONDS) if quick else (ROUNDS, ROUND_SECONDS)
+    for round_index in range(count):
         order = list(prepared) if round_index % 2 == 0 else list(reversed(prepared))
         for name in order:
             call = prepared[name][1]
             call()
-            seconds = ROUND_SECONDS / 20 if quick else ROUND_SECONDS
             rounds[name].append(cpu_timer(call).blocked_autorange(min_run_time=seconds).median)
-    return {name: (result, 1e3 * sorted(rounds[name])[ROUNDS // 2], None) for name, (result, _) in prepared.items()}
+    return {name: (result, 1e3 * sorted(rounds[name])[count // 2], None) for name, (result, _) in prepared.items()}
 
 
 def measure(case: Case, device: str, dtype: torch.dtype, peak: float, quick: bool = False) -> List[Row]:
