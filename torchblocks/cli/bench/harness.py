@@ -311,6 +311,7 @@ def _prepare_providers_interleaved(case: Case, device: str):
 
 
 def _cycling_call(case: Case, name: str, input_sets: list):
+    """(provider ``name``'s result on the first of ``input_sets``, copied to the CPU; a call cycling through them)."""
     provider = case.providers[name]
     sets = itertools.cycle(input_sets)
     result = [t.detach().to("cpu", torch.float32, copy=True) for t in provider(next(sets))]
