@@ -288,26 +288,19 @@ def _tolerance(case: Case, dtype: torch.dtype, device: str) -> float:
     return allowed
 
 
-def _prepare_provider(case: Case, name: str, device: str):
-    """(what provider ``name`` returns on input set 0, copied to the CPU; a call cycling through its input sets)."""
-    first = case.make_inputs(0, name)
-    count = _rotations(first, device, case.rotate)
-    return _cycling_call(case, name, [first] + [case.make_inputs(seed, name) for seed in range(1, count)])
-
-
-def _prepare_providers_interleaved(case: Case, device: str):
-    """``_prepare_provider`` of every provider, their input sets made in turn
-    (set 1 of each, then set 2 of each, ...), so that no provider's sets all
-    sit in memory freed by the case before: ReLU at 1 MiB, timed as native
-    in torchblocks' place, read 0.93-0.99x against native when its sets were
-    made first."""
-    sets = {name: [case.make_inputs(0, name)] for name in case.providers}
+def _input_sets(case: Case, names, device: str) -> dict:
+    """{provider: its input sets} for the providers ``names``, the sets made
+    in turn (set 1 of each, then set 2 of each, ...), so that no provider's
+    sets all sit in memory freed by the case before: ReLU at 1 MiB, timed as
+    native in torchblocks' place, read 0.93-0.99x against native when its
+    sets were made first."""
+    sets = {name: [case.make_inputs(0, name)] for name in names}
     counts = {name: _rotations(first, device, case.rotate) for name, (first,) in sets.items()}
     for seed in range(1, max(counts.values())):
-        for name in case.providers:
+        for name in names:
             if seed < counts[name]:
                 sets[name].append(case.make_inputs(seed, name))
-    return {name: _cycling_call(case, name, sets[name]) for name in case.providers}
+    return sets
 
 
 def _cycling_call(case: Case, name: str, input_sets: list):
@@ -326,7 +319,7 @@ def _run_provider(case: Case, name: str, device: str, quick: bool):
     """(the result on input set 0; its median ms; its peak MiB), one provider
     at a time: its input sets live only here, so they are freed before the
     next provider's are made (CUDA memory)."""
-    result, call = _prepare_provider(case, name, device)
+    result, call = _cycling_call(case, name, _input_sets(case, [name], device)[name])
     return result, time_ms(call, device, quick), peak_memory_mb(call, device)
 
 
@@ -336,7 +329,8 @@ def _run_interleaved(case: Case, device: str, quick: bool):
     ``quick``) timing each provider in turn, in the reverse order every other
     round, so that no provider always runs first; a provider's time is the
     median of its rounds."""
-    prepared = _prepare_providers_interleaved(case, device)
+    prepared = {name: _cycling_call(case, name, input_sets)
+                for name, input_sets in _input_sets(case, list(case.providers), device).items()}
     rounds = {name: [] for name in prepared}
     count, seconds = (QUICK_ROUNDS, QUICK_ROUND_SECONDS) if quick else (ROUNDS, ROUND_SECONDS)
     for round_index in range(count):
