@@ -15,7 +15,7 @@ setup(
     # The embedded stand-in for MNIST: four small gzipped IDX files. The
     # compiled eager CPU path's sources, built on first use (torch.utils.cpp_extension).
     package_data={"torchblocks.cli.data": ["digits/*.gz", "digits/README.md"],
-                  "torchblocks._ops": ["eager_cpu.cpp", "optim_cpu.cpp", "optim_cpu.h"]},
+                  "torchblocks._ops": ["eager_cpu.cpp", "optim_cpu.cpp", "optim_cpu.h", "watched.h"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

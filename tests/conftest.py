@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -51,6 +52,24 @@ class Target:
         """Skip (with the reason) dtypes this target cannot compute correctly."""
         if self.interpreted and dtype == torch.bfloat16:
             pytest.skip("the Triton interpreter computes bfloat16 wrongly; bfloat16 kernels are tested on CUDA")
+
+
+class OpNames(TorchDispatchMode):
+    """A dispatch mode that records the name of each op it sees, in ``names``."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def op_names():
+    """``with op_names() as mode: ...`` records the ops run, in ``mode.names``."""
+    return OpNames
 
 
 @pytest.fixture(params=TARGETS)

@@ -3,23 +3,12 @@ the op (a dispatch mode, fake tensors, a compiling trace) still gets it."""
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchblocks
 from torchblocks._ops import _dispatch, _eager_cpu
 
 
-class OpNames(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func._schema.name)
-        return func(*args, **(kwargs or {}))
-
-
-def test_eager_calls_skip_the_dispatcher_and_modes_see_the_op(target, monkeypatch):
+def test_eager_calls_skip_the_dispatcher_and_modes_see_the_op(target, monkeypatch, op_names):
     monkeypatch.setattr(_eager_cpu, "_enabled", False)  # the Python Functions' path, the one with custom ops
     direct = []
     body = _dispatch._BODIES["torchblocks::relu"]
@@ -29,7 +18,7 @@ def test_eager_calls_skip_the_dispatcher_and_modes_see_the_op(target, monkeypatc
     torchblocks.functional.relu(torch.nn.Parameter(x))  # a Parameter dispatches as a tensor
     assert len(direct) == 2
     direct.pop()
-    with OpNames() as mode:
+    with op_names() as mode:
         torchblocks.functional.relu(x)
     assert "torchblocks::relu" in mode.names and len(direct) == 1
     with FakeTensorMode():

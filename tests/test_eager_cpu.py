@@ -13,7 +13,6 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchblocks.functional as TF
 import torchblocks.optim
@@ -79,12 +78,7 @@ def test_plain_eager_cpu_calls_take_it(block, python_eager):
     assert not from_eager_cpu(python_eager(call).grad_fn)
 
 
-class Ops(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
-def test_other_calls_take_the_python_functions():
+def test_other_calls_take_the_python_functions(op_names):
     logits, labels = randn(9, 5).requires_grad_(), indices(9, 5)
     labels_with_ignored = labels.clone()
     labels_with_ignored[2] = -100
@@ -104,13 +98,36 @@ def test_other_calls_take_the_python_functions():
     python_calls["head, bfloat16"] = lambda: TF.dense_cross_entropy(x.bfloat16(), w.bfloat16(), labels)
     for what, call in python_calls.items():
         assert not from_eager_cpu(call().grad_fn), what
-    with Ops():
+    with op_names():
         assert not from_eager_cpu(TF.relu(randn(3).requires_grad_()).grad_fn)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = TF.dense(randn(4, 8).requires_grad_(), randn(6, 8), randn(6))
     assert output.dtype == torch.bfloat16 and not from_eager_cpu(output.grad_fn)
     x = randn(6)
     assert torch.equal(torch.func.grad(lambda x: TF.relu(x).sum())(x), (x > 0).float())
+
+
+@pytest.mark.parametrize("name, options, update", [("SGD", {"momentum": 0.9}, "aten::_foreach_add_"),
+                                                    ("RMSprop", {}, "aten::_foreach_addcdiv_"),
+                                                    ("Adam", {}, "aten::_foreach_addcdiv_")], ids=["sgd", "rmsprop", "adam"])
+def test_a_watched_optimizer_step_takes_the_reference(name, options, update, op_names):
+    """Under a dispatch mode the compiled step leaves every parameter to the
+    reference, whose foreach op that writes the parameters, ``update``, the
+    mode then sees; the numbers are torch.optim's."""
+    ours, theirs = (torch.nn.Parameter(randn(10)) for _ in range(2))
+    ours_optimizer = getattr(torchblocks.optim, name)([ours], lr=0.1, **options)
+    native_optimizer = getattr(torch.optim, name)([theirs], lr=0.1, **options)
+    mode = op_names()
+    for step in range(2):  # the first makes the state, so that the watched second has only the update to do
+        for param, optimizer in ((ours, ours_optimizer), (theirs, native_optimizer)):
+            param.grad = randn(10, seed=step + 1)
+            if param is ours and step == 1:
+                with mode:
+                    optimizer.step()
+            else:
+                optimizer.step()
+    assert update in mode.names, mode.names
+    assert_close(ours.detach(), theirs.detach())
 
 
 def test_an_ignore_index_beyond_int64_takes_the_python_path(python_eager):

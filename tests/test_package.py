@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,8 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_installs_kernels_as_torchblocks_kernels(tmp_path):
+    source = tmp_path / "source"  # a copy without build/: files a stale build left there cannot ship
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "__pycache__",
+                                                                 ".pytest_cache", "bench-out"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w",
+         str(tmp_path)],
         check=True,
     )
     (wheel,) = tmp_path.glob("torchblocks-*.whl")
@@ -24,6 +29,9 @@ def test_wheel_installs_kernels_as_torchblocks_kernels(tmp_path):
     assert embedded <= set(names), "the embedded digits must ship in the wheel: the fallback needs no network"
     bench_cases = {f"torchblocks/cli/bench/{block}.py" for block in BLOCKS}
     assert bench_cases <= set(names), "the bench cases ship in the package"
+    cpp_sources = {f"torchblocks/_ops/{path.name}" for path in (ROOT / "torchblocks" / "_ops").glob("*.[ch]*")
+                   if path.suffix in (".cpp", ".h")}
+    assert cpp_sources and cpp_sources <= set(names), "the compiled eager CPU path builds from the installed sources"
     metadata = next(n for n in names if n.endswith("METADATA"))
     requirements = [
         line for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines() if line.startswith("Requires-Dist")

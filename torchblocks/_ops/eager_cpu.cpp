@@ -18,6 +18,7 @@
 #include <ATen/autocast_mode.h>
 
 #include "optim_cpu.h"
+#include "watched.h"
 
 #include <algorithm>
 #include <array>
@@ -560,10 +561,11 @@ bool floating(const Tensor& tensor) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
-// Each entry point below takes a call only where its block computes it,
-// and returns nullopt for any other: the Python path then checks that call
-// and computes it or raises, with its messages. The checks here are what
-// makes a call plain, not a second copy of the argument checks.
+// Each entry point below takes a call only where its block computes it and
+// nothing watches (watched.h), and returns nullopt for any other: the Python
+// path then checks that call and computes it or raises, with its messages.
+// The checks here are what makes a call plain, not a second copy of the
+// argument checks.
 
 template <typename index_t>
 bool targets_plain(const Tensor& target, int64_t classes, int64_t ignore_index) {
@@ -588,7 +590,7 @@ std::optional<Tensor> cross_entropy(const Tensor& logits, const Tensor& target, 
   // logits and target are read through their pointers: a lazy negation (torch._neg_view) takes the Python path
   if (reduction < 0 || !floating(logits) || !indices || logits.dim() != 2 || target.dim() != 1 || !logits.is_cpu() ||
       !target.is_cpu() || target.size(0) != logits.size(0) || logits.numel() == 0 || logits.is_neg() ||
-      target.is_neg() || at::autocast::is_autocast_enabled(at::kCPU) || forward_grad_defined(logits)) {
+      target.is_neg() || at::autocast::is_autocast_enabled(at::kCPU) || forward_grad_defined(logits) || watched()) {
     return std::nullopt;
   }
   const bool plain = target.scalar_type() == at::kLong ? targets_plain<int64_t>(target, logits.size(1), ignore_index)
@@ -612,7 +614,7 @@ std::optional<Tensor> dense_cross_entropy(const Tensor& input, const Tensor& wei
       weight.scalar_type() != dtype || !input.is_cpu() || !weight.is_cpu() || input.size(1) != weight.size(1) ||
       input.size(0) == 0 || weight.size(0) == 0 || !indices || target.dim() != 1 || !target.is_cpu() ||
       target.size(0) != input.size(0) || chunk_rows < 1 || target.is_neg() ||  // target: read through its pointer
-      at::autocast::is_autocast_enabled(at::kCPU) || forward_grad_defined(input, weight)) {
+      at::autocast::is_autocast_enabled(at::kCPU) || forward_grad_defined(input, weight) || watched()) {
     return std::nullopt;
   }
   if (bias && (bias->scalar_type() != dtype || !bias->is_cpu() || bias->dim() != 1 ||
@@ -629,7 +631,8 @@ std::optional<Tensor> dense_cross_entropy(const Tensor& input, const Tensor& wei
 
 // A real dtype on the CPU, no dual tensor; in place, no two elements sharing memory.
 std::optional<Tensor> relu(const Tensor& input, bool inplace) {
-  if (!input.is_cpu() || input.is_complex() || input.scalar_type() == at::kBool || forward_grad_defined(input)) {
+  if (!input.is_cpu() || input.is_complex() || input.scalar_type() == at::kBool || forward_grad_defined(input) ||
+      watched()) {
     return std::nullopt;
   }
   for (int64_t d = 0; inplace && d < input.dim(); ++d) {
@@ -648,7 +651,7 @@ std::optional<Tensor> dense(const Tensor& input, const Tensor& weight, const std
   const bool relu = activation == "relu";
   if ((activation && !relu) || !floating(input) || !input.is_cpu() || input.dim() == 0 || weight.dim() != 2 ||
       weight.scalar_type() != input.scalar_type() || !weight.is_cpu() || input.size(-1) != weight.size(1) ||
-      at::autocast::is_autocast_enabled(at::kCPU) || forward_grad_defined(input, weight)) {
+      at::autocast::is_autocast_enabled(at::kCPU) || forward_grad_defined(input, weight) || watched()) {
     return std::nullopt;
   }
   if (bias && (bias->scalar_type() != input.scalar_type() || !bias->is_cpu() || bias->dim() != 1 ||

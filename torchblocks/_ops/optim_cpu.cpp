@@ -6,12 +6,14 @@
 // parameters' dtype. Built with eager_cpu.cpp (see optim_cpu.h).
 
 #include "optim_cpu.h"
+#include "watched.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <initializer_list>
+#include <numeric>
 #include <type_traits>
 
 namespace torchblocks {
@@ -35,6 +37,13 @@ bool one_flat_layout(std::initializer_list<const at::Tensor*> roles) {
     }
   }
   return true;
+}
+
+// 0, 1, ..., count - 1: every entry left to the reference, as under watched().
+std::vector<int64_t> every_index(size_t count) {
+  std::vector<int64_t> indices(count);
+  std::iota(indices.begin(), indices.end(), int64_t{0});
+  return indices;
 }
 
 // f(std::true_type{}) or f(std::false_type{}): a runtime switch made a
@@ -73,6 +82,9 @@ std::vector<int64_t> sgd_step(const TensorList& params, const TensorList& grads,
                               const std::optional<TensorList>& momentum_buffers, const std::vector<bool>& new_buffer,
                               double lr, double weight_decay, double momentum, double dampening, bool nesterov,
                               bool maximize) {
+  if (watched()) {
+    return every_index(params.size());
+  }
   std::vector<int64_t> left;
   for (size_t t = 0; t < params.size(); ++t) {
     const at::Tensor& param = params[t];
@@ -115,6 +127,9 @@ std::vector<int64_t> rmsprop_step(const TensorList& params, const TensorList& gr
                                   const std::optional<TensorList>& grad_avgs,
                                   const std::optional<TensorList>& momentum_buffers, double lr, double alpha,
                                   double eps, double weight_decay, double momentum, bool centered, bool maximize) {
+  if (watched()) {
+    return every_index(params.size());
+  }
   std::vector<int64_t> left;
   for (size_t t = 0; t < params.size(); ++t) {
     const at::Tensor& param = params[t];
@@ -172,6 +187,9 @@ std::vector<int64_t> adam_step(const TensorList& params, const TensorList& grads
                                bool capturable) {
   TORCH_CHECK(!capturable, "adam_step: capturable=True keeps the step counts on the device, and this step "
               "reads them as host floats; expected capturable=False");
+  if (watched()) {
+    return every_index(params.size());
+  }
   std::vector<int64_t> left;
   for (size_t t = 0; t < params.size(); ++t) {
     const at::Tensor& param = params[t];

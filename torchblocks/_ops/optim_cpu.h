@@ -2,7 +2,8 @@
 // Each takes the lists of its reference in torchblocks/optim/<optimizer>.py,
 // updates in place, in one pass over memory, every entry whose tensors are
 // float32 or float64 and share one dense layout, and returns the indices of
-// the entries it left to the reference.
+// the entries it left to the reference: all of them when something watches
+// (watched.h).
 
 #pragma once
 

@@ -1,0 +1,26 @@
+// What torchblocks/_ops/_dispatch.py's nothing_watching() asks, but in C++,
+// where it costs nanoseconds: whether something must see the ops of a call.
+// Every entry point of the compiled module declines a watched call, which
+// then takes the Python path, where that something sees torchblocks' custom
+// ops. A compiling trace is asked in Python before the call
+// (torchblocks/_ops/_eager_cpu.py): torch.compile never runs C++ it cannot trace.
+
+#pragma once
+
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/profiler/orchestration/observer.h>
+
+namespace torchblocks {
+
+// A dispatch mode (FakeTensorMode, an op counter), the torch profiler, or a
+// torch.func transform: torch._C's _len_torch_dispatch_stack,
+// _autograd._profiler_enabled and _are_functorch_transforms_active.
+inline bool watched() {
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  return c10::impl::TorchDispatchModeTLS::stack_len() > 0 || torch::profiler::impl::profilerEnabled() ||
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+}
+
+}  // namespace torchblocks
