@@ -75,7 +75,7 @@ PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 def nothing_watching() -> bool:
     """True when no compiling trace, dispatch mode, profiler or torch.func
     transform needs to see the ops of a call. The compiled eager CPU path asks
-    the same, but the trace, in C++ (watched.h)."""
+    all of it but the trace in C++ (watched.h)."""
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._autograd._profiler_enabled()

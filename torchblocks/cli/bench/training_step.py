@@ -17,8 +17,8 @@ BATCH = 128
 # On one batch stepped over and over the loss fell below 1e-4 within 300
 # steps, two thirds of RMSprop's square_avg became denormal floats, and
 # native's foreach step slowed 6-11x on them: the case timed that, not a
-# training step. Random labels over 64 batches are not fitted in the few
-# hundred steps a case runs (loss 2.7 at the first step, 1.8 at the 1,500th).
+# training step. Random labels over 64 batches are not fitted in the
+# thousand or so steps a case runs (loss 2.7 at the first step, 1.8 at the 1,500th).
 BATCHES = 64
 LAYERS = ((784, book.HIDDEN_FEATURES), (book.HIDDEN_FEATURES, book.NUM_CLASSES))
 
