@@ -4,6 +4,8 @@ are the ones ``torchblocks check`` uses (torchblocks.cli.cases.OPTIMIZERS)."""
 
 import copy
 import os
+import platform
+import subprocess
 import sys
 
 import pytest
@@ -574,6 +576,53 @@ def test_compiled_cpu_step_split_over_threads_matches_twin(monkeypatch, entry, o
         assert not torch.equal(native_param, start)
         error = relative_error(param, native_param)
         assert error <= tolerance(dtype), f"{tuple(param.shape)}: relative error {error:.3g}"
+
+
+def _compiled_cpu_trajectories():
+    """{case id: the parameters after three compiled CPU steps}, every option set in float32 and float64."""
+    trajectories = {}
+    for case in CASES:
+        entry, options = case.values
+        for dtype in TRAJECTORY_DTYPES:
+            # drawn in float64: torch's float32 randn draws other numbers in AVX2
+            generator = torch.Generator().manual_seed(0)
+            params = [torch.nn.Parameter(torch.randn(100_003, generator=generator, dtype=torch.float64).to(dtype) / 4)]
+            optimizer = entry.ours(params, **options)
+            for step in range(3):
+                params[0].grad = torch.randn(params[0].shape, generator=generator, dtype=torch.float64).to(dtype)
+                optimizer.step()
+            trajectories[f"{case.id}-{dtype}"] = params[0].detach()
+    return trajectories
+
+
+@pytest.mark.eager_cpu
+@pytest.mark.skipif(os.environ.get("TORCHBLOCKS_EAGER_CPU") == "0", reason="TORCHBLOCKS_EAGER_CPU=0 turns it off")
+def test_compiled_cpu_steps_run_in_torchs_instruction_set():
+    """AVX2 loops on x86-64 where torch's own CPU kernels run AVX2 or AVX-512, else the baseline loops."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
+    vector = x86 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    assert _eager_cpu.module().step_instruction_set() == ("avx2" if vector else "baseline")
+
+
+@pytest.mark.eager_cpu
+@pytest.mark.skipif(os.environ.get("TORCHBLOCKS_EAGER_CPU") == "0", reason="TORCHBLOCKS_EAGER_CPU=0 turns it off")
+def test_compiled_cpu_steps_give_the_same_numbers_in_both_instruction_sets(tmp_path):
+    """Under ATEN_CPU_CAPABILITY=default (a child process: torch reads it
+    once) the steps run the baseline loops, which an AVX2 machine runs
+    nowhere else. Neither set fuses a multiply-add, so both give the same
+    numbers to the bit; this process's match the twin (the test above)."""
+    if _eager_cpu.module().step_instruction_set() == "baseline":
+        pytest.skip("the baseline loops are this process's: the tests above cover them")
+    saved = tmp_path / "baseline.pt"
+    code = ("import sys, torch; from torchblocks._ops import _eager_cpu; "
+            f"sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_optim; "
+            "assert _eager_cpu.module().step_instruction_set() == 'baseline'; "
+            f"torch.save(test_optim._compiled_cpu_trajectories(), {str(saved)!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "ATEN_CPU_CAPABILITY": "default"})
+    baseline, avx2 = torch.load(saved), _compiled_cpu_trajectories()
+    assert baseline.keys() == avx2.keys()
+    different = [case for case in avx2 if not torch.equal(avx2[case], baseline[case])]
+    assert not different, f"AVX2 and the baseline loops differ in {different}"
 
 
 @pytest.mark.eager_cpu

@@ -688,6 +688,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_cross_entropy", &dense_cross_entropy,
         "dense_cross_entropy(input (R, K), weight (C, K), bias (C,) or None, target (R,), ignore_index, reduction, "
         "chunk_rows): the loss of a plain call, else None", without_gil);
+  m.def("step_instruction_set", &step_instruction_set,
+        "what the optimizers' steps run in: 'avx2' or 'baseline' (optim_cpu.h)");
   // the optimizers' steps take their references' argument names: the optimizers call either with keywords
   m.def("sgd_step", &sgd_step, "SGD's step in one pass (optim_cpu.h); returns the indices it left",
         py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"), py::arg("new_buffer"), py::kw_only(),

@@ -11,11 +11,16 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace torchblocks {
 
 using TensorList = std::vector<at::Tensor>;
+
+// What the steps' loops run in: "avx2" on x86-64 where torch's own CPU
+// kernels run AVX2 or AVX-512, else "baseline", the build's target.
+std::string step_instruction_set();
 
 std::vector<int64_t> sgd_step(const TensorList& params, const TensorList& grads,
                               const std::optional<TensorList>& momentum_buffers, const std::vector<bool>& new_buffer,
