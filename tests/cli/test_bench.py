@@ -214,6 +214,19 @@ def test_cpu_runs_keep_freed_memory_and_say_so(quick_run, monkeypatch):
     assert re.search(r"\n\nallocator: (glibc malloc keeps freed memory|as the process found it)", summary)
 
 
+def test_cpu_results_name_the_instruction_sets_they_ran(monkeypatch, quick_run):
+    """torch's CPU capability and the optimizer steps' loop, as the compiled module reports it, or that it is off."""
+    from torchblocks._ops import _eager_cpu
+
+    summary = (quick_run[2] / "summary.md").read_text()
+    assert f"\n\ninstruction sets: torch's CPU kernels {torch.backends.cpu.get_cpu_capability()}; " in summary
+    module = _eager_cpu.module()
+    if module is not None:
+        assert f"torchblocks' optimizer steps {module.step_instruction_set()}\n" in summary
+    monkeypatch.setattr(_eager_cpu, "module", lambda: None)
+    assert harness.cpu_instruction_sets().endswith("optimizer steps the foreach reference (no compiled eager path)")
+
+
 def test_results_name_the_commit_of_this_checkout():
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.abspath(__file__)))

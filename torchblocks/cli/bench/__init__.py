@@ -194,7 +194,8 @@ def run(blocks: Sequence[str], device: str, dtypes: Sequence[torch.dtype], quick
                             for dtype, tflops in matmul_peaks.items())
     peak_line = f"peaks measured in this run: copy {copy_peak:.1f} GB/s; native matmul {matmul_line}"
     step_line = step.describe(step.count_training_step(device))
-    notes = [peak_line] + ([allocator_line] if allocator_line else []) + [step_line]
+    cpu_lines = [allocator_line, harness.cpu_instruction_sets()] if device == "cpu" else []
+    notes = [peak_line, *cpu_lines, step_line]
     print(header, *notes, sep="\n", file=stream, flush=True)
     plots = out_dir is not None and _plot.has_matplotlib()
     if out_dir:

@@ -196,6 +196,25 @@ def cpu_timer(fn: Callable[[], Any]) -> torch.utils.benchmark.Timer:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+def cpu_instruction_sets() -> str:
+    """The line the CPU results print about the vector code they ran: the
+    instruction set torch's CPU kernels dispatch to, and the one the
+    optimizers' compiled steps run in (optim_cpu.cpp), or that the compiled
+    eager path is off and the steps are the foreach reference.
+
+    Example::
+
+        >>> cpu_instruction_sets()
+        "instruction sets: torch's CPU kernels AVX512; torchblocks' optimizer steps avx2"
+    """
+    from torchblocks._ops import _eager_cpu
+
+    module = _eager_cpu.module()
+    steps = module.step_instruction_set() if module is not None else "the foreach reference (no compiled eager path)"
+    return (f"instruction sets: torch's CPU kernels {torch.backends.cpu.get_cpu_capability()}; "
+            f"torchblocks' optimizer steps {steps}")
+
+
 def hold_freed_cpu_memory() -> str:
     """Keep glibc's malloc from handing freed memory back to the system, for
     the rest of the process: no trimming of the heap, no mmap below 32 MiB
