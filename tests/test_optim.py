@@ -25,6 +25,8 @@ CASES = [
 ]
 ENTRIES = {entry.name: entry for entry in cases.OPTIMIZERS}
 TRAJECTORY_DTYPES = [torch.float32, torch.float64]
+needs_the_compiled_path = pytest.mark.skipif(os.environ.get("TORCHBLOCKS_EAGER_CPU") == "0",
+                                             reason="TORCHBLOCKS_EAGER_CPU=0 turns it off")
 
 
 def _pair(entry, options, device="cpu", dtype=torch.float32):
@@ -550,7 +552,7 @@ def _refuse_the_reference(monkeypatch, entry):
 
 
 @pytest.mark.eager_cpu
-@pytest.mark.skipif(os.environ.get("TORCHBLOCKS_EAGER_CPU") == "0", reason="TORCHBLOCKS_EAGER_CPU=0 turns it off")
+@needs_the_compiled_path
 @pytest.mark.parametrize("dtype", TRAJECTORY_DTYPES, ids=str)
 @pytest.mark.parametrize("entry, options", CASES)
 def test_compiled_cpu_step_split_over_threads_matches_twin(monkeypatch, entry, options, dtype):
@@ -596,7 +598,7 @@ def _compiled_cpu_trajectories():
 
 
 @pytest.mark.eager_cpu
-@pytest.mark.skipif(os.environ.get("TORCHBLOCKS_EAGER_CPU") == "0", reason="TORCHBLOCKS_EAGER_CPU=0 turns it off")
+@needs_the_compiled_path
 def test_compiled_cpu_steps_run_in_torchs_instruction_set():
     """AVX2 loops on x86-64 where torch's own CPU kernels run AVX2 or AVX-512, else the baseline loops."""
     x86 = platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32"
@@ -605,7 +607,7 @@ def test_compiled_cpu_steps_run_in_torchs_instruction_set():
 
 
 @pytest.mark.eager_cpu
-@pytest.mark.skipif(os.environ.get("TORCHBLOCKS_EAGER_CPU") == "0", reason="TORCHBLOCKS_EAGER_CPU=0 turns it off")
+@needs_the_compiled_path
 def test_compiled_cpu_steps_give_the_same_numbers_in_both_instruction_sets(tmp_path):
     """Under ATEN_CPU_CAPABILITY=default (a child process: torch reads it
     once) the steps run the baseline loops, which an AVX2 machine runs
