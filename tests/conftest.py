@@ -9,6 +9,11 @@ machine cannot run are skipped with the reason, never passed silently.
 """
 
 import os
+import pathlib
+import subprocess
+import sys
+import sysconfig
+import venv
 
 import pytest
 import torch
@@ -70,6 +75,21 @@ class OpNames(TorchDispatchMode):
 def op_names():
     """``with op_names() as mode: ...`` records the ops run, in ``mode.names``."""
     return OpNames
+
+
+@pytest.fixture
+def borrowing_venv(tmp_path):
+    """A throwaway virtual environment that sees this one's packages (torch,
+    triton, pip, setuptools, transformers) through a .pth file, so that what is
+    installed into it lands in its own site-packages and nowhere else.
+    Returns ``(python, site_packages)`` of the throwaway."""
+    throwaway = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False).create(throwaway)
+    python = throwaway / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    pathlib.Path(site, "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python, pathlib.Path(site)
 
 
 @pytest.fixture(params=TARGETS)

@@ -6,7 +6,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import venv
 
 import pytest
 import torch
@@ -65,18 +64,12 @@ def test_gpu_stages_refuse_to_run_without_a_gpu_and_write_nothing(stage, tmp_pat
     assert not any((tmp_path / "out").iterdir())
 
 
-def test_install_uses_no_network_and_leaves_the_python_it_is_given_untouched(tmp_path):
+def test_install_uses_no_network_and_leaves_the_python_it_is_given_untouched(borrowing_venv):
     """A throwaway virtual environment without CUDA that sees this one's torch
     and triton through a .pth file: the install step must import torchblocks
     from its temporary folder, install nothing into that environment, and
     never reach a package index."""
-    throwaway = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(throwaway)
-    python = throwaway / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    ours = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(os.path.join(p, "torch"))][0]
-    pathlib.Path(site, "borrowed.pth").write_text(ours + "\n")
+    python, site = borrowing_venv
     installed_before = sorted(os.listdir(site))
     result = gpu_sh("install", env={"PYTHON": str(python), "PIP_INDEX_URL": "http://127.0.0.1:9/unreachable"})
     assert result.returncode == 0, result.stdout + result.stderr
