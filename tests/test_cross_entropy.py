@@ -207,43 +207,43 @@ def test_out_of_range_index_on_the_cpu_raises_index_error():
         torchblocks.functional.softmax_cross_entropy(torch.randn(3, 5), torch.tensor([0, -2, 1]))
 
 
-@pytest.mark.parametrize("args, kwargs, error, message", [
-    ((torch.randn(4, 5), torch.zeros(3, dtype=torch.long)), {}, ValueError,
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((torch.randn(4, 5), torch.zeros(3, dtype=torch.long)), {},
      "softmax_cross_entropy: target of class indices must have shape (4,) for input of shape (4, 5), got (3,)"),
-    ((torch.randn(2, 5, 3), torch.zeros(2, dtype=torch.long)), {}, RuntimeError,
+    ((torch.randn(2, 5, 3), torch.zeros(2, dtype=torch.long)), {},
      "softmax_cross_entropy: target of class indices must have shape (2, 3) for input of shape (2, 5, 3), got (2,)"),
-    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.int32)), {}, RuntimeError,
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.int32)), {},
      "softmax_cross_entropy: target must hold class indices (int64 or uint8) or class probabilities "
      "(floating point), got dtype torch.int32"),
-    ((torch.randn(4, 5), torch.rand(4, 6)), {}, RuntimeError,
+    ((torch.randn(4, 5), torch.rand(4, 6)), {},
      "softmax_cross_entropy: target of class probabilities must have the shape of input (4, 5), got (4, 6)"),
-    ((torch.randn(4, 5), torch.rand(4)), {}, RuntimeError,
+    ((torch.randn(4, 5), torch.rand(4)), {},
      "got (4,); class indices must be integers (int64 or uint8: use target.long())"),
-    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"weight": torch.rand(4)}, RuntimeError,
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"weight": torch.rand(4)},
      "softmax_cross_entropy: weight must have shape (C,) = (5,), got (4,)"),
     ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"weight": torch.rand(5, dtype=torch.float64)},
-     RuntimeError, "softmax_cross_entropy: weight must have the dtype of input (torch.float32), got torch.float64"),
-    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"reduction": "avg"}, ValueError,
+     "softmax_cross_entropy: weight must have the dtype of input (torch.float32), got torch.float64"),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"reduction": "avg"},
      "softmax_cross_entropy: reduction must be one of 'none', 'mean', 'sum', got 'avg'"),
-    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"label_smoothing": 1.5}, RuntimeError,
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"label_smoothing": 1.5},
      "softmax_cross_entropy: label_smoothing must be between 0.0 and 1.0, got 1.5"),
-    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"ignore_index": 1.0}, TypeError,
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"ignore_index": 1.0},
      "softmax_cross_entropy: ignore_index must be an int, got float"),
-    ((torch.ones(4, 5, dtype=torch.long), torch.zeros(4, dtype=torch.long)), {}, NotImplementedError,
-     "softmax_cross_entropy: input must be a floating-point tensor, got dtype torch.int64"),
-    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long, device="meta")), {}, RuntimeError,
+    ((torch.ones(4, 5, dtype=torch.long), torch.zeros(4, dtype=torch.long)), {},
+     "softmax_cross_entropy: input of dtype torch.int64 is not supported, as in F.cross_entropy ("),
+    ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long, device="meta")), {},
      "softmax_cross_entropy: target must be on the device of input (cpu), got meta"),
-    ((torch.tensor(1.0), torch.tensor(0)), {}, RuntimeError,
+    ((torch.tensor(1.0), torch.tensor(0)), {},
      "softmax_cross_entropy: input must have a class dimension, (C), (N, C) or (N, C, d1, ...), got a scalar"),
     ((torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), {"weight": torch.rand(5, requires_grad=True)},
-     RuntimeError, "softmax_cross_entropy: weight is not differentiable with class-index targets"),
+     "softmax_cross_entropy: weight is not differentiable with class-index targets"),
 ])
-def test_bad_input_is_rejected_like_native(args, kwargs, error, message):
+def test_bad_input_is_rejected_like_native(args, kwargs, message):
     def native():
         F.cross_entropy(*args, **kwargs).backward()  # native rejects a weight that requires grad only then
 
     assert_rejected_like_native(lambda: torchblocks.functional.softmax_cross_entropy(*args, **kwargs), native,
-                                error, message)
+                                message)
 
 
 def test_out_of_range_label_smoothing_below_zero_means_none_as_in_native():

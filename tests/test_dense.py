@@ -166,23 +166,23 @@ def test_autocast_gives_the_native_dtype(target):
     assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("args, error, message", [
-    ((randn(4, 5), randn(3, 6)), RuntimeError,
+@pytest.mark.parametrize("args, message", [
+    ((randn(4, 5), randn(3, 6)),
      "dense: input's last dimension must be in_features = weight.shape[1] = 6, got input of shape (4, 5)"),
-    ((randn(4, 6), randn(3, 6), randn(4)), RuntimeError,
+    ((randn(4, 6), randn(3, 6), randn(4)),
      "dense: bias must have shape (out_features,) = (3,), got (4,)"),
-    ((randn(4, 6), randn(3, 6, dtype=torch.float64)), RuntimeError,
+    ((randn(4, 6), randn(3, 6, dtype=torch.float64)),
      "dense: weight must have the dtype of input (torch.float32), got torch.float64"),
-    ((randn(4, 6), randn(3, 6), randn(3, dtype=torch.float16)), RuntimeError,
+    ((randn(4, 6), randn(3, 6), randn(3, dtype=torch.float16)),
      "dense: bias must have the dtype of input (torch.float32), got torch.float16"),
-    ((randn(4, 6), randn(1, 3, 6)), RuntimeError,
+    ((randn(4, 6), randn(1, 3, 6)),
      "dense: weight must be 2-D (out_features, in_features), got shape (1, 3, 6)"),
-    ((torch.tensor(1.0), randn(3, 1)), RuntimeError,
+    ((torch.tensor(1.0), randn(3, 1)),
      "dense: input's last dimension must be in_features = weight.shape[1] = 1, got input of shape ()"),
-    ((randn(4, 6), [[1.0] * 6]), TypeError, "dense: weight must be a torch.Tensor, got list"),
+    ((randn(4, 6), [[1.0] * 6]), "dense: weight must be a torch.Tensor, got list"),
 ])
-def test_bad_input_is_rejected_like_native(args, error, message):
-    assert_rejected_like_native(lambda: torchblocks.functional.dense(*args), lambda: F.linear(*args), error, message)
+def test_bad_input_is_rejected_like_native(args, message):
+    assert_rejected_like_native(lambda: torchblocks.functional.dense(*args), lambda: F.linear(*args), message)
 
 
 @pytest.mark.parametrize("args, kwargs, error, message", [

@@ -216,22 +216,22 @@ def test_out_of_range_index_on_the_cpu_raises_index_error():
         torchblocks.functional.dense_cross_entropy(randn(3, 4), randn(6, 4), torch.tensor([0, 6, 1]))
 
 
-@pytest.mark.parametrize("args, error, message", [
-    ((randn(4, 5), randn(3, 6), torch.zeros(4, dtype=torch.long)), RuntimeError,
+@pytest.mark.parametrize("args, message", [
+    ((randn(4, 5), randn(3, 6), torch.zeros(4, dtype=torch.long)),
      "dense_cross_entropy: input's last dimension must be in_features = weight.shape[1] = 6, got input of shape (4, 5)"),
-    ((randn(4, 6), randn(3, 6), torch.zeros(5, dtype=torch.long)), ValueError,
+    ((randn(4, 6), randn(3, 6), torch.zeros(5, dtype=torch.long)),
      "dense_cross_entropy: target must have shape (4,) for input of shape (4, 6), got (5,)"),
-    ((randn(4, 6), randn(3, 6), torch.zeros(4)), RuntimeError,
+    ((randn(4, 6), randn(3, 6), torch.zeros(4)),
      "dense_cross_entropy: target must hold class indices (int64 or uint8), got dtype torch.float32"),
-    ((randn(4, 6), randn(3, 6), torch.zeros(4, dtype=torch.long), randn(4)), RuntimeError,
+    ((randn(4, 6), randn(3, 6), torch.zeros(4, dtype=torch.long), randn(4)),
      "dense_cross_entropy: bias must have shape (C,) = (3,), got (4,)"),
-    ((randn(4, 6), randn(3, 6, dtype=torch.float64), torch.zeros(4, dtype=torch.long)), RuntimeError,
+    ((randn(4, 6), randn(3, 6, dtype=torch.float64), torch.zeros(4, dtype=torch.long)),
      "dense_cross_entropy: weight must have the dtype of input (torch.float32), got torch.float64"),
 ])
-def test_bad_input_is_rejected_like_the_unfused_pair(args, error, message):
+def test_bad_input_is_rejected_like_the_unfused_pair(args, message):
     x, w, target, *bias = args
     assert_rejected_like_native(lambda: torchblocks.functional.dense_cross_entropy(*args),
-                                lambda: unfused(x, w, bias[0] if bias else None, target), error, message)
+                                lambda: unfused(x, w, bias[0] if bias else None, target), message)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

@@ -135,20 +135,18 @@ def test_module():
 
 
 @pytest.mark.parametrize(
-    "args, error, message",
+    "args, message",
     [
-        (([1.0, -1.0],), TypeError, "relu: input must be a torch.Tensor, got list"),
-        ((torch.tensor([1 + 1j]),), NotImplementedError,
-         "relu: input must be a floating-point or integer tensor, got dtype torch.complex64"),
-        ((torch.tensor([True]),), RuntimeError,
-         "relu: input must be a floating-point or integer tensor, got dtype torch.bool"),
-        ((torch.zeros(1).expand(3), True), RuntimeError,
+        (([1.0, -1.0],), "relu: input must be a torch.Tensor, got list"),
+        ((torch.tensor([1 + 1j]),), "relu: input of dtype torch.complex64 is not supported, as in F.relu ("),
+        ((torch.tensor([True]),), "relu: input of dtype torch.bool is not supported, as in F.relu ("),
+        ((torch.zeros(1).expand(3), True),
          "relu: input is written in place, so no two of its elements may share a memory location; "
          "got shape (3,) with strides (0,) (expanded)"),
     ],
 )
-def test_bad_input(args, error, message):
-    assert_rejected_like_native(lambda: torchblocks.functional.relu(*args), lambda: F.relu(*args), error, message)
+def test_bad_input(args, message):
+    assert_rejected_like_native(lambda: torchblocks.functional.relu(*args), lambda: F.relu(*args), message)
 
 
 def test_inplace_takes_any_truthy_value_like_native():

@@ -2,6 +2,8 @@
 kernel runs, naming the function, the argument, what was expected and what
 was given."""
 
+from typing import Callable, Dict, Tuple
+
 import torch
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -13,13 +15,40 @@ def require_tensor(fn: str, name: str, value) -> None:
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(value).__name__}")
 
 
-def require_real(fn: str, name: str, tensor: torch.Tensor) -> None:
-    """A real number dtype: floating point or integer, not bool or complex
-    (native raises NotImplementedError for complex, RuntimeError for bool)."""
-    if tensor.is_complex():
-        raise NotImplementedError(f"{fn}: {name} must be a floating-point or integer tensor, got dtype {tensor.dtype}")
-    if tensor.dtype == torch.bool:
-        raise RuntimeError(f"{fn}: {name} must be a floating-point or integer tensor, got dtype {tensor.dtype}")
+# The dtypes that are neither floating point nor reduced-precision floating point:
+# the ones native's acceptance of moves between torch releases.
+NON_FLOATING_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                       torch.complex64, torch.complex128)
+
+
+def native_refusals(native: Callable[[torch.dtype], object]) -> Dict[torch.dtype, Tuple[type, str]]:
+    """What the installed torch's ``native(dtype)`` (a call on an empty CPU
+    tensor of that dtype) raises, by dtype: ``{dtype: (exception type, message)}``
+    for each of ``NON_FLOATING_DTYPES`` it refuses. Asked once, at import:
+    torch 2.13 refuses a bool ReLU with RuntimeError, 2.14 with
+    NotImplementedError, and torchblocks follows the torch it runs on.
+
+    Example::
+
+        >>> native_refusals(lambda dtype: torch.relu(torch.empty(0, dtype=dtype)))[torch.bool]
+        (<class 'RuntimeError'>, 'Boolean inputs not supported for relu')
+    """
+    refusals = {}
+    for dtype in NON_FLOATING_DTYPES:
+        try:
+            native(dtype)
+        except Exception as error:  # noqa: BLE001 (native's own type is the point)
+            refusals[dtype] = (type(error), str(error).splitlines()[0] if str(error) else type(error).__name__)
+    return refusals
+
+
+def require_dtype_native_takes(fn: str, name: str, tensor: torch.Tensor, native: str,
+                               refusals: Dict[torch.dtype, Tuple[type, str]]) -> None:
+    """Refuse ``tensor``'s dtype where ``native`` (named in the message)
+    refuses it, with native's exception type (``refusals`` from ``native_refusals``)."""
+    if tensor.dtype in refusals:
+        error, reason = refusals[tensor.dtype]
+        raise error(f"{fn}: {name} of dtype {tensor.dtype} is not supported, as in {native} ({reason})")
 
 
 def require_no_internal_overlap(fn: str, name: str, tensor: torch.Tensor) -> None:

@@ -23,8 +23,9 @@ from torchblocks._validate import (
     require_choice,
     require_floating,
     require_like,
+    native_refusals,
+    require_dtype_native_takes,
     require_no_internal_overlap,
-    require_real,
     require_same_device,
     require_tensor,
 )
@@ -34,6 +35,11 @@ __all__ = ["dense", "dense_cross_entropy", "relu", "softmax_cross_entropy"]
 INDEX_DTYPES = (torch.int64, torch.uint8)
 
 ACTIVATIONS = (None, "relu")
+
+# The dtypes the installed torch's twins refuse, and how (see native_refusals).
+RELU_REFUSALS = native_refusals(lambda dtype: torch.relu(torch.empty(0, dtype=dtype)))
+CROSS_ENTROPY_REFUSALS = native_refusals(
+    lambda dtype: torch.nn.functional.cross_entropy(torch.empty(0, 2, dtype=dtype), torch.empty(0, dtype=torch.long)))
 
 
 def _check_linear(fn, input, weight, bias, outputs_name):
@@ -122,7 +128,7 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     if output is not None:
         return output
     require_tensor("relu", "input", input)
-    require_real("relu", "input", input)
+    require_dtype_native_takes("relu", "input", input, "F.relu", RELU_REFUSALS)
     if inplace:
         require_no_internal_overlap("relu", "input", input)
     return ReLUFunction.apply(input, inplace)
@@ -191,8 +197,7 @@ def softmax_cross_entropy(
     label_smoothing = check_loss_options(fn, ignore_index, reduction, label_smoothing)
     require_bool(fn, "inplace_backward", inplace_backward)
     input, weight = autocast_to_float32(input, weight)
-    if not input.is_floating_point():
-        raise NotImplementedError(f"{fn}: input must be a floating-point tensor, got dtype {input.dtype}")
+    require_dtype_native_takes(fn, "input", input, "F.cross_entropy", CROSS_ENTROPY_REFUSALS)
     if input.dim() == 0:
         raise RuntimeError(f"{fn}: input must have a class dimension, (C), (N, C) or (N, C, d1, ...), got a scalar")
     classes = input.shape[0] if input.dim() == 1 else input.shape[1]

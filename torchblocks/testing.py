@@ -453,18 +453,20 @@ def _raised(call: Callable) -> Optional[Exception]:
     return None
 
 
-def assert_rejected_like_native(ours: Callable, native: Callable, error: type, message: str) -> None:
-    """``native()`` raises exactly ``error``; ``ours()`` raises the same type
-    with ``message`` in it, which names the argument and what was expected.
+def assert_rejected_like_native(ours: Callable, native: Callable, message: str) -> None:
+    """``native()`` raises; ``ours()`` raises an exception of exactly native's
+    type, with ``message`` in it (which names the argument and what was
+    expected). The type is native's in this run, not a literal: when a torch
+    release changes it, the test checks that torchblocks followed.
 
     Example::
 
         >>> assert_rejected_like_native(lambda: tb.relu(x, inplace=1), lambda: F.relu(x, inplace=1),
-        ...                             TypeError, "inplace must be a bool")
+        ...                             "inplace must be a bool")
     """
     native_error, our_error = _raised(native), _raised(ours)
-    for who, raised in (("native", native_error), ("ours", our_error)):
-        assert type(raised) is error, f"{who} raised {raised!r}; expected {error.__name__}"
+    assert native_error is not None, "native raised nothing: it takes this input, so must we"
+    assert type(our_error) is type(native_error), f"ours raised {our_error!r}; native raised {native_error!r}"
     assert re.search(re.escape(message), str(our_error)), f"ours raised {our_error!r}; expected {message!r} in it"
 
 
