@@ -71,6 +71,19 @@ def test_tables_are_readable(quick_run):
     assert "Profiler record function" not in text
 
 
+def test_the_header_fits_in_100_columns(quick_run):
+    """Every line above the first table, the long training-step note included,
+    and no word of a note lost to the wrapping."""
+    header = quick_run[1].split("\n\n")[0].splitlines()
+    assert max(len(line) for line in header) <= bench.HEADER_WIDTH == 100
+    assert any(line.startswith("one training step of the book network") for line in header)
+    note = " ".join(f"word{i}" for i in range(60))
+    wrapped = bench.header_lines({"device": "d" * 50, "torch": "t" * 30, "triton": "3.9.0"}, [note])
+    assert wrapped[:2] == ["device: " + "d" * 50 + " | torch: " + "t" * 30, "triton: 3.9.0"]
+    assert len(wrapped) > 3 and max(len(line) for line in wrapped) <= 100
+    assert " ".join(line.strip() for line in wrapped[2:]) == note
+
+
 def _spans(rule: str):
     """(start, dashes) of each column of a table's rule line."""
     return [(match.start(), match.group()) for match in re.finditer(r"-+", rule)]

@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import sys
+import textwrap
 from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
 import torch
@@ -160,6 +161,31 @@ def _plot_block(path: str, block: str, rows: List[Row], env: Dict[str, str]) -> 
                           y_from_zero=True)
 
 
+# The widest line of the header printed above the tables.
+HEADER_WIDTH = 100
+
+
+def header_lines(env: Dict[str, str], notes: Sequence[str]) -> List[str]:
+    """The header printed above the tables, no line wider than ``HEADER_WIDTH``:
+    the environment's fields joined by " | ", as many to a line as fit, then
+    each note wrapped at spaces, its continuation lines indented.
+
+    Example::
+
+        >>> header_lines({"device": "x86_64 (2 threads)", "torch": "2.13.0+cpu"}, ["peaks measured in this run: ..."])
+        ['device: x86_64 (2 threads) | torch: 2.13.0+cpu', 'peaks measured in this run: ...']
+    """
+    lines: List[str] = []
+    for field in (f"{key}: {value}" for key, value in env.items()):
+        if lines and len(lines[-1]) + len(" | ") + len(field) <= HEADER_WIDTH:
+            lines[-1] += " | " + field
+        else:
+            lines.append(field)
+    for note in notes:
+        lines += textwrap.wrap(note, HEADER_WIDTH, subsequent_indent="  ", break_long_words=False)
+    return lines
+
+
 def run(blocks: Sequence[str], device: str, dtypes: Sequence[torch.dtype], quick: bool = False,
         out_dir: Optional[str] = None, stream: Optional[TextIO] = None) -> List[Row]:
     """Benchmark ``blocks`` on ``device`` in each of ``dtypes``.
@@ -196,7 +222,7 @@ def run(blocks: Sequence[str], device: str, dtypes: Sequence[torch.dtype], quick
     step_line = step.describe(step.count_training_step(device))
     cpu_lines = [allocator_line, harness.cpu_instruction_sets()] if device == "cpu" else []
     notes = [peak_line, *cpu_lines, step_line]
-    print(header, *notes, sep="\n", file=stream, flush=True)
+    print(*header_lines(env, notes), sep="\n", file=stream, flush=True)
     plots = out_dir is not None and _plot.has_matplotlib()
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
