@@ -108,7 +108,9 @@ class Function(torch.autograd.Function):
     10 us, to fill in defaults. Every call here passes all of ``forward``'s
     arguments positionally, so a plain eager call goes straight to autograd;
     any other call (keywords, fewer arguments, a torch.func transform, a
-    compiling trace) takes torch's own ``apply``."""
+    compiling trace) takes torch's own ``apply``. (From torch 2.14 that
+    ``apply`` is C++ and binds on every call itself: there only the forward
+    alone with gradients off is spared.)"""
 
     _arity: Dict[type, int] = {}
 
