@@ -182,11 +182,12 @@ def _(logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
 
 def reduce_rows(loss, divisor, reduction, dtype):
     """The reduction of the per-row losses, in ``dtype``, in differentiable
-    ops: autograd hands each row its s_i = dL/dloss_i."""
-    if reduction == "none":
-        return loss.to(dtype)
-    total = loss.sum()
-    return (total / divisor if reduction == "mean" else total).to(dtype)
+    ops: autograd hands each row its s_i = dL/dloss_i. No ``.to`` where the
+    dtype is already right: inside an autograd Function's forward, that
+    alias of an intermediate loses its gradient under torch 2.11's compile."""
+    if reduction != "none":
+        loss = loss.sum() / divisor if reduction == "mean" else loss.sum()
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 def _plain_forward_and_gradient(logits, target, out=None, gradient=True):
