@@ -107,12 +107,15 @@ def _fused_loss_forward(model, forward):
         labels = arguments.pop("labels")
         arguments.pop("logits_to_keep", None)
         return_dict = arguments.pop("return_dict", None)
+        # the loss's own keywords, which a base model may not take (transformers 4.46's Llama does not)
+        loss_options = {name: arguments.pop(name) for name in ("num_items_in_batch", "ignore_index", "shift_labels")
+                        if name in arguments}
         outputs = model.base_model(**arguments)
         head = model.get_output_embeddings()
         loss = causal_lm_loss(outputs.last_hidden_state, head.weight, labels, getattr(head, "bias", None),
-                              num_items_in_batch=arguments.get("num_items_in_batch"),
-                              ignore_index=arguments.get("ignore_index", IGNORE_INDEX),
-                              shift_labels=arguments.get("shift_labels"))
+                              num_items_in_batch=loss_options.get("num_items_in_batch"),
+                              ignore_index=loss_options.get("ignore_index", IGNORE_INDEX),
+                              shift_labels=loss_options.get("shift_labels"))
         kind = CausalLMOutputWithCrossAttentions if "cross_attentions" in outputs.__dataclass_fields__ \
             else CausalLMOutputWithPast
         fields = {name: value for name, value in outputs.items()
