@@ -107,8 +107,9 @@ class Function(torch.autograd.Function):
     call to ``forward``'s signature with ``inspect`` on every call, about
     10 us, to fill in defaults. Every call here passes all of ``forward``'s
     arguments positionally, so a plain eager call goes straight to autograd;
-    any other call (keywords, fewer arguments, a torch.func transform, a
-    compiling trace) takes torch's own ``apply``. (From torch 2.14 that
+    a call with keywords or defaults left out is bound here first (torch
+    2.11's ``apply`` takes no keywords), and a torch.func transform or a
+    compiling trace takes torch's own ``apply``. (From torch 2.14 that
     ``apply`` is C++ and binds on every call itself: there only the forward
     alone with gradients off is spared.)"""
 
@@ -119,9 +120,12 @@ class Function(torch.autograd.Function):
         arity = Function._arity.get(cls)
         if arity is None:
             arity = Function._arity[cls] = len(inspect.signature(cls.forward).parameters)
-        if kwargs or len(args) != arity or torch._C._are_functorch_transforms_active() \
-                or torch.compiler.is_compiling():
-            return super().apply(*args, **kwargs)
+        if kwargs or len(args) != arity:
+            bound = inspect.signature(cls.forward).bind(*args, **kwargs)
+            bound.apply_defaults()
+            args = bound.args
+        if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+            return super().apply(*args)
         if not torch.is_grad_enabled():  # nothing to record (a backward without create_graph): the forward alone
             return cls.forward(*args)
         return super(torch.autograd.Function, cls).apply(*args)
