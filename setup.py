@@ -16,14 +16,17 @@ setup(
     # compiled eager CPU path's sources, built on first use (torch.utils.cpp_extension).
     package_data={"torchblocks.cli.data": ["digits/*.gz", "digits/README.md"],
                   "torchblocks._ops": ["eager_cpu.cpp", "optim_cpu.cpp", "optim_cpu.h", "watched.h"]},
+    # The lower bounds are the oldest versions tested (scripts/test.sh --oldest
+    # installs exactly these); README.md "Tested versions" has the range.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.11",
         "numpy",
         "ninja",  # torch.utils.cpp_extension builds with it
-        'triton>=3.0; platform_system == "Linux" and platform_machine == "x86_64"',
+        'triton>=3.6; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
-    # hf: torchblocks.hf and patch()'s Hugging Face path; the tests run it
+    # hf: torchblocks.hf and patch()'s Hugging Face path; the tests run it, and
+    # build wheels without build isolation (setuptools has bdist_wheel from 70.1)
     extras_require={"plot": ["matplotlib"], "hf": ["transformers>=4.46"],
-                    "test": ["pytest", "matplotlib", "transformers>=4.46"]},
+                    "test": ["pytest", "matplotlib", "transformers>=4.46", "setuptools>=70.1"]},
     entry_points={"console_scripts": ["torchblocks = torchblocks.cli:main"]},
 )

@@ -61,7 +61,7 @@ def test_wheel_installs_kernels_as_torchblocks_kernels(tmp_path):
     requirements = [
         line for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines() if line.startswith("Requires-Dist")
     ]
-    assert "Requires-Dist: torch>=2.4" in requirements
+    assert "Requires-Dist: torch>=2.11" in requirements
     assert any(line.startswith("Requires-Dist: triton") and "x86_64" in line for line in requirements)
 
 
