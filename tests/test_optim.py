@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -16,10 +17,15 @@ import torchblocks.optim
 from torchblocks import testing
 from torchblocks._ops import _eager_cpu
 from torchblocks.cli import cases
+from torchblocks.optim import _multi_tensor
 from torchblocks.testing import assert_close, relative_error, tolerance
 
+def _options_id(options: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in options.items())
+
+
 CASES = [
-    pytest.param(entry, options, id=f"{entry.name}-" + ",".join(f"{k}={v}" for k, v in options.items()))
+    pytest.param(entry, options, id=f"{entry.name}-{_options_id(options)}")
     for entry in cases.OPTIMIZERS
     for options in entry.option_sets
 ]
@@ -277,24 +283,222 @@ def test_mixed_dtypes_in_one_group(target):
         assert_close(mine, theirs)
 
 
-@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam", "AdamW"])
-def test_sparse_gradient_is_an_error_naming_the_parameter(name):
-    embedding = torch.nn.Embedding(10, 3, sparse=True)
-    optimizer = getattr(torchblocks.optim, name)(embedding.named_parameters())
-    embedding(torch.tensor([1, 2])).sum().backward()
-    before = embedding.weight.detach().clone()
-    with pytest.raises(RuntimeError, match=r"sparse gradient.*|'weight'.*sparse"):
-        optimizer.step()
-    assert torch.equal(embedding.weight, before)
+@pytest.fixture
+def stepped(monkeypatch):
+    """A fresh ``_multi_tensor.entries_stepped`` for the test: how many entries
+    (parameter, gradient, state) each implementation stepped."""
+    counter = Counter()
+    monkeypatch.setattr(_multi_tensor, "entries_stepped", counter)
+    return counter
 
 
-@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam", "AdamW"])
-def test_complex_parameter_is_an_error_naming_the_parameter(name):
-    param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
-    optimizer = getattr(torchblocks.optim, name)([torch.nn.Parameter(torch.ones(2)), param])
-    param.grad = torch.ones_like(param)
-    with pytest.raises(RuntimeError, match=r"complex parameters: parameter 1 of param group 0, shape \(3,\)"):
+def _fast_implementation(target) -> str:
+    """What steps dense parameters on ``target``: Triton (under the interpreter
+    on the CPU), the compiled CPU step on reference-cpu (a build that failed
+    fails the test rather than falling back unseen), else the foreach reference."""
+    if target.backend == "triton":
+        return "triton"
+    return "compiled-cpu" if target.device == "cpu" and _eager_cpu._enabled else "reference"
+
+
+def _real_values(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's values as a real tensor, for the tolerance helpers: a
+    complex one's real view (real and imaginary parts), a sparse one dense."""
+    tensor = tensor.detach()
+    if tensor.is_sparse:
+        tensor = tensor.to_dense()
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def _assert_same_as_twin(ours, native, params, native_params):
+    """Every parameter and every state tensor of ``ours`` as the twin's: the
+    same keys, dtype, shape and layout (complex state stays complex, a sparse
+    momentum buffer sparse), and the values within the dtype's tolerance."""
+    for index, (param, native_param) in enumerate(zip(params, native_params)):
+        assert_close(_real_values(param), _real_values(native_param), what=f"parameter {index}")
+        state, native_state = ours.state[param], native.state[native_param]
+        assert state.keys() == native_state.keys(), index
+        for key, value in native_state.items():
+            mine = state[key]
+            assert (mine.dtype, mine.shape, mine.layout) == (value.dtype, value.shape, value.layout), (index, key)
+            assert_close(_real_values(mine), _real_values(value), what=f"state {index} {key}")
+
+
+def _complex_params(dtype, device, seed=0):
+    """One group's parameters: two complex ones of ``dtype`` and a real one of its precision."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes_and_dtypes = [((5, 3), dtype), ((4,), dtype.to_real()), ((7,), dtype)]
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=dtype).to(device))
+            for shape, dtype in shapes_and_dtypes]
+
+
+def _complex_steps(optimizer, params, steps: range):
+    """Step ``optimizer`` on gradients drawn from each step's index (complex
+    ones with independent real and imaginary parts)."""
+    for step in steps:
+        generator = torch.Generator().manual_seed(100 + step)
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator, dtype=param.dtype).to(param.device)
         optimizer.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+@pytest.mark.parametrize("entry, options", CASES)
+def test_complex_parameters_step_as_their_real_view_like_twin(target, stepped, entry, options, dtype):
+    """Parameters and every state tensor after five steps, complex and real
+    parameters in one group, as torch.optim's: a step that skipped them, lost
+    their imaginary parts or kept a moment of the complex value (|g|^2 for
+    re(g)^2, im(g)^2) would differ. The target's own implementation stepped
+    every entry."""
+    params, native_params = _complex_params(dtype, target.device), _complex_params(dtype, target.device)
+    starts = [param.detach().clone() for param in params]
+    ours, native = entry.ours(params, **options), entry.native(native_params, **options)
+    _complex_steps(ours, params, range(5))
+    _complex_steps(native, native_params, range(5))
+    _assert_same_as_twin(ours, native, params, native_params)
+    for start, native_param in zip(starts, native_params):  # the twin moved them: a no-op step cannot pass
+        assert relative_error(_real_values(start), _real_values(native_param)) > tolerance(dtype.to_real())
+    assert +stepped == Counter({_fast_implementation(target): 3 * 5})
+
+
+@pytest.mark.parametrize("entry, options", CASES)
+def test_complex_state_dict_round_trip_both_ways(target, stepped, entry, options):
+    """torch -> torchblocks -> torch mid-training with complex parameters: the
+    state dict ours saves holds the twin's keys, dtypes (complex) and shapes,
+    and the run ends where the twin's own straight run does."""
+    straight_params = _complex_params(torch.complex128, target.device)
+    straight = entry.native(straight_params, **options)
+    _complex_steps(straight, straight_params, range(9))
+
+    params = _complex_params(torch.complex128, target.device)
+    native = entry.native(params, **options)
+    _complex_steps(native, params, range(3))
+    ours = entry.ours(params, **options)
+    ours.load_state_dict(native.state_dict())
+    _complex_steps(ours, params, range(3, 6))
+    saved, native_saved = ours.state_dict(), native.state_dict()
+    assert saved["state"].keys() == native_saved["state"].keys()
+    for index, native_entry in native_saved["state"].items():
+        assert {key: (value.dtype, value.shape) for key, value in saved["state"][index].items()} == {
+            key: (value.dtype, value.shape) for key, value in native_entry.items()}, index
+    native_again = entry.native(params, **options)
+    native_again.load_state_dict(saved)
+    _complex_steps(native_again, params, range(6, 9))
+    _assert_same_as_twin(native_again, straight, params, straight_params)
+    assert +stepped == Counter({_fast_implementation(target): 3 * 3})
+
+
+SPARSE_SGD_OPTIONS = [
+    dict(lr=0.1),
+    dict(lr=0.1, momentum=0.9),
+    dict(lr=0.1, momentum=0.9, dampening=0.5),
+    dict(lr=0.1, momentum=0.9, nesterov=True),
+    dict(lr=0.05, maximize=True),
+    dict(lr=0.05, momentum=0.8, maximize=True),
+]
+
+
+def _embedding_model(device):
+    """An embedding with sparse gradients between two dense layers, in float64."""
+    generator = torch.Generator().manual_seed(0)
+    model = torch.nn.ModuleDict(dict(embedding=torch.nn.Embedding(10, 4, sparse=True),
+                                     head=torch.nn.Linear(4, 3)))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator))
+    return model.to(device=device, dtype=torch.float64)
+
+
+def _embedding_steps(model, optimizer, steps: range):
+    """Steps of mean squared error (its negative when the optimizer
+    maximizes, so that the run converges) on rows that repeat within a batch
+    (an uncoalesced gradient) and change between steps."""
+    sign = -1 if optimizer.param_groups[0]["maximize"] else 1
+    for step in steps:
+        optimizer.zero_grad()
+        rows = torch.tensor([1, 3, 3, 4 + step % 5, 1], device=model.head.weight.device)
+        (sign * (model.head(model.embedding(rows)) - 1).square().mean()).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("options", SPARSE_SGD_OPTIONS, ids=_options_id)
+def test_sparse_gradients_step_like_torch_sgd(target, stepped, options):
+    """An Embedding(sparse=True) beside dense layers in one group, five steps:
+    parameters and momentum buffers as torch.optim.SGD's (a sparse buffer for
+    the embedding, as torch keeps it). The embedding takes the reference, the
+    dense parameters the target's own implementation."""
+    model, native_model = _embedding_model(target.device), _embedding_model(target.device)
+    start = model.embedding.weight.detach().clone()
+    ours = torchblocks.optim.SGD(model.parameters(), **options)
+    native = torch.optim.SGD(native_model.parameters(), **options)
+    _embedding_steps(model, ours, range(5))
+    _embedding_steps(native_model, native, range(5))
+    assert model.embedding.weight.grad.is_sparse
+    _assert_same_as_twin(ours, native, list(model.parameters()), list(native_model.parameters()))
+    assert relative_error(start, native_model.embedding.weight) > tolerance(torch.float64)
+    assert +stepped == Counter({_fast_implementation(target): 2 * 5}) + Counter({"reference": 5})
+
+
+@pytest.mark.parametrize("options", [options for options in SPARSE_SGD_OPTIONS if options.get("momentum")],
+                         ids=_options_id)
+def test_sparse_momentum_state_dict_round_trip_both_ways(target, options):
+    """torch -> torchblocks -> torch mid-training with a sparse momentum
+    buffer: the run ends where the twin's own straight run does."""
+    straight_model, model = _embedding_model(target.device), _embedding_model(target.device)
+    _embedding_steps(straight_model, torch.optim.SGD(straight_model.parameters(), **options), range(9))
+    native = torch.optim.SGD(model.parameters(), **options)
+    _embedding_steps(model, native, range(3))
+    ours = torchblocks.optim.SGD(model.parameters(), **options)
+    ours.load_state_dict(native.state_dict())
+    _embedding_steps(model, ours, range(3, 6))
+    assert ours.state_dict()["state"][0]["momentum_buffer"].is_sparse
+    native_again = torch.optim.SGD(model.parameters(), **options)
+    native_again.load_state_dict(ours.state_dict())
+    _embedding_steps(model, native_again, range(6, 9))
+    for param, straight_param in zip(model.parameters(), straight_model.parameters()):
+        assert_close(param, straight_param)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("RMSprop", {}),
+    ("Adam", {}),
+    ("AdamW", dict(amsgrad=True)),
+    ("SGD", dict(weight_decay=0.1)),
+    ("SGD", dict(momentum=0.9, weight_decay=0.1)),
+    ("SGD", dict(fused=True)),
+])
+def test_sparse_gradients_are_refused_where_torch_refuses(target, name, options):
+    """The twin's exception type and words, the parameter named, and nothing
+    of the group written: the dense parameter before the embedding included."""
+    errors = []
+    for optim_module in (torch.optim, torchblocks.optim):
+        model = _embedding_model(target.device)
+        named = [("head.weight", model.head.weight), ("embedding.weight", model.embedding.weight)]
+        optimizer = getattr(optim_module, name)(named, **options)
+        model.head(model.embedding(torch.tensor([1, 3, 3], device=target.device))).sum().backward()
+        before = [param.detach().clone() for _, param in named]
+        with pytest.raises(Exception) as error:
+            optimizer.step()
+        errors.append(error.value)
+    native_error, our_error = errors
+    assert type(our_error) is type(native_error)
+    assert str(native_error) in str(our_error)
+    assert "parameter 'embedding.weight' (1 of param group 0, shape (10, 4)) has a sparse gradient" in str(our_error)
+    assert all(torch.equal(param, start) for (_, param), start in zip(named, before))
+    assert not optimizer.state
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_fused_with_complex_parameters_fails_as_in_torch_optim(name):
+    """fused=True takes floating-point parameters only: torch's RuntimeError, word for word."""
+    errors = []
+    for optim_module in (torch.optim, torchblocks.optim):
+        params = _complex_params(torch.complex64, "cpu")
+        optimizer = getattr(optim_module, name)(params, fused=True)
+        with pytest.raises(RuntimeError) as error:
+            _complex_steps(optimizer, params, range(1))
+        errors.append(error.value)
+    assert str(errors[1]) == str(errors[0])
 
 
 @pytest.mark.parametrize("name, options", [
@@ -354,8 +558,6 @@ def capturable_on_cpu(monkeypatch):
     On the CPU the capturable step is checked for what capture needs (state
     on the device, no host reads) with the CPU allowed, for the twin as for ours."""
     import importlib
-
-    from torchblocks.optim import _multi_tensor
 
     def allowed(supports_xla=True):
         return ["cuda", "cpu"]
@@ -480,8 +682,6 @@ def test_adam_state_dict_loads_into_adamw_as_decoupled():
 def test_reference_in_small_batches_matches_twin(monkeypatch):
     """The reference splits long lists into cache-sized batches; batches of a
     tensor or two give the same trajectories."""
-    from torchblocks.optim import _multi_tensor
-
     monkeypatch.setattr(_eager_cpu, "_enabled", False)
     for optimizer_class in (_multi_tensor.MultiTensorOptimizer, torchblocks.optim.SGD):
         monkeypatch.setattr(optimizer_class, "reference_batch_elements", 64)

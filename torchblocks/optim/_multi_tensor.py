@@ -1,17 +1,36 @@
 """What SGD, RMSprop and Adam share: one ``step`` over every param group.
 
 For each group, the parameters that have a gradient are checked, split by
-(device, dtype), and handed to the optimizer's update as lists. The update has
-three implementations with one signature: the Triton launcher in
-``torchblocks.kernels.optim`` (one launch per list), the plain-PyTorch
-``torch._foreach_*`` reference in the optimizer's module, and, for the
-reference backend on the CPU, the same update compiled in one pass over
-memory (``torchblocks/_ops/optim_cpu.cpp``, built with the eager CPU path;
-under a compiling trace, a dispatch mode or torch.func the reference runs).
+(device, dtype, their gradients' layout), and handed to the optimizer's
+update as lists. The update has three implementations with one signature:
+the Triton launcher in ``torchblocks.kernels.optim`` (one launch per list),
+the plain-PyTorch ``torch._foreach_*`` reference in the optimizer's module,
+and, for the reference backend on the CPU, the same update compiled in one
+pass over memory (``torchblocks/_ops/optim_cpu.cpp``, built with the eager
+CPU path; under a compiling trace, a dispatch mode or torch.func the
+reference runs).
 The backend setting chooses, as for the blocks; tensors the Triton or
 compiled step cannot address with one flat offset (a parameter that is not
 dense, a gradient laid out unlike its parameter, or one with
 ``torch._neg_view``'s lazy negation) take the reference.
+
+Two kinds of tensor are taken where the lists are gathered, so that each
+update rule stays written once:
+
+- Complex parameters are stepped as their real view, as torch.optim steps
+  them: each complex tensor of an entry (parameter, gradient, state) is
+  replaced by ``torch.view_as_real`` of it, shape ``(*shape, 2)`` holding the
+  real and imaginary parts, so every moment is kept per part (Adam's
+  ``exp_avg_sq`` holds re(g)^2 and im(g)^2, not |g|^2). The state itself
+  stays complex, shaped like the parameter, as in torch.optim's state dict.
+- Parameters with sparse gradients (SGD's, from ``nn.Embedding(sparse=True)``)
+  come in lists of their own and take the reference, whose torch ops compute
+  on them (and on the sparse momentum buffers they start) what
+  torch.optim.SGD's do. An optimizer refuses a sparse gradient where its
+  twin does, in its twin's words (``_sparse_gradient_error``), before
+  anything of the group is written.
+
+Which implementation stepped what is counted in ``entries_stepped``.
 
 DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are updated
 shard by shard: the update is elementwise, so each rank steps its local
@@ -19,6 +38,7 @@ shards of parameter, gradient and state with no communication. That holds
 for ``Shard`` and ``Replicate`` placements; any other placement raises.
 """
 
+import collections
 from typing import Optional
 
 import torch
@@ -31,11 +51,22 @@ else:
     except ImportError:  # torch < 2.5 keeps it private
         from torch.distributed._tensor import DTensor
 
-from torch.optim.optimizer import _get_capturable_supported_devices
+from torch.optim.optimizer import _device_dtype_check_for_fused, _get_capturable_supported_devices
 
 from torchblocks import backend
 from torchblocks._ops import _eager_cpu
 from torchblocks._ops._dispatch import kernels
+
+
+# How many entries (a parameter with its gradient and state) each implementation
+# has stepped in this process: "triton", "compiled-cpu" (optim_cpu.cpp) and
+# "reference" (the foreach ops). Tests read it to know which one ran: clear it
+# (or monkeypatch a fresh Counter), step, compare.
+#
+#     >>> entries_stepped.clear(); optimizer.step()
+#     >>> entries_stepped
+#     Counter({'compiled-cpu': 3, 'reference': 1})
+entries_stepped = collections.Counter()
 
 
 def scalar_dtype() -> torch.dtype:
@@ -134,11 +165,12 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _by_device_and_dtype(params):
-    """``params`` split into lists sharing a device and dtype, in first-seen order."""
+def _by_device_dtype_and_layout(params):
+    """``params`` split into lists sharing a device, a dtype and their
+    gradients' layout (dense or sparse), in first-seen order."""
     buckets = {}
     for param in params:
-        buckets.setdefault((param.device, param.dtype), []).append(param)
+        buckets.setdefault((param.device, param.dtype, param.grad.layout), []).append(param)
     return list(buckets.values())
 
 
@@ -180,7 +212,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group_index, group in enumerate(self.param_groups):
-            for params in _by_device_and_dtype(self._params_with_grad(group, group_index)):
+            for params in _by_device_dtype_and_layout(self._params_with_grad(group, group_index)):
                 self._update(group, params)
         return loss
 
@@ -190,17 +222,20 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             grad = param.grad
             if grad is None:
                 continue
-            if grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients: "
-                                   f"{_describe(group, group_index, param_index, param)} has a sparse gradient")
-            if param.is_complex() or grad.is_complex():
-                raise RuntimeError(f"{type(self).__name__} does not support complex parameters: "
-                                   f"{_describe(group, group_index, param_index, param)} is {param.dtype}; "
-                                   "expected a real floating-point parameter (view it with torch.view_as_real)")
+            if group.get("fused"):  # complex (or other non-floating) parameters: torch's RuntimeError
+                _device_dtype_check_for_fused(param)
+            if grad.is_sparse and (error := self._sparse_gradient_error(group)) is not None:
+                where = _describe(group, group_index, param_index, param)
+                raise RuntimeError(f"{where} has a sparse gradient: {error}")
             if isinstance(param, DTensor) or isinstance(grad, DTensor):
                 _check_placements(type(self).__name__, _describe(group, group_index, param_index, param), param, grad)
             params.append(param)
         return params
+
+    def _sparse_gradient_error(self, group: dict) -> Optional[str]:
+        """Why ``group`` cannot take a sparse gradient, in the twin's words
+        (torch.optim.RMSprop's here), or None where the twin steps it."""
+        return f"{type(self).__name__} does not support sparse gradients"
 
     def _update(self, group: dict, params: list) -> None:
         raise NotImplementedError
@@ -234,25 +269,35 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         Triton ``launcher`` in one launch, or with the eager CPU module's
         function named ``compiled``, or with ``reference`` in batches of
         ``reference_batch_elements``: the last for what the others leave, and
-        for everything when they are None. The three take the same arguments.
-        DTensors are replaced by their local shards first."""
+        for everything when they are None or the gradients are sparse. The
+        three take the same arguments. DTensors are replaced by their local
+        shards first, then complex tensors by their real views;
+        ``entries_stepped`` counts what each ran."""
         tensors = {name: None if role is None else [_local(tensor) for tensor in role]
                    for name, role in tensors.items()}
+        if tensors["params"][0].is_complex():  # one dtype a list: every tensor in it is complex
+            tensors = {name: None if role is None else [torch.view_as_real(tensor) for tensor in role]
+                       for name, role in tensors.items()}
         params = tensors["params"]
         indices = range(len(params))
-        if launcher is not None and backend.use_triton(params[0]):
+        strided = not tensors["grads"][0].is_sparse  # one layout a list: sparse ones take the reference
+        if strided and launcher is not None and backend.use_triton(params[0]):
             roles = [role for role in tensors.values() if role is not None]
             flat = [i for i in indices if kernels._launch.shares_flat_layout(*(role[i] for role in roles))
                     and not any(role[i].is_neg() for role in roles)]  # a lazy negation no pointer carries
             _call(launcher, flat, tensors, per_tensor, options)
             _count_writes(tensors, flat)
+            entries_stepped["triton"] += len(flat)
             flat_set = set(flat)
             indices = [i for i in indices if i not in flat_set]
-        elif compiled is not None and (module := _eager_cpu.runs(*params, *tensors["grads"])) is not None:
+        elif (strided and compiled is not None
+              and (module := _eager_cpu.runs(*params, *tensors["grads"])) is not None):
             left = getattr(module, compiled)(**tensors, **per_tensor, **options)
             left_set = set(left)
             _count_writes(tensors, [i for i in indices if i not in left_set])
+            entries_stepped["compiled-cpu"] += len(params) - len(left)
             indices = left
+        entries_stepped["reference"] += len(indices)
         for batch in _cache_sized_batches(params, indices, self.reference_batch_elements):
             _call(reference, batch, tensors, per_tensor, options)
 

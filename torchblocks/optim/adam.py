@@ -21,6 +21,11 @@ class Adam(MultiTensorOptimizer):
     update and state (``step``, ``exp_avg``, ``exp_avg_sq``, and
     ``max_exp_avg_sq`` with amsgrad).
 
+    Complex parameters are stepped as their real view (real and imaginary
+    parts as two real numbers, so v holds re(g)^2 and im(g)^2), with complex
+    state, as torch.optim keeps it. A sparse gradient raises torch.optim.Adam's
+    RuntimeError (AdamW's too), before the group is written.
+
     Update, for each parameter p with gradient g at step t (m, v, v_max start at 0)::
 
         g <- -g                                     if maximize
@@ -73,6 +78,9 @@ class Adam(MultiTensorOptimizer):
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
+
+    def _sparse_gradient_error(self, group):
+        return "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def _update(self, group, params):
         amsgrad, capturable = group["amsgrad"], group["capturable"]

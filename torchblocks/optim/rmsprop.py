@@ -17,6 +17,11 @@ class RMSprop(MultiTensorOptimizer):
     defaults, update and state (``step``, ``square_avg``, ``grad_avg`` when
     centered, ``momentum_buffer`` when momentum > 0).
 
+    Complex parameters are stepped as their real view (real and imaginary
+    parts as two real numbers, so v holds re(g)^2 and im(g)^2), with complex
+    state, as torch.optim keeps it. A sparse gradient raises
+    torch.optim.RMSprop's RuntimeError, before the group is written.
+
     Update, for each parameter p with gradient g (v, a, b start at 0)::
 
         g <- -g                                  if maximize

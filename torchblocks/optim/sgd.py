@@ -17,6 +17,14 @@ class SGD(MultiTensorOptimizer):
     ``torch.optim.SGD``: the same arguments, defaults, update and state
     (``momentum_buffer``, only when ``momentum != 0``).
 
+    Complex parameters are stepped as their real view (real and imaginary
+    parts as two real numbers), with a complex ``momentum_buffer``, as
+    torch.optim keeps it. Sparse gradients (``nn.Embedding(sparse=True)``)
+    are stepped as torch.optim.SGD steps them, by the foreach reference,
+    and the momentum buffer a sparse gradient starts is sparse, as torch's
+    is. As in torch.optim.SGD, a sparse gradient with ``weight_decay != 0``
+    or ``fused=True`` raises a RuntimeError, before the group is written.
+
     Update, for each parameter p with gradient g at step t::
 
         g <- -g                              if maximize
@@ -43,6 +51,14 @@ class SGD(MultiTensorOptimizer):
         >>> optimizer = torchblocks.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         >>> model(torch.randn(8, 4)).square().mean().backward()
         >>> optimizer.step()
+
+    With an embedding of sparse gradients (the (10, 3) weight gets a sparse
+    gradient of two rows) beside a dense layer, in one group::
+
+        >>> embedding, head = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 1)
+        >>> optimizer = torchblocks.optim.SGD([*embedding.parameters(), *head.parameters()], lr=0.1, momentum=0.9)
+        >>> head(embedding(torch.tensor([1, 7]))).sum().backward()
+        >>> optimizer.step()
     """
 
     # The reference makes one pass per op over the parameter, gradient and
@@ -65,6 +81,14 @@ class SGD(MultiTensorOptimizer):
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults)
 
+    def _sparse_gradient_error(self, group):
+        if group["fused"]:
+            return "`_fused_sgd` does not support sparse gradients"
+        if group["weight_decay"] != 0:
+            return (f"weight_decay={group['weight_decay']} adds the dense parameter to it, as in torch.optim.SGD: "
+                    "add(sparse, dense) is not supported. Use add(dense, sparse) instead.")
+        return None
+
     def _update(self, group, params):
         new_buffer = [False] * len(params)
         buffers = None
@@ -72,8 +96,8 @@ class SGD(MultiTensorOptimizer):
             buffers = []
             for i, param in enumerate(params):
                 state = self.state[param]
-                if state.get("momentum_buffer") is None:
-                    state["momentum_buffer"] = torch.empty_like(param)
+                if state.get("momentum_buffer") is None:  # becomes the gradient: sparse for a sparse one
+                    state["momentum_buffer"] = torch.empty_like(param.grad if param.grad.is_sparse else param)
                     new_buffer[i] = True
                 buffers.append(state["momentum_buffer"])
         self._apply(
@@ -87,7 +111,8 @@ class SGD(MultiTensorOptimizer):
 def sgd_reference(params, grads, momentum_buffers, new_buffer, *, lr, weight_decay, momentum, dampening, nesterov,
                   maximize):
     """The SGD update (the class docstring) with ``torch._foreach_*`` ops, on
-    lists of same-device, same-dtype tensors. ``new_buffer[i]`` is True where
+    lists of same-device, same-dtype tensors (the gradients, and momentum
+    buffers they started, may be sparse). ``new_buffer[i]`` is True where
     ``momentum_buffers[i]`` is uninitialised: it becomes the gradient."""
     if maximize:
         grads = torch._foreach_neg(grads)
