@@ -13,7 +13,6 @@ from torchblocks.testing import parity, twin
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda block: block.name)
 def test_every_case_at_parity(target, block, dtype):
-    target.skip_unsupported(dtype)
     for case in block.cases(torch.device(target.device), dtype):
         report = parity(case.ours, case.native, case.inputs)
         assert report.ok, f"{case.label}: {report}"
