@@ -21,13 +21,6 @@ from torchblocks.cli.cases import (BLOCKS, OPTIMIZERS, TRAJECTORY_STEPS, BlockCh
                                    half_step_comparison, trajectory_error)
 from torchblocks.testing import HALF_DTYPES, parity, tolerance, twin
 
-INTERPRETER_BFLOAT16 = "the Triton interpreter computes bfloat16 wrongly"
-
-
-def _interpreted_bfloat16(device: str, backend_name: str, dtype: torch.dtype) -> bool:
-    """True for the one target a row must skip: bfloat16 under the Triton interpreter."""
-    return dtype == torch.bfloat16 and device == "cpu" and backend_name == "triton"
-
 
 @dataclasses.dataclass
 class Row:
@@ -38,7 +31,7 @@ class Row:
     check: str  # "parity", "gradcheck" or "gradgradcheck"
     cases: int
     max_rel_error: float  # against native (float16, bfloat16: against float64); NaN where there is no measure
-    status: str  # "PASS", "FAIL" or "SKIP"
+    status: str  # "PASS" or "FAIL"
     note: str = ""
 
 
@@ -51,10 +44,6 @@ def run_optimizer(check: OptimizerCheck, device: str, backend_name: str):
             dtype_name = str(dtype).replace("torch.", "")
             half = dtype in HALF_DTYPES
             name, steps = ("one step", 1) if half else ("trajectory", TRAJECTORY_STEPS)
-            if _interpreted_bfloat16(device, backend_name, dtype):
-                yield Row(check.name, device, backend_name, dtype_name, name, 0, float("nan"), "SKIP",
-                          INTERPRETER_BFLOAT16)
-                continue
             target = torch.device(device)
             if half:
                 comparisons = [half_step_comparison(check, options, target, dtype) for options in check.option_sets]
@@ -104,10 +93,6 @@ def run_block(block: BlockCheck, device: str, backend_name: str):
     with torchblocks.use_backend(backend_name):
         for dtype in block.dtypes:
             dtype_name = str(dtype).replace("torch.", "")
-            if _interpreted_bfloat16(device, backend_name, dtype):
-                yield Row(block.name, device, backend_name, dtype_name, "parity", 0, float("nan"), "SKIP",
-                          INTERPRETER_BFLOAT16)
-                continue
             cases = block.cases(torch.device(device), dtype)
             reports = [parity(case.ours, case.native, case.inputs) for case in cases]
             failed = [case.label for case, report in zip(cases, reports) if not report.ok]
