@@ -53,11 +53,6 @@ class Target:
         self.backend = "reference" if self.python_eager else backend_name
         self.interpreted = device == "cpu" and backend_name == "triton"
 
-    def skip_unsupported(self, dtype: torch.dtype):
-        """Skip (with the reason) dtypes this target cannot compute correctly."""
-        if self.interpreted and dtype == torch.bfloat16:
-            pytest.skip("the Triton interpreter computes bfloat16 wrongly; bfloat16 kernels are tested on CUDA")
-
 
 class OpNames(TorchDispatchMode):
     """A dispatch mode that records the name of each op it sees, in ``names``."""

@@ -12,7 +12,9 @@ in float32 (float64) by the GEMM's epilogue. Three ops:
     dense_cross_entropy_forward_and_gradients   loss_i, w_y and the gradients at
                                                 s_i = 1, from one GEMM per chunk
 For "mean" and "sum" every s_i is one scalar, so the forward computes the
-gradients at s_i = 1 and the backward only scales them, in place; for "none"
+gradients at s_i = 1 and the backward only scales them, in place (dL/dW and
+dL/db of a 16-bit head are held in their float32 sums and rounded once,
+after the scale: native rounds them once too); for "none"
 the forward saves lse_i and the backward computes them with its s_i. A
 backward that is itself differentiated recomputes them through the
 differentiable blocks instead.
@@ -84,15 +86,18 @@ class _Gradients:
         matmul_into(grad_logits.t(), input[chunk], self.weight_sum, accumulate=chunk.start > 0,
                     row_sums=self.bias_sum)
 
-    def result(self) -> List[torch.Tensor]:
-        """[dL/dx, dL/dW] and dL/db with a bias, in the parameters' dtype."""
+    def result(self, rounded: bool = True) -> List[torch.Tensor]:
+        """[dL/dx, dL/dW] and dL/db with a bias: dL/dW and dL/db in the
+        parameters' dtype, or, not ``rounded``, still in their accumulators
+        (for a scale to come before their one rounding)."""
         sums = [self.weight_sum] + ([self.bias_sum] if self.bias_sum is not None else [])
-        return [self.input] + [total.to(self.weight.dtype) for total in sums]
+        return [self.input] + [total.to(self.weight.dtype) if rounded else total for total in sums]
 
 
-def _fake_gradients(input, weight, bias) -> List[torch.Tensor]:
-    return [torch.empty_like(input), torch.empty_like(weight)] + (
-        [weight.new_empty(weight.shape[0])] if bias is not None else [])
+def _fake_gradients(input, weight, bias, sums_dtype=None) -> List[torch.Tensor]:
+    sums_dtype = sums_dtype or weight.dtype
+    return [torch.empty_like(input), torch.empty_like(weight, dtype=sums_dtype)] + (
+        [weight.new_empty(weight.shape[0], dtype=sums_dtype)] if bias is not None else [])
 
 
 @custom_op("torchblocks::dense_cross_entropy_forward", mutates_args=())
@@ -146,7 +151,8 @@ def dense_cross_entropy_forward_and_gradients(
     ignore_index: int, label_smoothing: float, chunk_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
     """(loss_i, w_y or 0 where ignored, the gradients at s_i = 1: [dL/dx,
-    dL/dW] and dL/db with a bias), from one GEMM for each chunk's logits."""
+    dL/dW] and dL/db with a bias, the last two unrounded in the accumulation
+    dtype), from one GEMM for each chunk's logits."""
     require_class_indices("dense_cross_entropy", target, weight.shape[0], ignore_index)
     loss, row_weight = (input.new_empty(input.shape[0], dtype=accumulation_dtype(input.dtype)) for _ in range(2))
     gradients = _Gradients(input, weight, bias)
@@ -157,25 +163,26 @@ def dense_cross_entropy_forward_and_gradients(
             logits, target[chunk], None, ignore_index, label_smoothing, write_grad=True)
         gradients.add(logits, input, chunk)
         del logits
-    return loss, row_weight, gradients.result()
+    return loss, row_weight, gradients.result(rounded=False)
 
 
 @dense_cross_entropy_forward_and_gradients.register_fake
 def _(input, weight, bias, target, ignore_index, label_smoothing, chunk_rows):
     acc = accumulation_dtype(input.dtype)
     rows = input.shape[0]
-    return input.new_empty(rows, dtype=acc), input.new_empty(rows, dtype=acc), _fake_gradients(input, weight, bias)
+    return input.new_empty(rows, dtype=acc), input.new_empty(rows, dtype=acc), _fake_gradients(
+        input, weight, bias, sums_dtype=acc)
 
 
 class DenseCrossEntropyFunction(Function):
     """The fused head, reduced. Outputs ``(loss, divisor, *held)``, all but the
     loss not differentiable: with ``grads_now`` ("mean" and "sum" only) the
     forward computes the gradients at s_i = 1 (held: dL/dx, dL/dW and dL/db
-    with a bias) and the backward scales them; otherwise it holds lse_i and
-    the backward computes the gradients with its s_i. Those are constants:
-    when the backward itself is differentiated (``create_graph=True``,
-    ``torch.func``) it recomputes them chunk by chunk through the
-    differentiable blocks instead."""
+    with a bias, the last two in float32 (float64)) and the backward scales
+    them; otherwise it holds lse_i and the backward computes the gradients
+    with its s_i. Those are constants: when the backward itself is
+    differentiated (``create_graph=True``, ``torch.func``) it recomputes them
+    chunk by chunk through the differentiable blocks instead."""
 
     @staticmethod
     def forward(input, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_rows, grads_now):
@@ -222,8 +229,8 @@ class DenseCrossEntropyFunction(Function):
             if gradients is None:  # a retained graph's second backward: the very same gradients, recomputed
                 gradients = call(torch.ops.torchblocks.dense_cross_entropy_forward_and_gradients,
                                  input, weight, bias, target, *options)[2]
-            for grad in gradients:
-                grad.mul_(scale)
+            # dL/dW and dL/db scaled in their float32 (float64) sums, then rounded once
+            gradients = [grad.mul_(scale).to(input.dtype) for grad in gradients]
         else:
             gradients = call(torch.ops.torchblocks.dense_cross_entropy_gradients,
                              input, weight, bias, target, lse, row_scale, *options)

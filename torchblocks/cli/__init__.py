@@ -57,7 +57,7 @@ def _check(args) -> int:
     failed = [row for row in rows if row.status == "FAIL"]
     if not (args.quiet or args.progress_only):
         print(check.format_table(rows))
-        print(f"\n{len(rows) - len(failed)} of {len(rows)} checks passed or skipped, {len(failed)} failed")
+        print(f"\n{len(rows) - len(failed)} of {len(rows)} checks passed, {len(failed)} failed")
     return 1 if failed else 0
 
 

@@ -18,15 +18,8 @@ import torchblocks
 from torchblocks import backend
 from torchblocks.cli import _table
 from torchblocks.cli.cases import (BLOCKS, OPTIMIZERS, TRAJECTORY_STEPS, BlockCheck, Case, OptimizerCheck,
-                                   half_step_error, trajectory_error)
-from torchblocks.testing import parity, tolerance, twin
-
-INTERPRETER_BFLOAT16 = "the Triton interpreter computes bfloat16 wrongly"
-
-
-def _interpreted_bfloat16(device: str, backend_name: str, dtype: torch.dtype) -> bool:
-    """True for the one target a row must skip: bfloat16 under the Triton interpreter."""
-    return dtype == torch.bfloat16 and device == "cpu" and backend_name == "triton"
+                                   half_step_comparison, trajectory_error)
+from torchblocks.testing import HALF_DTYPES, parity, tolerance, twin
 
 
 @dataclasses.dataclass
@@ -37,32 +30,32 @@ class Row:
     dtype: str
     check: str  # "parity", "gradcheck" or "gradgradcheck"
     cases: int
-    max_rel_error: float  # NaN where the check has no error measure
-    status: str  # "PASS", "FAIL" or "SKIP"
+    max_rel_error: float  # against native (float16, bfloat16: against float64); NaN where there is no measure
+    status: str  # "PASS" or "FAIL"
     note: str = ""
 
 
 def run_optimizer(check: OptimizerCheck, device: str, backend_name: str):
     """One row per dtype for one optimizer on one target, each yielded as it is
-    done: ``TRAJECTORY_STEPS`` steps in float32/float64, one step in float16/bfloat16."""
+    done: ``TRAJECTORY_STEPS`` steps in float32/float64, one step in
+    float16/bfloat16 (by the twin rule: ``half_step_comparison``)."""
     with torchblocks.use_backend(backend_name):
         for dtype in check.dtypes:
             dtype_name = str(dtype).replace("torch.", "")
-            half = dtype in (torch.float16, torch.bfloat16)
+            half = dtype in HALF_DTYPES
             name, steps = ("one step", 1) if half else ("trajectory", TRAJECTORY_STEPS)
-            if _interpreted_bfloat16(device, backend_name, dtype):
-                yield Row(check.name, device, backend_name, dtype_name, name, 0, float("nan"), "SKIP",
-                          INTERPRETER_BFLOAT16)
-                continue
             target = torch.device(device)
-            errors = [half_step_error(check, options, target, dtype) if half
-                      else trajectory_error(check, options, target, dtype) for options in check.option_sets]
-            worst = max(errors)
-            status = "PASS" if worst <= tolerance(dtype) else "FAIL"
+            if half:
+                comparisons = [half_step_comparison(check, options, target, dtype) for options in check.option_sets]
+                errors, passed = [c.error for c in comparisons], [c.ok for c in comparisons]
+            else:
+                errors = [trajectory_error(check, options, target, dtype) for options in check.option_sets]
+                passed = [error <= tolerance(dtype) for error in errors]
+            status = "PASS" if all(passed) else "FAIL"
             note = f"{steps} step{'s' if steps > 1 else ''}"
             if status == "FAIL":
-                note += "; worst: " + ", ".join(f"{k}={v}" for k, v in check.option_sets[errors.index(worst)].items())
-            yield Row(check.name, device, backend_name, dtype_name, name, len(errors), worst, status, note)
+                note += "; failed: " + ", ".join(f"{k}={v}" for k, v in check.option_sets[passed.index(False)].items())
+            yield Row(check.name, device, backend_name, dtype_name, name, len(errors), max(errors), status, note)
 
 
 def targets(device: str = "all", backends: str = "all"):
@@ -75,12 +68,6 @@ def targets(device: str = "all", backends: str = "all"):
         if backend.TRITON_AVAILABLE:
             found.append(("cuda", "triton"))
     return [(d, b) for d, b in found if device in ("all", d) and backends in ("all", b)]
-
-
-def _parity_error(case: Case) -> float:
-    """Largest relative error of the output and of each input gradient, the
-    inputs handed over exactly as built (``torchblocks.testing.parity``)."""
-    return parity(case.ours, case.native, case.inputs).max_error
 
 
 def _differentiable_twins(case: Case):
@@ -100,20 +87,18 @@ def _gradgradcheck(case: Case) -> bool:
 
 def run_block(block: BlockCheck, device: str, backend_name: str):
     """The rows of one block on one target, each yielded as it is done: parity
-    per dtype, then gradcheck and gradgradcheck."""
+    per dtype (the inputs handed over exactly as built; float16 and bfloat16
+    by the twin rule: ``torchblocks.testing.parity``), then gradcheck and
+    gradgradcheck."""
     with torchblocks.use_backend(backend_name):
         for dtype in block.dtypes:
             dtype_name = str(dtype).replace("torch.", "")
-            if _interpreted_bfloat16(device, backend_name, dtype):
-                yield Row(block.name, device, backend_name, dtype_name, "parity", 0, float("nan"), "SKIP",
-                          INTERPRETER_BFLOAT16)
-                continue
             cases = block.cases(torch.device(device), dtype)
-            errors = [_parity_error(case) for case in cases]
-            worst = max(errors)
-            status = "PASS" if worst <= tolerance(dtype) else "FAIL"
-            note = "" if status == "PASS" else "worst: " + cases[errors.index(worst)].label
-            yield Row(block.name, device, backend_name, dtype_name, "parity", len(cases), worst, status, note)
+            reports = [parity(case.ours, case.native, case.inputs) for case in cases]
+            failed = [case.label for case, report in zip(cases, reports) if not report.ok]
+            yield Row(block.name, device, backend_name, dtype_name, "parity", len(cases),
+                      max(report.max_error for report in reports), "FAIL" if failed else "PASS",
+                      "failed: " + ", ".join(failed) if failed else "")
         cases = [c for c in block.cases(torch.device(device), torch.float64) if c.gradcheck]
         for name, check in (("gradcheck", _gradcheck), ("gradgradcheck", _gradgradcheck)):
             failed = [c.label for c in cases if not check(c)]

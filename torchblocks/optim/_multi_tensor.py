@@ -268,11 +268,11 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         value per parameter, a float or a capturable step tensor) with the
         Triton ``launcher`` in one launch, or with the eager CPU module's
         function named ``compiled``, or with ``reference`` in batches of
-        ``reference_batch_elements``: the last for what the others leave, and
-        for everything when they are None or the gradients are sparse. The
-        three take the same arguments. DTensors are replaced by their local
-        shards first, then complex tensors by their real views;
-        ``entries_stepped`` counts what each ran."""
+        ``reference_batch_elements`` (on float32 copies of 16-bit tensors):
+        the last for what the others leave, and for everything when they are
+        None or the gradients are sparse. The three take the same arguments.
+        DTensors are replaced by their local shards first, then complex
+        tensors by their real views; ``entries_stepped`` counts what each ran."""
         tensors = {name: None if role is None else [_local(tensor) for tensor in role]
                    for name, role in tensors.items()}
         if tensors["params"][0].is_complex():  # one dtype a list: every tensor in it is complex
@@ -298,8 +298,31 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             entries_stepped["compiled-cpu"] += len(params) - len(left)
             indices = left
         entries_stepped["reference"] += len(indices)
+        if params[0].dtype in (torch.float16, torch.bfloat16):
+            reference = _in_float32(reference)
         for batch in _cache_sized_batches(params, indices, self.reference_batch_elements):
             _call(reference, batch, tensors, per_tensor, options)
+
+
+def _in_float32(update):
+    """``update`` on float32 copies of float16/bfloat16 tensors, each written
+    back with one rounding: the math of the Triton kernels. torch's CPU
+    foreach ops round a scalar to the tensors' dtype first (RMSprop's
+    alpha = 0.99 would decay by 0.98828125 in bfloat16), where torch.optim's
+    default step keeps it in float32."""
+    def sixteen_bit(values) -> bool:
+        return isinstance(values, list) and bool(values) and isinstance(values[0], torch.Tensor) and \
+            values[0].dtype in (torch.float16, torch.bfloat16)
+
+    def run(**arguments):
+        wide = {name: [t.float() for t in values] if sixteen_bit(values) else values
+                for name, values in arguments.items()}
+        update(**wide)
+        for name, values in arguments.items():
+            if name != "grads" and sixteen_bit(values):
+                for narrow, widened in zip(values, wide[name]):
+                    narrow.copy_(widened)
+    return run
 
 
 def _count_writes(tensors: dict, indices) -> None:
