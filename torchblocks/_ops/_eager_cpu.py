@@ -120,11 +120,13 @@ def runs(*tensors: Optional[torch.Tensor]):
     """The compiled module when a call with ``tensors`` (the first one decides
     the device and backend; None stands for an absent bias) may go to it, else
     None: plain CPU tensors, the reference backend for them, no compiling
-    trace. The rest of ``nothing_watching()`` (a dispatch mode, the profiler,
-    a torch.func transform) the module's entry points ask themselves
-    (watched.h) and decline a watched call: nanoseconds in C++, where the
-    Python calls cost 0.35 us on a small tensor and about 2 us after a 1 MiB
-    one has pushed the interpreter out of the cache.
+    trace; a first argument that is no tensor goes to the Python path, whose
+    checks say what was expected (nothing is built for it). The rest of
+    ``nothing_watching()`` (a dispatch mode, the profiler, a torch.func
+    transform) the module's entry points ask themselves (watched.h) and
+    decline a watched call: nanoseconds in C++, where the Python calls cost
+    0.35 us on a small tensor and about 2 us after a 1 MiB one has pushed
+    the interpreter out of the cache.
 
     Example::
 
@@ -134,6 +136,8 @@ def runs(*tensors: Optional[torch.Tensor]):
     for tensor in tensors:
         if tensor is not None and type(tensor) not in PLAIN_TYPES:
             return None
-    if _enabled and tensors[0].is_cpu and backend.get_backend() != "triton" and not torch.compiler.is_compiling():
+    first = tensors[0]
+    if _enabled and first is not None and first.is_cpu and backend.get_backend() != "triton" \
+            and not torch.compiler.is_compiling():
         return _module or module()
     return None
