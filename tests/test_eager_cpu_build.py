@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 import types
 import warnings
 from pathlib import Path
@@ -86,6 +88,13 @@ def own_caches(tmp_path, monkeypatch):
     return compiled
 
 
+def build_key() -> dict:
+    """The key the build of the eager CPU path is recorded under here."""
+    return {"name": _eager_cpu.NAME, "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+            "torch": torch.__version__,
+            "binary": _build.binary_key([*_eager_cpu.SOURCES, *_eager_cpu.HEADERS], _eager_cpu.compile_flags())}
+
+
 WARNED_TWICE = """
     import warnings
     import torch
@@ -130,9 +139,7 @@ def test_a_remembered_failure_binds_only_its_compiler(own_caches, tmp_path, monk
     monkeypatch.setenv("CXX", str(fake_compiler(tmp_path / "old")))
     folder = _eager_cpu.build_directory()
     folder.mkdir(parents=True)
-    key = {"name": _eager_cpu.NAME, "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-           "torch": torch.__version__,
-           "binary": _build.binary_key([*_eager_cpu.SOURCES, *_eager_cpu.HEADERS], _eager_cpu.compile_flags())}
+    key = build_key()
     _build.write_record(folder, key, ok=False, error="fake c++: no")
     said = "fake c..: no .on .* with .*fake c.. 1.0; the whole error is recorded in .*build.json.*EAGER_CPU=retry"
     with pytest.raises(_build.BuildFailed, match=said):
@@ -205,6 +212,25 @@ def test_a_held_lock_is_waited_for_at_most_so_long_and_says_who_holds_it(own_cac
                                                 f"{os.getpid()}"):
             assert _eager_cpu.module() is None
     assert own_caches == [] and _build.read_record(folder) is None, "a wait that ran out is no failure to remember"
+
+
+def test_a_process_that_waited_takes_the_outcome_of_the_build_it_waited_for(own_caches):
+    folder = _eager_cpu.build_directory()
+    started = threading.Event()
+
+    def another_process_builds():
+        with _build.locked(folder):
+            started.set()
+            time.sleep(0.5)
+            _build.write_record(folder, build_key(), ok=False, error="the other build's compiler: no")
+
+    other = threading.Thread(target=another_process_builds)
+    other.start()
+    started.wait()
+    with pytest.raises(_build.BuildFailed, match="the other build's compiler: no"):
+        _eager_cpu._build()
+    other.join()
+    assert own_caches == [], "no second compile of what the lock's holder settled"
 
 
 def test_an_unwritable_cache_falls_back_to_the_temporary_directory(own_caches, tmp_path, monkeypatch):
