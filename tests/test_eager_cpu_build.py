@@ -283,14 +283,9 @@ def test_a_build_folder_per_torch_version_and_sources_shared_by_environments(mon
         assert _eager_cpu.build_directory() != folder
 
 
-def test_a_call_without_a_tensor_raises_before_any_build(monkeypatch):
-    def build():
-        raise AssertionError("a call that raises built the module first")
-
-    monkeypatch.setattr(_eager_cpu, "_module", None)
-    monkeypatch.setattr(_eager_cpu, "_build_error", None)
-    monkeypatch.setattr(_eager_cpu, "_build", build)
+def test_a_call_without_a_tensor_raises_before_any_build(own_caches):
     with pytest.raises(TypeError, match="relu: input must be a torch.Tensor, got NoneType"):
         TF.relu(None)
+    assert own_caches == [] and _eager_cpu._module is None, "a call that raises built the module first"
     with pytest.raises(TypeError):
         torch.nn.functional.relu(None)  # what native raises
