@@ -329,14 +329,6 @@ def test_turned_off_by_the_environment():
     assert result.stdout.split() == ["None", "ReLUFunctionBackward"] and "compiling" not in result.stderr
 
 
-def test_a_build_folder_per_environment_and_torch_version(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    folder = _eager_cpu.build_directory()
-    assert folder.parent == tmp_path and torch.__version__ in folder.name
-    monkeypatch.setattr(sys, "prefix", "/another/venv")
-    assert _eager_cpu.build_directory() != folder
-
-
 def _adam_step_on_20m_parameters():
     param = torch.nn.Parameter(torch.zeros(20_000_000))
     param.grad = torch.ones_like(param)

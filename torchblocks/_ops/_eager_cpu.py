@@ -14,15 +14,16 @@ takes the Python Functions and custom ops as before.
 
 The first call that could use it compiles it with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 20 s on two
-cores, once per Python environment and torch version) into
-``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Without a
-compiler it warns once and the Python path runs. ``TORCHBLOCKS_EAGER_CPU=0``
-turns it off.
+cores) into ``build_directory()``, once per machine, torch version and
+sources: the outcome is recorded there (``_build.py``), so later processes
+load the built module directly (no ninja needed) or, after a failure with
+the same compiler, do not try again. Without a compiler it warns once per
+process, saying where the record is, and the Python path runs.
+``TORCHBLOCKS_EAGER_CPU=0`` turns it off; ``TORCHBLOCKS_EAGER_CPU=retry``
+tries a build that failed before again.
 """
 
-import hashlib
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -31,47 +32,45 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
+from torchblocks._ops._build import binary_key, configured_root, fallback_root, load_or_build
 from torchblocks._ops._dispatch import PLAIN_TYPES
 
-SOURCES = [Path(__file__).with_name("eager_cpu.cpp"), Path(__file__).with_name("optim_cpu.cpp")]  # and their headers
+SOURCES = [Path(__file__).with_name("eager_cpu.cpp"), Path(__file__).with_name("optim_cpu.cpp")]
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # what the sources include, hashed with them
 NAME = "torchblocks_eager_cpu"
 
-_enabled = os.environ.get("TORCHBLOCKS_EAGER_CPU", "1") != "0"
+_setting = os.environ.get("TORCHBLOCKS_EAGER_CPU", "1")
+_enabled = _setting != "0"
 _module = None
 _build_error: Optional[str] = None
 
 
-def build_directory() -> Path:
-    """Where the module is built: one folder per Python environment and torch
-    version, so that two environments never rebuild each other's.
+def build_directory(root: Optional[Path] = None) -> Path:
+    """Where the module is built under ``root`` (default: ``$TORCH_EXTENSIONS_DIR``,
+    else ``~/.cache/torch_extensions``): one folder per Python and torch
+    version and hash of the sources and flags, shared by the environments
+    that have them alike and never rebuilt by one that has other sources.
 
     Example::
 
         >>> build_directory()
-        PosixPath('/root/.cache/torch_extensions/torchblocks-py311-torch2.13.0+cpu-3f2a9c1e')
+        PosixPath('/root/.cache/torch_extensions/torchblocks-py311-torch2.13.0+cpu-3f2a9c1e0b7d4a65')
     """
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
-    environment = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
     version = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
-    return Path(root) / f"torchblocks-{version}-{environment}"
+    return (root or configured_root()) / f"torchblocks-{version}-{binary_key([*SOURCES, *HEADERS], compile_flags())}"
+
+
+def _announce(folder: Path):
+    print(f"torchblocks: compiling the eager CPU path once for this machine and torch version (about 20 s) in "
+          f"{folder}", file=sys.stderr, flush=True)
 
 
 def _build():
-    from torch.utils import cpp_extension  # imported only when building: it is slow to import
-
-    if shutil.which("ninja") is None:
-        try:  # the ninja wheel's binary, where its venv's bin is not on PATH
-            import ninja
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
-    directory = build_directory()
-    directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.glob(f"{NAME}*.so")):
-        print(f"torchblocks: compiling the eager CPU path once for this environment (about 20 s) in {directory}",
-              file=sys.stderr, flush=True)
-    return cpp_extension.load(NAME, [str(source) for source in SOURCES], extra_cflags=compile_flags(),
-                              build_directory=str(directory))
+    """The module: loaded from a recorded build, else compiled (and the
+    outcome recorded); raises, saying why, when there is none."""
+    folders = [build_directory(), build_directory(fallback_root())]
+    return load_or_build(NAME, folders, SOURCES, HEADERS, compile_flags(), retry=_setting == "retry",
+                         announce=_announce)
 
 
 def compile_flags() -> list:
@@ -104,7 +103,7 @@ def module():
     if _module is None and _build_error is None and _enabled:
         try:
             _module = _build()
-        except Exception as error:  # no compiler, no ninja, a failed build: the Python path runs
+        except Exception as error:  # no compiler, no ninja, a failed build, no folder to build in
             _build_error = f"{type(error).__name__}: {error}"
             warnings.warn(f"torchblocks: the compiled eager CPU path could not be built, so the Python one runs "
                           f"(set TORCHBLOCKS_EAGER_CPU=0 to skip trying): {_build_error}", RuntimeWarning)
@@ -120,11 +119,13 @@ def runs(*tensors: Optional[torch.Tensor]):
     """The compiled module when a call with ``tensors`` (the first one decides
     the device and backend; None stands for an absent bias) may go to it, else
     None: plain CPU tensors, the reference backend for them, no compiling
-    trace. The rest of ``nothing_watching()`` (a dispatch mode, the profiler,
-    a torch.func transform) the module's entry points ask themselves
-    (watched.h) and decline a watched call: nanoseconds in C++, where the
-    Python calls cost 0.35 us on a small tensor and about 2 us after a 1 MiB
-    one has pushed the interpreter out of the cache.
+    trace; a first argument that is no tensor goes to the Python path, whose
+    checks say what was expected (nothing is built for it). The rest of
+    ``nothing_watching()`` (a dispatch mode, the profiler, a torch.func
+    transform) the module's entry points ask themselves (watched.h) and
+    decline a watched call: nanoseconds in C++, where the Python calls cost
+    0.35 us on a small tensor and about 2 us after a 1 MiB one has pushed
+    the interpreter out of the cache.
 
     Example::
 
@@ -134,6 +135,8 @@ def runs(*tensors: Optional[torch.Tensor]):
     for tensor in tensors:
         if tensor is not None and type(tensor) not in PLAIN_TYPES:
             return None
-    if _enabled and tensors[0].is_cpu and backend.get_backend() != "triton" and not torch.compiler.is_compiling():
+    first = tensors[0]
+    if _enabled and first is not None and first.is_cpu and backend.get_backend() != "triton" \
+            and not torch.compiler.is_compiling():
         return _module or module()
     return None
