@@ -32,6 +32,14 @@ from torchblocks._validate import (
 
 __all__ = ["dense", "dense_cross_entropy", "relu", "softmax_cross_entropy"]
 
+
+def saved_tensors_hooked() -> bool:
+    """Whether a ``saved_tensors_hooks`` context (``save_on_cpu``, non-reentrant
+    checkpointing) packs what is saved now. Then the losses compute no gradient
+    in the forward to hold beside their saved tensors, where the hooks could
+    not offload or free it: the backward computes it from the saved inputs."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
 INDEX_DTYPES = (torch.int64, torch.uint8)
 
 ACTIVATIONS = (None, "relu")
@@ -87,14 +95,14 @@ def dense(
         >>> w, b = torch.randn(512, 784) * 0.05, torch.zeros(512)
         >>> h = torchblocks.functional.dense(x, w, b, activation="relu")  # (128, 512)
     """
-    compiled = _eager_cpu.runs(input, weight, bias) if activation is None or type(activation) is str else None
-    output = compiled.dense(input, weight, bias, activation) if compiled else None  # None unless a plain call
-    if output is not None:
-        return output
     require_tensor("dense", "input", input)
     require_tensor("dense", "weight", weight)
     if bias is not None:
         require_tensor("dense", "bias", bias)
+    compiled = _eager_cpu.runs(input, weight, bias) if activation is None or type(activation) is str else None
+    output = compiled.dense(input, weight, bias, activation) if compiled else None  # None unless a plain call
+    if output is not None:
+        return output
     require_choice("dense", "activation", activation, ACTIVATIONS)
     input, weight, bias = autocast_like_native(input, weight, bias)
     out_features, in_features = _check_linear("dense", input, weight, bias, "out_features")
@@ -122,12 +130,12 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         >>> y = torchblocks.functional.relu(x)
         >>> y.sum().backward()  # x.grad == (y > 0)
     """
+    require_tensor("relu", "input", input)
     inplace = bool(inplace)  # any truthy value, as F.relu takes it
     compiled = _eager_cpu.runs(input)
     output = compiled.relu(input, inplace) if compiled else None  # None unless a plain call
     if output is not None:
         return output
-    require_tensor("relu", "input", input)
     require_dtype_native_takes("relu", "input", input, "F.relu", RELU_REFUSALS)
     if inplace:
         require_no_internal_overlap("relu", "input", input)
@@ -183,15 +191,15 @@ def softmax_cross_entropy(
         >>> loss = torchblocks.functional.softmax_cross_entropy(logits, labels)
         >>> loss.backward()  # logits.grad = (softmax(logits) - onehot(labels)) / 128
     """
+    fn = "softmax_cross_entropy"
+    require_tensor(fn, "input", input)
+    require_tensor(fn, "target", target)
     if weight is None and inplace_backward is False and type(ignore_index) is int and -2**63 <= ignore_index < 2**63 \
             and type(reduction) is str and type(label_smoothing) in (int, float) and not label_smoothing:
         compiled = _eager_cpu.runs(input, target)
         loss = compiled.cross_entropy(input, target, ignore_index, reduction) if compiled else None  # None unless plain
         if loss is not None:
             return loss
-    fn = "softmax_cross_entropy"
-    require_tensor(fn, "input", input)
-    require_tensor(fn, "target", target)
     if weight is not None:
         require_tensor(fn, "weight", weight)
     label_smoothing = check_loss_options(fn, ignore_index, reduction, label_smoothing)
@@ -242,7 +250,7 @@ def softmax_cross_entropy(
     in_place = inplace_backward and needs_grad
     loss, row_weight, *_ = CrossEntropyFunction.apply(
         _rows(input), target.reshape(-1), weight, ignore_index, label_smoothing, in_place,
-        needs_grad and not in_place and input.device.type == "cpu")
+        needs_grad and not in_place and input.device.type == "cpu" and not saved_tensors_hooked())
     loss = reduce_rows(loss, row_weight.sum(), reduction, input.dtype)
     return loss.reshape(target.shape) if reduction == "none" and target.dim() != 1 else loss
 
@@ -307,7 +315,7 @@ def dense_cross_entropy(
             return loss
     # the gradients are computed in the forward pass when they will be needed
     grads_now = reduction != "none" and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias))
+        t is not None and t.requires_grad for t in (input, weight, bias)) and not saved_tensors_hooked()
     loss = DenseCrossEntropyFunction.apply(
         input_rows, weight, bias, target_rows, ignore_index, reduction, label_smoothing, chunk_rows, grads_now,
     )[0]

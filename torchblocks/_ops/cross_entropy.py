@@ -21,7 +21,7 @@ import torch
 
 from torchblocks import backend
 from torchblocks._ops._dispatch import Function, call, custom_op, kernels, pick, plain_eager
-from torchblocks._ops._vmap import by_loop, fold_rows
+from torchblocks._ops._vmap import batched, by_loop, fold_rows
 from torchblocks._validate import require_class_indices
 from torchblocks.kernels._common import accumulation_dtype
 
@@ -257,7 +257,9 @@ class CrossEntropyFunction(Function):
             grad_rows, ctx.grad_rows = ctx.grad_rows, None
             if grad_rows is None:
                 grad_rows = _plain_forward_and_gradient(logits, target)[3]
-            grad_logits = grad_rows.mul_(grad_loss.to(grad_rows.dtype)[:, None]).to(logits.dtype)
+            row_scale = grad_loss.to(grad_rows.dtype)[:, None]
+            in_place = not batched(grad_loss)
+            grad_logits = (grad_rows.mul_(row_scale) if in_place else grad_rows * row_scale).to(logits.dtype)
         elif not inplace_backward:
             grad_logits = CrossEntropyBackwardFunction.apply(
                 logits, target, weight, lse, grad_loss, ignore_index, label_smoothing)

@@ -24,7 +24,7 @@ import torch
 
 from torchblocks.kernels._common import accumulation_dtype
 from torchblocks._ops._dispatch import Function, call, custom_op
-from torchblocks._ops._vmap import by_loop
+from torchblocks._ops._vmap import batched, by_loop
 from torchblocks._ops.cross_entropy import (
     CrossEntropyBackwardFunction,
     RowStats,
@@ -222,8 +222,11 @@ class DenseCrossEntropyFunction(Function):
             if gradients is None:  # a retained graph's second backward: the very same gradients, recomputed
                 gradients = call(torch.ops.torchblocks.dense_cross_entropy_forward_and_gradients,
                                  input, weight, bias, target, *options)[2]
-            for grad in gradients:
-                grad.mul_(scale)
+            if batched(grad_output):
+                gradients = [grad * scale for grad in gradients]
+            else:
+                for grad in gradients:
+                    grad.mul_(scale)
         else:
             gradients = call(torch.ops.torchblocks.dense_cross_entropy_gradients,
                              input, weight, bias, target, lse, row_scale, *options)

@@ -68,7 +68,10 @@ class ReLUFunction(Function):
     @staticmethod
     def forward(input, inplace):
         if inplace:
-            call(torch.ops.torchblocks.relu_, input)
+            # mark_dirty bumps the version counter: the write itself must not, so
+            # that it moves once, as native's relu_ moves it
+            with torch.autograd._unsafe_preserve_version_counter(input):
+                call(torch.ops.torchblocks.relu_, input)
             return input
         return call(torch.ops.torchblocks.relu, input)
 
