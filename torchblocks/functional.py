@@ -13,7 +13,7 @@ from torchblocks._ops import _eager_cpu
 from torchblocks._ops.cross_entropy import CrossEntropyFunction, ProbabilityCrossEntropyFunction, reduce_rows
 from torchblocks._ops.dense import DenseFunction
 from torchblocks._ops.dense_cross_entropy import DenseCrossEntropyFunction, default_chunk_rows
-from torchblocks._ops.relu import ReLUFunction
+from torchblocks._ops.relu import ReLUFunction, relu_in_place
 from torchblocks._validate import (
     IGNORE_INDEX,
     autocast_like_native,
@@ -38,7 +38,7 @@ def saved_tensors_hooked() -> bool:
     checkpointing) packs what is saved now. Then the losses compute no gradient
     in the forward to hold beside their saved tensors, where the hooks could
     not offload or free it: the backward computes it from the saved inputs."""
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    return not torch.compiler.is_compiling() and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 INDEX_DTYPES = (torch.int64, torch.uint8)
 
@@ -139,6 +139,10 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     require_dtype_native_takes("relu", "input", input, "F.relu", RELU_REFUSALS)
     if inplace:
         require_no_internal_overlap("relu", "input", input)
+        if torch.jit.is_tracing():  # the tracer takes no in-place Python Function: the result, copied in
+            return input.copy_(ReLUFunction.apply(input, False))
+        if not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
+            return relu_in_place(input)  # nothing to record: the write alone, one version bump as native's
     return ReLUFunction.apply(input, inplace)
 
 

@@ -18,6 +18,8 @@ def batched(tensor) -> bool:
     under a torch.func transform, or the legacy vmap of
     ``jacobian(vectorize=True)`` and gradcheck's batched check. A buffer held
     from the forward cannot then be scaled by it in place."""
+    if torch.compiler.is_compiling():  # a compiled backward sees fake tensors, never a batch
+        return False
     return torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(tensor)
 
 

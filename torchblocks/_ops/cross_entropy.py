@@ -87,9 +87,10 @@ def _reference_gradient(logits, target, weight, lse, row_scale, ignore_index, la
     acc = accumulation_dtype(logits.dtype)
     classes = logits.shape[1]
     in_out = out is not None and out.dtype == acc
+    scaled = torch.mul if batched(row_scale) else torch.Tensor.mul_  # a batched factor makes a new buffer
     if _plain_rows(target, classes, weight, ignore_index, label_smoothing):
         scale = row_scale.to(acc)[:, None]
-        grad = _exp_of_difference(logits.to(acc), lse[:, None], out=out if in_out else None).mul_(scale)
+        grad = scaled(_exp_of_difference(logits.to(acc), lse[:, None], out=out if in_out else None), scale)
         return grad.scatter_add_(1, target.long()[:, None], -scale).to(logits.dtype)
     valid = target != ignore_index
     index, w_y = _target_weight(target, weight, classes, acc)
@@ -97,7 +98,7 @@ def _reference_gradient(logits, target, weight, lse, row_scale, ignore_index, la
     factor = torch.where(valid, row_scale.to(acc), 0.0)
     weight_total = weight.to(acc).sum() if weight is not None else classes
     grad = _exp_of_difference(logits.to(acc), lse[:, None], out=out if in_out else None)
-    grad.mul_((((1 - label_smoothing) * w_y + label_smoothing / classes * weight_total) * factor)[:, None])
+    grad = scaled(grad, (((1 - label_smoothing) * w_y + label_smoothing / classes * weight_total) * factor)[:, None])
     if label_smoothing > 0:
         if weight is not None:
             grad.addr_(factor, weight.to(acc), alpha=-label_smoothing / classes)

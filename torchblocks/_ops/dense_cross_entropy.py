@@ -215,18 +215,15 @@ class DenseCrossEntropyFunction(Function):
             scale = grad_output / divisor.clamp(min=1) if reduction == "mean" else grad_output
             row_scale = scale.expand(input.shape[0])
         options = (ignore_index, label_smoothing, chunk_rows)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or batched(grad_output):  # differentiated, or a vmap over the backward
             gradients = differentiable_gradients(input, weight, bias, target, row_scale, *options)
         elif grads_now:
             gradients, ctx.gradients = ctx.gradients, None
             if gradients is None:  # a retained graph's second backward: the very same gradients, recomputed
                 gradients = call(torch.ops.torchblocks.dense_cross_entropy_forward_and_gradients,
                                  input, weight, bias, target, *options)[2]
-            if batched(grad_output):
-                gradients = [grad * scale for grad in gradients]
-            else:
-                for grad in gradients:
-                    grad.mul_(scale)
+            for grad in gradients:
+                grad.mul_(scale)
         else:
             gradients = call(torch.ops.torchblocks.dense_cross_entropy_gradients,
                              input, weight, bias, target, lse, row_scale, *options)

@@ -54,6 +54,18 @@ def _(grad_output, output):
     return torch.empty_like(output)
 
 
+def relu_in_place(input: torch.Tensor) -> torch.Tensor:
+    """max(input, 0) written into ``input``, which it returns: the in-place op,
+    without autograd's bookkeeping.
+
+    Example::
+
+        >>> relu_in_place(torch.randn(4))
+    """
+    call(torch.ops.torchblocks.relu_, input)
+    return input
+
+
 def _backward_through_the_mask(ctx, grad):
     """The backward of both Functions below, from the saved y: grad * 1[y > 0]
     (none for their second input), by ReLUBackwardFunction, so that it can be
@@ -69,10 +81,13 @@ class ReLUFunction(Function):
     def forward(input, inplace):
         if inplace:
             # mark_dirty bumps the version counter: the write itself must not, so
-            # that it moves once, as native's relu_ moves it
+            # that it moves once, as native's relu_ moves it (functional.relu
+            # calls relu_in_place where no graph is recorded); a compiling trace
+            # functionalizes the write and keeps no version counter
+            if torch.compiler.is_compiling():
+                return relu_in_place(input)
             with torch.autograd._unsafe_preserve_version_counter(input):
-                call(torch.ops.torchblocks.relu_, input)
-            return input
+                return relu_in_place(input)
         return call(torch.ops.torchblocks.relu, input)
 
     @staticmethod
