@@ -113,11 +113,13 @@ class Block:
     """One call of a block: ``ours`` and ``native`` take the same inputs,
     made by ``inputs(seed)``; ``grads`` are the positions differentiated;
     ``vmap_dims`` the in_dims of a batch; ``compiled_takes``: whether the
-    compiled path computes the call in eager mode (else it must decline)."""
+    compiled path computes the call in eager mode (else it must decline);
+    ``triton_takes``: whether the Triton backend has kernels for it (class
+    probabilities are plain PyTorch on every backend)."""
 
-    def __init__(self, name, ours, native, inputs, grads, compiled_takes, vmap_dims=None):
+    def __init__(self, name, ours, native, inputs, grads, compiled_takes, vmap_dims=None, triton_takes=True):
         self.name, self.ours, self.native, self.inputs = name, ours, native, inputs
-        self.grads, self.compiled_takes = grads, compiled_takes
+        self.grads, self.compiled_takes, self.triton_takes = grads, compiled_takes, triton_takes
         self.vmap_dims = vmap_dims or tuple(0 if i in grads else None for i in range(len(inputs(0))))
 
     def __repr__(self):
@@ -135,7 +137,7 @@ def _cross_entropy(name, compiled_takes=False, probabilities=False, **options):
 
     return Block(name, lambda x, t: TF.softmax_cross_entropy(x, t, **options),
                  lambda x, t: F.cross_entropy(x, t, **options), inputs, grads=(0,), compiled_takes=compiled_takes,
-                 vmap_dims=(0, 0))
+                 vmap_dims=(0, 0), triton_takes=not probabilities)
 
 
 CLASS_WEIGHT = _randn(5, seed=99).abs() + 0.5
@@ -411,6 +413,14 @@ TRANSFORMS = [  # (transform, whether the compiled path must decline under it)
 ]
 
 
+# Open on the Triton path: the launchers get what they cannot launch on.
+TRITON_OPEN = {
+    jit_trace: "issue 35: under torch.jit.trace the Triton launchers receive traced values (InterpreterError)",
+    jacobian_vectorized: "issue 35: the legacy vmap's batched gradients reach the Triton launchers, which "
+                         "need storage (NotImplementedError: Cannot access storage of BatchedTensorImpl)",
+}
+
+
 def _outcome(transform, fn, block):
     try:
         return transform(fn, block), None
@@ -422,6 +432,8 @@ def _outcome(transform, fn, block):
 @pytest.mark.parametrize("transform, declines", TRANSFORMS)
 def test_contract(transform, declines, block, path):
     name, taken = path
+    if name == "triton" and block.triton_takes and transform in TRITON_OPEN:
+        pytest.xfail(TRITON_OPEN[transform])
     native, native_error = _outcome(transform, block.native, block)
     ours, our_error = _outcome(transform, block.ours, block)
     if native_error is not None:
@@ -439,7 +451,7 @@ def test_contract(transform, declines, block, path):
             assert taken.compiled > 0, "the compiled path should have run, and the Python Functions did"
     else:
         assert taken.compiled == 0
-    if name == "triton":
+    if name == "triton" and block.triton_takes:
         assert taken.triton > 0, "no Triton kernel was chosen"
     else:
         assert taken.triton == 0
