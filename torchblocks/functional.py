@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from torchblocks._ops import _eager_cpu
+from torchblocks._ops._dispatch import forward_ad_open
 from torchblocks._ops.cross_entropy import CrossEntropyFunction, ProbabilityCrossEntropyFunction, reduce_rows
 from torchblocks._ops.dense import DenseFunction
 from torchblocks._ops.dense_cross_entropy import DenseCrossEntropyFunction, default_chunk_rows
@@ -141,7 +142,7 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         require_no_internal_overlap("relu", "input", input)
         if torch.jit.is_tracing():  # the tracer takes no in-place Python Function: the result, copied in
             return input.copy_(ReLUFunction.apply(input, False))
-        if not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
+        if not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active() and not forward_ad_open():
             return relu_in_place(input)  # nothing to record: the write alone, one version bump as native's
     return ReLUFunction.apply(input, inplace)
 

@@ -5,15 +5,17 @@ Backward (y saved under relu: y > 0 exactly where x @ W^T + b > 0):
     dL/dx = g @ W,    dL/dW = g^T @ x,    dL/db = sum over rows of g
 Each product is bilinear, so the backward is built from differentiable
 Functions (the mask, the GEMMs) and double backward needs nothing more.
+Forward mode (jvp), with the same mask under relu:
+    dy = (dx @ W^T + x @ dW^T + db) * 1[y > 0]
 """
 
 from typing import Optional
 
 import torch
 
-from torchblocks._ops._dispatch import Function, call, custom_op, kernels, pick
+from torchblocks._ops._dispatch import Function, call, custom_op, forward_ad_open, kernels, pick
 from torchblocks._ops._vmap import fold_rows
-from torchblocks._ops.relu import ReLUBackwardFunction
+from torchblocks._ops.relu import ReLUBackwardFunction, _relu_backward
 
 
 def _dense_matmul(a, b, bias=None, relu=False, row_sum=False, out=None, row_sums=None, accumulate=False):
@@ -85,6 +87,20 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate:
     pick(a, kernels.dense.dense_matmul, _dense_matmul)(a, b, out=out, row_sums=row_sums, accumulate=accumulate)
 
 
+def dense_tangent(input, weight, tangent_input, tangent_weight, tangent_bias):
+    """The tangent of x @ W^T + b, (M, N): dx @ W^T + x @ dW^T + db, a
+    missing (None) tangent counting as zero. In torch ops on every backend:
+    under jacfwd the tangents are batched (vmap), the primals not."""
+    tangent = torch.zeros(input.shape[0], weight.shape[0], dtype=input.dtype, device=input.device)
+    if tangent_input is not None:
+        tangent = tangent + tangent_input @ weight.t()
+    if tangent_weight is not None:
+        tangent = tangent + input @ tangent_weight.t()
+    if tangent_bias is not None:
+        tangent = tangent + tangent_bias
+    return tangent
+
+
 class DenseFunction(Function):
     """dense on a 2-D input; saves x only if dW is needed, W only if dx is,
     and y only under relu. Its backward is made of Functions (the ReLU mask,
@@ -102,6 +118,8 @@ class DenseFunction(Function):
         ctx.save_for_backward(
             input if needs_weight else None, weight if needs_input else None, output if relu else None
         )
+        if forward_ad_open():
+            ctx.save_for_forward(input, weight, output if relu else None)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -117,6 +135,13 @@ class DenseFunction(Function):
         elif needs_bias:
             grad_bias = grad.sum(dim=0)
         return grad_input, grad_weight, grad_bias, None
+
+    @staticmethod
+    def jvp(ctx, tangent_input, tangent_weight, tangent_bias, _):
+        """dy = (dx @ W^T + x @ dW^T + db) * 1[y > 0]."""
+        input, weight, output = ctx.saved_tensors
+        tangent_output = dense_tangent(input, weight, tangent_input, tangent_weight, tangent_bias)
+        return _relu_backward(tangent_output, output) if ctx.relu else tangent_output
 
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, relu):

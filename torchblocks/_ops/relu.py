@@ -4,11 +4,12 @@ Backward (y saved, not x: y > 0 exactly where x > 0):
     dL/dx = dL/dy * 1[y > 0]
 Double backward: the backward is linear in dL/dy and flat in y, so its own
 backward is the same mask, applied to the incoming gradient.
+Forward mode (jvp), with the same mask: dy = dx * 1[y > 0]
 """
 
 import torch
 
-from torchblocks._ops._dispatch import Function, call, custom_op, kernels, pick
+from torchblocks._ops._dispatch import Function, call, custom_op, forward_ad_open, kernels, pick
 from torchblocks._ops._vmap import batch_first
 
 
@@ -96,8 +97,19 @@ class ReLUFunction(Function):
         if inplace:
             ctx.mark_dirty(input)
         ctx.save_for_backward(output)
+        if forward_ad_open():
+            ctx.save_for_forward(output)
+        ctx.inplace = inplace
 
     backward = staticmethod(_backward_through_the_mask)
+
+    @staticmethod
+    def jvp(ctx, tangent_input, _):
+        """dy = dx * 1[y > 0]; in place, the input's tangent is masked in place,
+        as native's relu_ does (autograd requires it of a dirtied input)."""
+        (output,) = ctx.saved_tensors
+        tangent_output = _relu_backward(tangent_input, output)
+        return tangent_input.copy_(tangent_output) if ctx.inplace else tangent_output
 
     @staticmethod
     def vmap(info, in_dims, input, inplace):
