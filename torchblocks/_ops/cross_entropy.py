@@ -11,6 +11,11 @@ Backward:
     dL/dx_c = s_i * (p_c * sum_c' w_c' * t'_c' - w_c * t'_c),   dL/dt_c = -s_i * (1 - eps) * w_c * log p_c
     dL/dw_c = -sum_i s_i * t'_ic * log p_ic
 
+Forward mode (jvp), the same gradients against the tangents dx, dt, dw:
+    index targets:          dloss_i = sum_c dloss_i/dx_c * dx_c     (the backward's dL/dx at s_i = 1)
+    probability targets:    dloss_i = sum_c (p_c * sum_c' w_c' * t'_c' - w_c * t'_c) * dx_c
+                                      - (1 - eps) * sum_c w_c * log p_c * dt_c - sum_c t'_c * log p_c * dw_c
+
 Reductions: "none" keeps loss_i; "sum" adds them; "mean" divides the sum by
 sum_i w_y over rows not ignored (index targets) or by R (probability targets).
 """
@@ -20,7 +25,7 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
-from torchblocks._ops._dispatch import Function, call, custom_op, kernels, pick, plain_eager
+from torchblocks._ops._dispatch import Function, call, custom_op, forward_ad_open, kernels, pick, plain_eager
 from torchblocks._ops._vmap import batched, by_loop, fold_rows
 from torchblocks._validate import require_class_indices
 from torchblocks.kernels._common import accumulation_dtype
@@ -212,10 +217,11 @@ def _plain_forward_and_gradient(logits, target, out=None, gradient=True):
 
 
 class CrossEntropyFunction(Function):
-    """Index targets, per row: ``(loss_i, w_y or 0 where ignored)``; the
-    second output is not differentiable. With ``inplace_backward`` the forward
-    writes dloss_i/dx into the logits' storage (autograd's version counter
-    sees the write) and the backward only scales it. With ``grads_now``, on
+    """Index targets, per row: ``(loss_i, w_y or 0 where ignored, lse_i,
+    the held dloss_i/dx or None)``; only loss_i is differentiable. With
+    ``inplace_backward`` the forward writes dloss_i/dx into the logits'
+    storage (autograd's version counter sees the write) and the backward only
+    scales it. With ``grads_now``, on
     the CPU's common case in eager mode, the forward computes dloss_i/dx into
     a buffer of its own that the first backward scales in place and lets go
     (as the fused head does); a differentiated backward (create_graph)
@@ -239,10 +245,12 @@ class CrossEntropyFunction(Function):
     def setup_context(ctx, inputs, output):
         logits, target, weight, ignore_index, label_smoothing, inplace_backward, _ = inputs
         _, row_weight, lse, grad_rows = output
-        ctx.mark_non_differentiable(row_weight, lse)
+        ctx.mark_non_differentiable(row_weight, lse, *([grad_rows] if grad_rows is not None else []))
         ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs
         ctx.options = (ignore_index, label_smoothing, inplace_backward)
         ctx.save_for_backward(logits, target, weight, lse)
+        if forward_ad_open():
+            ctx.save_for_forward(logits, target, weight, lse)
         ctx.plain_rows = grad_rows is not None
         ctx.grad_rows = grad_rows  # held, not saved: the first backward scales it in place
 
@@ -272,6 +280,23 @@ class CrossEntropyFunction(Function):
             scale = torch.where(target != ignore_index, grad_loss, 0.0)
             grad_logits = logits.mul_(scale.to(logits.dtype)[:, None])
         return grad_logits, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent_logits, *_):
+        """dloss_i = sum_c dloss_i/dx_c * dx_c, from the gradient at s_i = 1:
+        the one the forward wrote over the logits (``inplace_backward``) or
+        held for the backward, else computed here; the other outputs have none."""
+        logits, target, weight, lse = ctx.saved_tensors
+        ignore_index, label_smoothing, inplace_backward = ctx.options
+        if inplace_backward:
+            grad_rows = logits
+        elif ctx.grad_rows is not None:
+            grad_rows = ctx.grad_rows
+        else:
+            grad_rows = _reference_gradient(logits, target, weight, lse, torch.ones_like(lse), ignore_index,
+                                            label_smoothing)
+        tangent_loss = (grad_rows.to(lse.dtype) * tangent_logits.to(lse.dtype)).sum(dim=1)
+        return tangent_loss, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, logits, target, weight, ignore_index, label_smoothing, inplace_backward, grads_now):
@@ -346,6 +371,8 @@ class ProbabilityCrossEntropyFunction(Function):
         logits, target, weight, label_smoothing = inputs
         ctx.label_smoothing = label_smoothing
         ctx.save_for_backward(logits, target, weight)
+        if forward_ad_open():
+            ctx.save_for_forward(logits, target, weight)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -362,6 +389,25 @@ class ProbabilityCrossEntropyFunction(Function):
         if ctx.needs_input_grad[2]:
             grad_weight = (-scale * smoothed * log_p).sum(dim=0).to(weight.dtype)
         return grad_logits, grad_target, grad_weight, None
+
+    @staticmethod
+    def jvp(ctx, tangent_logits, tangent_target, tangent_weight, _):
+        """The backward's three gradients, each against its tangent, summed
+        over the classes; a missing (None) tangent counts as zero."""
+        logits, target, weight = ctx.saved_tensors
+        log_p, smoothed = _log_probabilities(logits), _smoothed(target, ctx.label_smoothing)
+        weighted = _weighted(smoothed, weight)
+        tangent_loss = torch.zeros_like(weighted[:, 0] * log_p[:, 0])  # (R,), the loss's dtype
+        if tangent_logits is not None:
+            grad_logits = log_p.exp() * weighted.sum(dim=1, keepdim=True) - weighted
+            tangent_loss = tangent_loss + (grad_logits * tangent_logits.to(log_p.dtype)).sum(dim=1)
+        if tangent_target is not None:
+            w = weight.to(log_p.dtype) if weight is not None else 1.0
+            tangent_loss = tangent_loss - (1 - ctx.label_smoothing) * (
+                w * log_p * tangent_target.to(smoothed.dtype)).sum(dim=1)
+        if tangent_weight is not None:
+            tangent_loss = tangent_loss - (smoothed * log_p * tangent_weight.to(log_p.dtype)).sum(dim=1)
+        return tangent_loss
 
     @staticmethod
     def vmap(info, in_dims, logits, target, weight, label_smoothing):
