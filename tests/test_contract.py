@@ -385,10 +385,6 @@ def grad_fn_hooks(fn, block):
     return (*results, seen[0])
 
 
-# Open: the blocks' autograd Functions have no jvp, so forward-mode AD (and jacfwd, built on it)
-# raises where native computes; strict, so that the day they get one these cells say so.
-NO_JVP = pytest.mark.xfail(strict=True, reason="the autograd Functions have no jvp yet (issue 35)")
-
 TRANSFORMS = [  # (transform, whether the compiled path must decline under it)
     pytest.param(eager, False, id="eager"),
     pytest.param(jit_trace, True, id="jit.trace"),
@@ -398,7 +394,7 @@ TRANSFORMS = [  # (transform, whether the compiled path must decline under it)
     pytest.param(vmap, True, id="vmap"),
     pytest.param(func_grad, True, id="func.grad"),
     pytest.param(jacrev, True, id="jacrev"),
-    pytest.param(jacfwd, True, id="jacfwd", marks=NO_JVP),
+    pytest.param(jacfwd, True, id="jacfwd"),
     pytest.param(jacobian_vectorized, False, id="jacobian-vectorize"),
     pytest.param(functional_call, False, id="functional_call"),
     pytest.param(checkpoint(True), False, id="checkpoint-reentrant"),
@@ -408,7 +404,7 @@ TRANSFORMS = [  # (transform, whether the compiled path must decline under it)
     pytest.param(anomaly_mode, False, id="anomaly"),
     pytest.param(no_grad, False, id="no_grad"),
     pytest.param(inference_mode, False, id="inference_mode"),
-    pytest.param(forward_mode, True, id="forward_ad", marks=NO_JVP),
+    pytest.param(forward_mode, True, id="forward_ad"),
     pytest.param(grad_fn_hooks, False, id="grad_fn-hooks"),
 ]
 

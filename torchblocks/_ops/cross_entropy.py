@@ -284,17 +284,16 @@ class CrossEntropyFunction(Function):
     @staticmethod
     def jvp(ctx, tangent_logits, *_):
         """dloss_i = sum_c dloss_i/dx_c * dx_c, from the gradient at s_i = 1:
-        the one the forward wrote over the logits (``inplace_backward``) or
-        held for the backward, else computed here; the other outputs have none."""
+        the one the forward wrote over the logits (``inplace_backward``), else
+        CrossEntropyBackwardFunction's, so that the tangent can be
+        differentiated in turn. The other outputs have none."""
         logits, target, weight, lse = ctx.saved_tensors
         ignore_index, label_smoothing, inplace_backward = ctx.options
         if inplace_backward:
             grad_rows = logits
-        elif ctx.grad_rows is not None:
-            grad_rows = ctx.grad_rows
         else:
-            grad_rows = _reference_gradient(logits, target, weight, lse, torch.ones_like(lse), ignore_index,
-                                            label_smoothing)
+            grad_rows = CrossEntropyBackwardFunction.apply(
+                logits, target, weight, lse, torch.ones_like(lse), ignore_index, label_smoothing)
         tangent_loss = (grad_rows.to(lse.dtype) * tangent_logits.to(lse.dtype)).sum(dim=1)
         return tangent_loss, None, None, None
 
