@@ -18,10 +18,13 @@ tb = torchblocks.functional
 
 @pytest.mark.parametrize("name", CASES)
 def test_gradgradcheck(target, name):
-    """Every entry of the second derivatives; under the slow interpreter, random
-    projections of them (fast mode), beside the gradient penalty's full parity."""
+    """Every entry of the second derivatives, reverse over reverse and forward
+    over reverse (torch.func.hessian's way: the backward Functions' jvps);
+    under the slow interpreter, random projections of them (fast mode),
+    beside the gradient penalty's full parity."""
     case = CASES[name]
-    assert torch.autograd.gradgradcheck(case.ours, case.make(target.device), fast_mode=target.interpreted)
+    assert torch.autograd.gradgradcheck(case.ours, case.make(target.device), fast_mode=target.interpreted,
+                                        check_fwd_over_rev=True)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -312,7 +312,7 @@ class CrossEntropyBackwardFunction(Function):
         d(.)/ds_i  = sum_c H_ic * g_ic                        (0 where ignored)
         d(.)/dx_ic = f_i * a_i * p_ic * (H_ic - sum_c' H_ic' * p_ic')
     computed in differentiable ops from x (p recomputed, not saved), so
-    higher derivatives follow too."""
+    higher derivatives follow too; its jvp is the same two products, forward."""
 
     @staticmethod
     def forward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
@@ -324,35 +324,61 @@ class CrossEntropyBackwardFunction(Function):
         logits, target, weight, _, row_scale, ignore_index, label_smoothing = inputs
         ctx.options = (ignore_index, label_smoothing)
         ctx.save_for_backward(logits, target, weight, row_scale)
+        if forward_ad_open():
+            ctx.save_for_forward(logits, target, weight, row_scale)
 
     @staticmethod
     def backward(ctx, upstream):
         logits, target, weight, row_scale = ctx.saved_tensors
-        ignore_index, label_smoothing = ctx.options
-        acc = accumulation_dtype(logits.dtype)
-        x, upstream = logits.to(acc), upstream.to(acc)
-        classes = x.shape[1]
-        valid = target != ignore_index
-        index, w_y = _target_weight(target, weight, classes, acc)
-        w_y = torch.where(valid, w_y, 0.0)
-        weight_total = weight.to(acc).sum() if weight is not None else classes
-        row_coef = (1 - label_smoothing) * w_y + label_smoothing / classes * weight_total
-        p = (x - _log_sum_exp(x)[:, None]).exp()
-        grad_rows = p * row_coef[:, None] - label_smoothing / classes * (weight.to(acc) if weight is not None else 1.0)
-        grad_rows = grad_rows - torch.zeros_like(p).scatter_(1, index[:, None], ((1 - label_smoothing) * w_y)[:, None])
+        valid, p, row_coef, grad_rows = _unit_gradient(logits, target, weight, *ctx.options)
+        upstream = upstream.to(p.dtype)
         grad_row_scale = grad_logits = None
         if ctx.needs_input_grad[4]:
             grad_row_scale = torch.where(valid, (upstream * grad_rows).sum(dim=1), 0.0).to(row_scale.dtype)
         if ctx.needs_input_grad[0]:
-            factor = torch.where(valid, row_scale.to(acc), 0.0) * row_coef
+            factor = torch.where(valid, row_scale.to(p.dtype), 0.0) * row_coef
             grad_logits = factor[:, None] * p * (upstream - (upstream * p).sum(dim=1, keepdim=True))
             grad_logits = grad_logits.to(logits.dtype)
         return grad_logits, None, None, None, grad_row_scale, None, None
 
     @staticmethod
+    def jvp(ctx, tangent_logits, _target, _weight, _lse, tangent_row_scale, _ignore_index, _label_smoothing):
+        """The backward's two products, forward: with dx, ds (lse a constant,
+        as in the backward; the class weights not differentiated)
+            d(dL/dx_ic) = ds_i * g_ic + f_i * a_i * p_ic * (dx_ic - sum_c' p_ic' * dx_ic')"""
+        logits, target, weight, row_scale = ctx.saved_tensors
+        valid, p, row_coef, grad_rows = _unit_gradient(logits, target, weight, *ctx.options)
+        tangent = torch.zeros_like(p)
+        if tangent_row_scale is not None:
+            tangent = tangent + torch.where(valid, tangent_row_scale.to(p.dtype), 0.0)[:, None] * grad_rows
+        if tangent_logits is not None:
+            factor = torch.where(valid, row_scale.to(p.dtype), 0.0) * row_coef
+            tangent_x = tangent_logits.to(p.dtype)
+            tangent = tangent + factor[:, None] * p * (tangent_x - (tangent_x * p).sum(dim=1, keepdim=True))
+        return tangent.to(logits.dtype)
+
+    @staticmethod
     def vmap(info, in_dims, logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
         args = (logits, target, weight, lse, row_scale, ignore_index, label_smoothing)
         return fold_rows(CrossEntropyBackwardFunction, info, in_dims, args, row_args=(0, 1, 3, 4))
+
+
+def _unit_gradient(logits, target, weight, ignore_index, label_smoothing):
+    """(valid_i, p, a_i = (1 - eps) * w_y + (eps / C) * W, g = dloss_i/dx at
+    s_i = 1) in differentiable ops from x, in the accumulation dtype: what
+    CrossEntropyBackwardFunction's backward and jvp differentiate."""
+    acc = accumulation_dtype(logits.dtype)
+    x = logits.to(acc)
+    classes = x.shape[1]
+    valid = target != ignore_index
+    index, w_y = _target_weight(target, weight, classes, acc)
+    w_y = torch.where(valid, w_y, 0.0)
+    weight_total = weight.to(acc).sum() if weight is not None else classes
+    row_coef = (1 - label_smoothing) * w_y + label_smoothing / classes * weight_total
+    p = (x - _log_sum_exp(x)[:, None]).exp()
+    grad_rows = p * row_coef[:, None] - label_smoothing / classes * (weight.to(acc) if weight is not None else 1.0)
+    grad_rows = grad_rows - torch.zeros_like(p).scatter_(1, index[:, None], ((1 - label_smoothing) * w_y)[:, None])
+    return valid, p, row_coef, grad_rows
 
 
 class ProbabilityCrossEntropyFunction(Function):

@@ -120,6 +120,7 @@ class ReLUBackwardFunction(Function):
     """dx = dy * 1[y > 0] as a Function of its own, so that a gradient of the
     gradient exists (``create_graph=True``). Linear in dy, piecewise constant in y:
         d(dx)/d(dy) = 1[y > 0]  (this same Function),   d(dx)/dy = 0
+    jvp: d(dx) = d(dy) * 1[y > 0]
     """
 
     @staticmethod
@@ -129,8 +130,16 @@ class ReLUBackwardFunction(Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[1])
+        if forward_ad_open():
+            ctx.save_for_forward(inputs[1])
 
     backward = staticmethod(_backward_through_the_mask)
+
+    @staticmethod
+    def jvp(ctx, tangent_grad_output, _):
+        """d(dx) = d(dy) * 1[y > 0] (flat in y)."""
+        (output,) = ctx.saved_tensors
+        return _relu_backward(tangent_grad_output, output)
 
     @staticmethod
     def vmap(info, in_dims, grad_output, output):
