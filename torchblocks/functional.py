@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from torchblocks._ops import _eager_cpu
-from torchblocks._ops._dispatch import forward_ad_open
+from torchblocks._ops._dispatch import forward_ad_open, without_jvp
 from torchblocks._ops.cross_entropy import CrossEntropyFunction, ProbabilityCrossEntropyFunction, reduce_rows
 from torchblocks._ops.dense import DenseFunction
 from torchblocks._ops.dense_cross_entropy import DenseCrossEntropyFunction, default_chunk_rows
@@ -32,6 +32,11 @@ from torchblocks._validate import (
 )
 
 __all__ = ["dense", "dense_cross_entropy", "relu", "softmax_cross_entropy"]
+
+# The Functions' twins without a jvp, which a compiling trace calls (see without_jvp)
+_DenseTraced, _ReLUTraced, _CrossEntropyTraced, _ProbabilityCrossEntropyTraced, _DenseCrossEntropyTraced = (
+    without_jvp(function) for function in (DenseFunction, ReLUFunction, CrossEntropyFunction,
+                                           ProbabilityCrossEntropyFunction, DenseCrossEntropyFunction))
 
 
 def saved_tensors_hooked() -> bool:
@@ -108,7 +113,8 @@ def dense(
     input, weight, bias = autocast_like_native(input, weight, bias)
     out_features, in_features = _check_linear("dense", input, weight, bias, "out_features")
     rows = math.prod(input.shape[:-1])  # not -1: ambiguous when in_features is 0
-    output = DenseFunction.apply(input.reshape(rows, in_features), weight, bias, activation == "relu")
+    function = _DenseTraced if torch.compiler.is_compiling() else DenseFunction
+    output = function.apply(input.reshape(rows, in_features), weight, bias, activation == "relu")
     # A 2-D result is returned as is, not as a view of itself: native's is no
     # view, and FSDP2 warns that in-place ops on a view skip its backward hooks.
     return output if input.dim() == 2 else output.reshape(*input.shape[:-1], out_features)
@@ -144,7 +150,7 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
             return input.copy_(ReLUFunction.apply(input, False))
         if not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active() and not forward_ad_open():
             return relu_in_place(input)  # nothing to record: the write alone, one version bump as native's
-    return ReLUFunction.apply(input, inplace)
+    return (_ReLUTraced if torch.compiler.is_compiling() else ReLUFunction).apply(input, inplace)
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -222,7 +228,8 @@ def softmax_cross_entropy(
     rows_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
     if target.is_floating_point() and target.shape == input.shape:
         out_dtype = torch.promote_types(input.dtype, target.dtype)
-        loss = ProbabilityCrossEntropyFunction.apply(_rows(input), _rows(target), weight, label_smoothing)
+        function = _ProbabilityCrossEntropyTraced if torch.compiler.is_compiling() else ProbabilityCrossEntropyFunction
+        loss = function.apply(_rows(input), _rows(target), weight, label_smoothing)
         loss = reduce_rows(loss, loss.new_tensor(float(loss.shape[0])), reduction, out_dtype)
         return loss.reshape(rows_shape) if reduction == "none" else loss
     if target.is_floating_point():
@@ -253,7 +260,7 @@ def softmax_cross_entropy(
         )
     needs_grad = input.requires_grad and torch.is_grad_enabled()
     in_place = inplace_backward and needs_grad
-    loss, row_weight, *_ = CrossEntropyFunction.apply(
+    loss, row_weight, *_ = (_CrossEntropyTraced if torch.compiler.is_compiling() else CrossEntropyFunction).apply(
         _rows(input), target.reshape(-1), weight, ignore_index, label_smoothing, in_place,
         needs_grad and not in_place and input.device.type == "cpu" and not saved_tensors_hooked())
     loss = reduce_rows(loss, row_weight.sum(), reduction, input.dtype)
@@ -321,7 +328,7 @@ def dense_cross_entropy(
     # the gradients are computed in the forward pass when they will be needed
     grads_now = reduction != "none" and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias)) and not saved_tensors_hooked()
-    loss = DenseCrossEntropyFunction.apply(
+    loss = (_DenseCrossEntropyTraced if torch.compiler.is_compiling() else DenseCrossEntropyFunction).apply(
         input_rows, weight, bias, target_rows, ignore_index, reduction, label_smoothing, chunk_rows, grads_now,
     )[0]
     if reduction == "none":

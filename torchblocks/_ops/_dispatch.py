@@ -137,3 +137,19 @@ class Function(torch.autograd.Function):
             # nothing to record (a backward without create_graph): the forward alone
             return cls.forward(*args)
         return super(torch.autograd.Function, cls).apply(*args)
+
+
+
+def without_jvp(function: type) -> type:
+    """A twin of ``function`` (a ``Function`` subclass) without its jvp, for
+    a compiling trace: Dynamo refuses to trace a Function that defines one
+    where an input requires grad (and a trace carries no tangents). Bind it
+    to a module global: Dynamo reads those at a call, not class attributes.
+
+    Example::
+
+        >>> ReLUTraced = without_jvp(ReLUFunction)
+        >>> (ReLUTraced if torch.compiler.is_compiling() else ReLUFunction).apply(x, False)
+    """
+    return type(function.__name__, (function,), {
+        "jvp": staticmethod(torch.autograd.Function.jvp), "__doc__": function.__doc__})
