@@ -1,6 +1,7 @@
-"""The autograd contract of every block, as native has it: second derivatives
-(gradgradcheck, a gradient penalty against native), torch.func (vmap, grad,
-jacrev, functional_call), torch.export. On every target: the Triton kernels
+"""The autograd contract of every block, as native has it: forward-mode AD
+(gradcheck's forward checks), second derivatives (gradgradcheck, a gradient
+penalty against native), torch.func (vmap, grad, jacrev, functional_call),
+torch.export. On every target: the Triton kernels
 (under the interpreter without a GPU) run inside each of these too."""
 
 import pytest
@@ -17,10 +18,26 @@ tb = torchblocks.functional
 
 @pytest.mark.parametrize("name", CASES)
 def test_gradgradcheck(target, name):
-    """Every entry of the second derivatives; under the slow interpreter, random
-    projections of them (fast mode), beside the gradient penalty's full parity."""
+    """Every entry of the second derivatives, reverse over reverse and forward
+    over reverse (torch.func.hessian's way: the backward Functions' jvps);
+    under the slow interpreter, random projections of them (fast mode),
+    beside the gradient penalty's full parity."""
     case = CASES[name]
-    assert torch.autograd.gradgradcheck(case.ours, case.make(target.device), fast_mode=target.interpreted)
+    assert torch.autograd.gradgradcheck(case.ours, case.make(target.device), fast_mode=target.interpreted,
+                                        check_fwd_over_rev=True)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_gradcheck_forward_ad(target, name):
+    """The jvps against finite differences, and batched (the legacy vmap over
+    the tangents); under the slow interpreter, random projections (fast mode).
+    Not batched in place: torch's check refuses any in-place custom Function
+    under the legacy vmap (its jvp's in-place write is not seen as one), even
+    a minimal one; jacfwd's vmap batches it (tests/test_contract.py)."""
+    case = CASES[name]
+    assert torch.autograd.gradcheck(case.ours, case.make(target.device), check_forward_ad=True,
+                                    check_batched_forward_grad=name != "relu in place",
+                                    fast_mode=target.interpreted)
 
 
 def _gradient_penalty(fn):

@@ -10,10 +10,11 @@ from typing import Optional
 import torch
 
 from torchblocks._ops import _eager_cpu
+from torchblocks._ops._dispatch import forward_ad_open, without_jvp
 from torchblocks._ops.cross_entropy import CrossEntropyFunction, ProbabilityCrossEntropyFunction, reduce_rows
 from torchblocks._ops.dense import DenseFunction
 from torchblocks._ops.dense_cross_entropy import DenseCrossEntropyFunction, default_chunk_rows
-from torchblocks._ops.relu import ReLUFunction
+from torchblocks._ops.relu import ReLUFunction, relu_in_place
 from torchblocks._validate import (
     IGNORE_INDEX,
     autocast_like_native,
@@ -31,6 +32,19 @@ from torchblocks._validate import (
 )
 
 __all__ = ["dense", "dense_cross_entropy", "relu", "softmax_cross_entropy"]
+
+# The Functions' twins without a jvp, which a compiling trace calls (see without_jvp)
+_DenseTraced, _ReLUTraced, _CrossEntropyTraced, _ProbabilityCrossEntropyTraced, _DenseCrossEntropyTraced = (
+    without_jvp(function) for function in (DenseFunction, ReLUFunction, CrossEntropyFunction,
+                                           ProbabilityCrossEntropyFunction, DenseCrossEntropyFunction))
+
+
+def saved_tensors_hooked() -> bool:
+    """Whether a ``saved_tensors_hooks`` context (``save_on_cpu``, non-reentrant
+    checkpointing) packs what is saved now. Then the losses compute no gradient
+    in the forward to hold beside their saved tensors, where the hooks could
+    not offload or free it: the backward computes it from the saved inputs."""
+    return not torch.compiler.is_compiling() and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 INDEX_DTYPES = (torch.int64, torch.uint8)
 
@@ -87,19 +101,20 @@ def dense(
         >>> w, b = torch.randn(512, 784) * 0.05, torch.zeros(512)
         >>> h = torchblocks.functional.dense(x, w, b, activation="relu")  # (128, 512)
     """
-    compiled = _eager_cpu.runs(input, weight, bias) if activation is None or type(activation) is str else None
-    output = compiled.dense(input, weight, bias, activation) if compiled else None  # None unless a plain call
-    if output is not None:
-        return output
     require_tensor("dense", "input", input)
     require_tensor("dense", "weight", weight)
     if bias is not None:
         require_tensor("dense", "bias", bias)
+    compiled = _eager_cpu.runs(input, weight, bias) if activation is None or type(activation) is str else None
+    output = compiled.dense(input, weight, bias, activation) if compiled else None  # None unless a plain call
+    if output is not None:
+        return output
     require_choice("dense", "activation", activation, ACTIVATIONS)
     input, weight, bias = autocast_like_native(input, weight, bias)
     out_features, in_features = _check_linear("dense", input, weight, bias, "out_features")
     rows = math.prod(input.shape[:-1])  # not -1: ambiguous when in_features is 0
-    output = DenseFunction.apply(input.reshape(rows, in_features), weight, bias, activation == "relu")
+    function = _DenseTraced if torch.compiler.is_compiling() else DenseFunction
+    output = function.apply(input.reshape(rows, in_features), weight, bias, activation == "relu")
     # A 2-D result is returned as is, not as a view of itself: native's is no
     # view, and FSDP2 warns that in-place ops on a view skip its backward hooks.
     return output if input.dim() == 2 else output.reshape(*input.shape[:-1], out_features)
@@ -122,16 +137,20 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         >>> y = torchblocks.functional.relu(x)
         >>> y.sum().backward()  # x.grad == (y > 0)
     """
+    require_tensor("relu", "input", input)
     inplace = bool(inplace)  # any truthy value, as F.relu takes it
     compiled = _eager_cpu.runs(input)
     output = compiled.relu(input, inplace) if compiled else None  # None unless a plain call
     if output is not None:
         return output
-    require_tensor("relu", "input", input)
     require_dtype_native_takes("relu", "input", input, "F.relu", RELU_REFUSALS)
     if inplace:
         require_no_internal_overlap("relu", "input", input)
-    return ReLUFunction.apply(input, inplace)
+        if torch.jit.is_tracing():  # the tracer takes no in-place Python Function: the result, copied in
+            return input.copy_(ReLUFunction.apply(input, False))
+        if not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active() and not forward_ad_open():
+            return relu_in_place(input)  # nothing to record: the write alone, one version bump as native's
+    return (_ReLUTraced if torch.compiler.is_compiling() else ReLUFunction).apply(input, inplace)
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -183,15 +202,15 @@ def softmax_cross_entropy(
         >>> loss = torchblocks.functional.softmax_cross_entropy(logits, labels)
         >>> loss.backward()  # logits.grad = (softmax(logits) - onehot(labels)) / 128
     """
+    fn = "softmax_cross_entropy"
+    require_tensor(fn, "input", input)
+    require_tensor(fn, "target", target)
     if weight is None and inplace_backward is False and type(ignore_index) is int and -2**63 <= ignore_index < 2**63 \
             and type(reduction) is str and type(label_smoothing) in (int, float) and not label_smoothing:
         compiled = _eager_cpu.runs(input, target)
         loss = compiled.cross_entropy(input, target, ignore_index, reduction) if compiled else None  # None unless plain
         if loss is not None:
             return loss
-    fn = "softmax_cross_entropy"
-    require_tensor(fn, "input", input)
-    require_tensor(fn, "target", target)
     if weight is not None:
         require_tensor(fn, "weight", weight)
     label_smoothing = check_loss_options(fn, ignore_index, reduction, label_smoothing)
@@ -209,7 +228,8 @@ def softmax_cross_entropy(
     rows_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
     if target.is_floating_point() and target.shape == input.shape:
         out_dtype = torch.promote_types(input.dtype, target.dtype)
-        loss = ProbabilityCrossEntropyFunction.apply(_rows(input), _rows(target), weight, label_smoothing)
+        function = _ProbabilityCrossEntropyTraced if torch.compiler.is_compiling() else ProbabilityCrossEntropyFunction
+        loss = function.apply(_rows(input), _rows(target), weight, label_smoothing)
         loss = reduce_rows(loss, loss.new_tensor(float(loss.shape[0])), reduction, out_dtype)
         return loss.reshape(rows_shape) if reduction == "none" else loss
     if target.is_floating_point():
@@ -240,9 +260,9 @@ def softmax_cross_entropy(
         )
     needs_grad = input.requires_grad and torch.is_grad_enabled()
     in_place = inplace_backward and needs_grad
-    loss, row_weight, *_ = CrossEntropyFunction.apply(
+    loss, row_weight, *_ = (_CrossEntropyTraced if torch.compiler.is_compiling() else CrossEntropyFunction).apply(
         _rows(input), target.reshape(-1), weight, ignore_index, label_smoothing, in_place,
-        needs_grad and not in_place and input.device.type == "cpu")
+        needs_grad and not in_place and input.device.type == "cpu" and not saved_tensors_hooked())
     loss = reduce_rows(loss, row_weight.sum(), reduction, input.dtype)
     return loss.reshape(target.shape) if reduction == "none" and target.dim() != 1 else loss
 
@@ -307,8 +327,8 @@ def dense_cross_entropy(
             return loss
     # the gradients are computed in the forward pass when they will be needed
     grads_now = reduction != "none" and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias))
-    loss = DenseCrossEntropyFunction.apply(
+        t is not None and t.requires_grad for t in (input, weight, bias)) and not saved_tensors_hooked()
+    loss = (_DenseCrossEntropyTraced if torch.compiler.is_compiling() else DenseCrossEntropyFunction).apply(
         input_rows, weight, bias, target_rows, ignore_index, reduction, label_smoothing, chunk_rows, grads_now,
     )[0]
     if reduction == "none":

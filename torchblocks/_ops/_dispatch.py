@@ -82,6 +82,13 @@ def nothing_watching() -> bool:
             and not torch._C._are_functorch_transforms_active())
 
 
+def forward_ad_open() -> bool:
+    """Whether a forward-mode AD level is open (``forward_ad.dual_level``,
+    which ``torch.func.jvp`` and ``jacfwd`` open too): then a call's inputs may
+    carry tangents, which only an autograd Function's ``jvp`` propagates."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 def plain_eager(args) -> bool:
     """True when nothing needs to see the ops of a call with ``args``:
     ``nothing_watching()``, and only plain tensors."""
@@ -126,6 +133,23 @@ class Function(torch.autograd.Function):
             args = bound.args
         if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
             return super().apply(*args)
-        if not torch.is_grad_enabled():  # nothing to record (a backward without create_graph): the forward alone
+        if not torch.is_grad_enabled() and not forward_ad_open():
+            # nothing to record (a backward without create_graph): the forward alone
             return cls.forward(*args)
         return super(torch.autograd.Function, cls).apply(*args)
+
+
+
+def without_jvp(function: type) -> type:
+    """A twin of ``function`` (a ``Function`` subclass) without its jvp, for
+    a compiling trace: Dynamo refuses to trace a Function that defines one
+    where an input requires grad (and a trace carries no tangents). Bind it
+    to a module global: Dynamo reads those at a call, not class attributes.
+
+    Example::
+
+        >>> ReLUTraced = without_jvp(ReLUFunction)
+        >>> (ReLUTraced if torch.compiler.is_compiling() else ReLUFunction).apply(x, False)
+    """
+    return type(function.__name__, (function,), {
+        "jvp": staticmethod(torch.autograd.Function.jvp), "__doc__": function.__doc__})

@@ -8,9 +8,10 @@ cases of softmax cross-entropy and of the fused head in C++ with autograd
 nodes of the same arithmetic, so that a plain eager call costs about what a
 native one does. optim_cpu.cpp holds the optimizers' steps, each in one pass
 over memory where the reference makes one per op.
-Everything else (a compiling or exporting trace, torch.func, tensor
-subclasses, dispatch modes, the profiler, the Triton backend, CUDA tensors)
-takes the Python Functions and custom ops as before.
+Everything else (a compiling or exporting trace, torch.jit.trace, compiled
+autograd, torch.func, dual tensors, tensor subclasses, dispatch modes, the
+profiler, the Triton backend, CUDA tensors) takes the Python Functions and
+custom ops as before.
 
 The first call that could use it compiles it with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 20 s on two
@@ -137,6 +138,15 @@ def runs(*tensors: Optional[torch.Tensor]):
             return None
     first = tensors[0]
     if _enabled and first is not None and first.is_cpu and backend.get_backend() != "triton" \
-            and not torch.compiler.is_compiling():
+            and not torch.compiler.is_compiling() and not _compiled_autograd_enabled():
         return _module or module()
     return None
+
+
+def _compiled_autograd_enabled() -> bool:
+    """Whether compiled autograd (``torch._dynamo.compiled_autograd``) is on:
+    it captures the Python Functions' backward, not the module's nodes (they
+    lack ``compiled_args``), so a forward under it takes the Python path.
+    Read only once torch._dynamo is imported: importing it costs seconds."""
+    compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")
+    return compiled_autograd is not None and compiled_autograd.compiled_autograd_enabled

@@ -13,6 +13,16 @@ every block:
 import torch
 
 
+def batched(tensor) -> bool:
+    """Whether ``tensor`` (a gradient arriving in a backward) carries a batch:
+    under a torch.func transform, or the legacy vmap of
+    ``jacobian(vectorize=True)`` and gradcheck's batched check. A buffer held
+    from the forward cannot then be scaled by it in place."""
+    if torch.compiler.is_compiling():  # a compiled backward sees fake tensors, never a batch
+        return False
+    return torch._C._are_functorch_transforms_active() or torch._C._functorch.is_legacy_batchedtensor(tensor)
+
+
 def batch_first(tensor, dim, batch_size):
     """``tensor`` with its batch dimension moved to the front, or expanded to
     one (stride 0, no copy) when it has none."""

@@ -11,6 +11,11 @@ Backward:
     dL/dx_c = s_i * (p_c * sum_c' w_c' * t'_c' - w_c * t'_c),   dL/dt_c = -s_i * (1 - eps) * w_c * log p_c
     dL/dw_c = -sum_i s_i * t'_ic * log p_ic
 
+Forward mode (jvp), the same gradients against the tangents dx, dt, dw:
+    index targets:          dloss_i = sum_c dloss_i/dx_c * dx_c     (the backward's dL/dx at s_i = 1)
+    probability targets:    dloss_i = sum_c (p_c * sum_c' w_c' * t'_c' - w_c * t'_c) * dx_c
+                                      - (1 - eps) * sum_c w_c * log p_c * dt_c - sum_c t'_c * log p_c * dw_c
+
 Reductions: "none" keeps loss_i; "sum" adds them; "mean" divides the sum by
 sum_i w_y over rows not ignored (index targets) or by R (probability targets).
 """
@@ -20,8 +25,8 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
-from torchblocks._ops._dispatch import Function, call, custom_op, kernels, pick, plain_eager
-from torchblocks._ops._vmap import by_loop, fold_rows
+from torchblocks._ops._dispatch import Function, call, custom_op, forward_ad_open, kernels, pick, plain_eager
+from torchblocks._ops._vmap import batched, by_loop, fold_rows
 from torchblocks._validate import require_class_indices
 from torchblocks.kernels._common import accumulation_dtype
 
@@ -87,9 +92,10 @@ def _reference_gradient(logits, target, weight, lse, row_scale, ignore_index, la
     acc = accumulation_dtype(logits.dtype)
     classes = logits.shape[1]
     in_out = out is not None and out.dtype == acc
+    scaled = torch.mul if batched(row_scale) else torch.Tensor.mul_  # a batched factor makes a new buffer
     if _plain_rows(target, classes, weight, ignore_index, label_smoothing):
         scale = row_scale.to(acc)[:, None]
-        grad = _exp_of_difference(logits.to(acc), lse[:, None], out=out if in_out else None).mul_(scale)
+        grad = scaled(_exp_of_difference(logits.to(acc), lse[:, None], out=out if in_out else None), scale)
         return grad.scatter_add_(1, target.long()[:, None], -scale).to(logits.dtype)
     valid = target != ignore_index
     index, w_y = _target_weight(target, weight, classes, acc)
@@ -97,7 +103,7 @@ def _reference_gradient(logits, target, weight, lse, row_scale, ignore_index, la
     factor = torch.where(valid, row_scale.to(acc), 0.0)
     weight_total = weight.to(acc).sum() if weight is not None else classes
     grad = _exp_of_difference(logits.to(acc), lse[:, None], out=out if in_out else None)
-    grad.mul_((((1 - label_smoothing) * w_y + label_smoothing / classes * weight_total) * factor)[:, None])
+    grad = scaled(grad, (((1 - label_smoothing) * w_y + label_smoothing / classes * weight_total) * factor)[:, None])
     if label_smoothing > 0:
         if weight is not None:
             grad.addr_(factor, weight.to(acc), alpha=-label_smoothing / classes)
@@ -211,10 +217,11 @@ def _plain_forward_and_gradient(logits, target, out=None, gradient=True):
 
 
 class CrossEntropyFunction(Function):
-    """Index targets, per row: ``(loss_i, w_y or 0 where ignored)``; the
-    second output is not differentiable. With ``inplace_backward`` the forward
-    writes dloss_i/dx into the logits' storage (autograd's version counter
-    sees the write) and the backward only scales it. With ``grads_now``, on
+    """Index targets, per row: ``(loss_i, w_y or 0 where ignored, lse_i,
+    the held dloss_i/dx or None)``; only loss_i is differentiable. With
+    ``inplace_backward`` the forward writes dloss_i/dx into the logits'
+    storage (autograd's version counter sees the write) and the backward only
+    scales it. With ``grads_now``, on
     the CPU's common case in eager mode, the forward computes dloss_i/dx into
     a buffer of its own that the first backward scales in place and lets go
     (as the fused head does); a differentiated backward (create_graph)
@@ -238,10 +245,12 @@ class CrossEntropyFunction(Function):
     def setup_context(ctx, inputs, output):
         logits, target, weight, ignore_index, label_smoothing, inplace_backward, _ = inputs
         _, row_weight, lse, grad_rows = output
-        ctx.mark_non_differentiable(row_weight, lse)
+        ctx.mark_non_differentiable(row_weight, lse, *([grad_rows] if grad_rows is not None else []))
         ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs
         ctx.options = (ignore_index, label_smoothing, inplace_backward)
         ctx.save_for_backward(logits, target, weight, lse)
+        if forward_ad_open():
+            ctx.save_for_forward(logits, target, weight, lse)
         ctx.plain_rows = grad_rows is not None
         ctx.grad_rows = grad_rows  # held, not saved: the first backward scales it in place
 
@@ -257,7 +266,9 @@ class CrossEntropyFunction(Function):
             grad_rows, ctx.grad_rows = ctx.grad_rows, None
             if grad_rows is None:
                 grad_rows = _plain_forward_and_gradient(logits, target)[3]
-            grad_logits = grad_rows.mul_(grad_loss.to(grad_rows.dtype)[:, None]).to(logits.dtype)
+            row_scale = grad_loss.to(grad_rows.dtype)[:, None]
+            in_place = not batched(grad_loss)
+            grad_logits = (grad_rows.mul_(row_scale) if in_place else grad_rows * row_scale).to(logits.dtype)
         elif not inplace_backward:
             grad_logits = CrossEntropyBackwardFunction.apply(
                 logits, target, weight, lse, grad_loss, ignore_index, label_smoothing)
@@ -269,6 +280,22 @@ class CrossEntropyFunction(Function):
             scale = torch.where(target != ignore_index, grad_loss, 0.0)
             grad_logits = logits.mul_(scale.to(logits.dtype)[:, None])
         return grad_logits, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent_logits, *_):
+        """dloss_i = sum_c dloss_i/dx_c * dx_c, from the gradient at s_i = 1:
+        the one the forward wrote over the logits (``inplace_backward``), else
+        CrossEntropyBackwardFunction's, so that the tangent can be
+        differentiated in turn. The other outputs have none."""
+        logits, target, weight, lse = ctx.saved_tensors
+        ignore_index, label_smoothing, inplace_backward = ctx.options
+        if inplace_backward:
+            grad_rows = logits
+        else:
+            grad_rows = CrossEntropyBackwardFunction.apply(
+                logits, target, weight, lse, torch.ones_like(lse), ignore_index, label_smoothing)
+        tangent_loss = (grad_rows.to(lse.dtype) * tangent_logits.to(lse.dtype)).sum(dim=1)
+        return tangent_loss, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, logits, target, weight, ignore_index, label_smoothing, inplace_backward, grads_now):
@@ -285,7 +312,7 @@ class CrossEntropyBackwardFunction(Function):
         d(.)/ds_i  = sum_c H_ic * g_ic                        (0 where ignored)
         d(.)/dx_ic = f_i * a_i * p_ic * (H_ic - sum_c' H_ic' * p_ic')
     computed in differentiable ops from x (p recomputed, not saved), so
-    higher derivatives follow too."""
+    higher derivatives follow too; its jvp is the same two products, forward."""
 
     @staticmethod
     def forward(logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
@@ -297,35 +324,61 @@ class CrossEntropyBackwardFunction(Function):
         logits, target, weight, _, row_scale, ignore_index, label_smoothing = inputs
         ctx.options = (ignore_index, label_smoothing)
         ctx.save_for_backward(logits, target, weight, row_scale)
+        if forward_ad_open():
+            ctx.save_for_forward(logits, target, weight, row_scale)
 
     @staticmethod
     def backward(ctx, upstream):
         logits, target, weight, row_scale = ctx.saved_tensors
-        ignore_index, label_smoothing = ctx.options
-        acc = accumulation_dtype(logits.dtype)
-        x, upstream = logits.to(acc), upstream.to(acc)
-        classes = x.shape[1]
-        valid = target != ignore_index
-        index, w_y = _target_weight(target, weight, classes, acc)
-        w_y = torch.where(valid, w_y, 0.0)
-        weight_total = weight.to(acc).sum() if weight is not None else classes
-        row_coef = (1 - label_smoothing) * w_y + label_smoothing / classes * weight_total
-        p = (x - _log_sum_exp(x)[:, None]).exp()
-        grad_rows = p * row_coef[:, None] - label_smoothing / classes * (weight.to(acc) if weight is not None else 1.0)
-        grad_rows = grad_rows - torch.zeros_like(p).scatter_(1, index[:, None], ((1 - label_smoothing) * w_y)[:, None])
+        valid, p, row_coef, grad_rows = _unit_gradient(logits, target, weight, *ctx.options)
+        upstream = upstream.to(p.dtype)
         grad_row_scale = grad_logits = None
         if ctx.needs_input_grad[4]:
             grad_row_scale = torch.where(valid, (upstream * grad_rows).sum(dim=1), 0.0).to(row_scale.dtype)
         if ctx.needs_input_grad[0]:
-            factor = torch.where(valid, row_scale.to(acc), 0.0) * row_coef
+            factor = torch.where(valid, row_scale.to(p.dtype), 0.0) * row_coef
             grad_logits = factor[:, None] * p * (upstream - (upstream * p).sum(dim=1, keepdim=True))
             grad_logits = grad_logits.to(logits.dtype)
         return grad_logits, None, None, None, grad_row_scale, None, None
 
     @staticmethod
+    def jvp(ctx, tangent_logits, _target, _weight, _lse, tangent_row_scale, _ignore_index, _label_smoothing):
+        """The backward's two products, forward: with dx, ds (lse a constant,
+        as in the backward; the class weights not differentiated)
+            d(dL/dx_ic) = ds_i * g_ic + f_i * a_i * p_ic * (dx_ic - sum_c' p_ic' * dx_ic')"""
+        logits, target, weight, row_scale = ctx.saved_tensors
+        valid, p, row_coef, grad_rows = _unit_gradient(logits, target, weight, *ctx.options)
+        tangent = torch.zeros_like(p)
+        if tangent_row_scale is not None:
+            tangent = tangent + torch.where(valid, tangent_row_scale.to(p.dtype), 0.0)[:, None] * grad_rows
+        if tangent_logits is not None:
+            factor = torch.where(valid, row_scale.to(p.dtype), 0.0) * row_coef
+            tangent_x = tangent_logits.to(p.dtype)
+            tangent = tangent + factor[:, None] * p * (tangent_x - (tangent_x * p).sum(dim=1, keepdim=True))
+        return tangent.to(logits.dtype)
+
+    @staticmethod
     def vmap(info, in_dims, logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
         args = (logits, target, weight, lse, row_scale, ignore_index, label_smoothing)
         return fold_rows(CrossEntropyBackwardFunction, info, in_dims, args, row_args=(0, 1, 3, 4))
+
+
+def _unit_gradient(logits, target, weight, ignore_index, label_smoothing):
+    """(valid_i, p, a_i = (1 - eps) * w_y + (eps / C) * W, g = dloss_i/dx at
+    s_i = 1) in differentiable ops from x, in the accumulation dtype: what
+    CrossEntropyBackwardFunction's backward and jvp differentiate."""
+    acc = accumulation_dtype(logits.dtype)
+    x = logits.to(acc)
+    classes = x.shape[1]
+    valid = target != ignore_index
+    index, w_y = _target_weight(target, weight, classes, acc)
+    w_y = torch.where(valid, w_y, 0.0)
+    weight_total = weight.to(acc).sum() if weight is not None else classes
+    row_coef = (1 - label_smoothing) * w_y + label_smoothing / classes * weight_total
+    p = (x - _log_sum_exp(x)[:, None]).exp()
+    grad_rows = p * row_coef[:, None] - label_smoothing / classes * (weight.to(acc) if weight is not None else 1.0)
+    grad_rows = grad_rows - torch.zeros_like(p).scatter_(1, index[:, None], ((1 - label_smoothing) * w_y)[:, None])
+    return valid, p, row_coef, grad_rows
 
 
 class ProbabilityCrossEntropyFunction(Function):
@@ -343,6 +396,8 @@ class ProbabilityCrossEntropyFunction(Function):
         logits, target, weight, label_smoothing = inputs
         ctx.label_smoothing = label_smoothing
         ctx.save_for_backward(logits, target, weight)
+        if forward_ad_open():
+            ctx.save_for_forward(logits, target, weight)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -359,6 +414,25 @@ class ProbabilityCrossEntropyFunction(Function):
         if ctx.needs_input_grad[2]:
             grad_weight = (-scale * smoothed * log_p).sum(dim=0).to(weight.dtype)
         return grad_logits, grad_target, grad_weight, None
+
+    @staticmethod
+    def jvp(ctx, tangent_logits, tangent_target, tangent_weight, _):
+        """The backward's three gradients, each against its tangent, summed
+        over the classes; a missing (None) tangent counts as zero."""
+        logits, target, weight = ctx.saved_tensors
+        log_p, smoothed = _log_probabilities(logits), _smoothed(target, ctx.label_smoothing)
+        weighted = _weighted(smoothed, weight)
+        tangent_loss = torch.zeros_like(weighted[:, 0] * log_p[:, 0])  # (R,), the loss's dtype
+        if tangent_logits is not None:
+            grad_logits = log_p.exp() * weighted.sum(dim=1, keepdim=True) - weighted
+            tangent_loss = tangent_loss + (grad_logits * tangent_logits.to(log_p.dtype)).sum(dim=1)
+        if tangent_target is not None:
+            w = weight.to(log_p.dtype) if weight is not None else 1.0
+            tangent_loss = tangent_loss - (1 - ctx.label_smoothing) * (
+                w * log_p * tangent_target.to(smoothed.dtype)).sum(dim=1)
+        if tangent_weight is not None:
+            tangent_loss = tangent_loss - (smoothed * log_p * tangent_weight.to(log_p.dtype)).sum(dim=1)
+        return tangent_loss
 
     @staticmethod
     def vmap(info, in_dims, logits, target, weight, label_smoothing):

@@ -5,15 +5,17 @@ Backward (y saved under relu: y > 0 exactly where x @ W^T + b > 0):
     dL/dx = g @ W,    dL/dW = g^T @ x,    dL/db = sum over rows of g
 Each product is bilinear, so the backward is built from differentiable
 Functions (the mask, the GEMMs) and double backward needs nothing more.
+Forward mode (jvp), with the same mask under relu:
+    dy = (dx @ W^T + x @ dW^T + db) * 1[y > 0]
 """
 
 from typing import Optional
 
 import torch
 
-from torchblocks._ops._dispatch import Function, call, custom_op, kernels, pick
+from torchblocks._ops._dispatch import Function, call, custom_op, forward_ad_open, kernels, pick
 from torchblocks._ops._vmap import fold_rows
-from torchblocks._ops.relu import ReLUBackwardFunction
+from torchblocks._ops.relu import ReLUBackwardFunction, _relu_backward
 
 
 def _dense_matmul(a, b, bias=None, relu=False, row_sum=False, out=None, row_sums=None, accumulate=False):
@@ -85,6 +87,26 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate:
     pick(a, kernels.dense.dense_matmul, _dense_matmul)(a, b, out=out, row_sums=row_sums, accumulate=accumulate)
 
 
+def _product_tangent(a, b, tangent_a, tangent_b):
+    """The tangent of A @ B: dA @ B + A @ dB, a missing (None) tangent
+    counting as zero. In torch ops on every backend: under jacfwd the
+    tangents are batched (vmap), the primals not."""
+    tangent = torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    if tangent_a is not None:
+        tangent = tangent + tangent_a @ b
+    if tangent_b is not None:
+        tangent = tangent + a @ tangent_b
+    return tangent
+
+
+def dense_tangent(input, weight, tangent_input, tangent_weight, tangent_bias):
+    """The tangent of x @ W^T + b, (M, N): dx @ W^T + x @ dW^T + db, a
+    missing (None) tangent counting as zero."""
+    tangent = _product_tangent(input, weight.t(), tangent_input,
+                               tangent_weight.t() if tangent_weight is not None else None)
+    return tangent + tangent_bias if tangent_bias is not None else tangent
+
+
 class DenseFunction(Function):
     """dense on a 2-D input; saves x only if dW is needed, W only if dx is,
     and y only under relu. Its backward is made of Functions (the ReLU mask,
@@ -102,6 +124,8 @@ class DenseFunction(Function):
         ctx.save_for_backward(
             input if needs_weight else None, weight if needs_input else None, output if relu else None
         )
+        if forward_ad_open():
+            ctx.save_for_forward(input, weight, output if relu else None)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -119,6 +143,13 @@ class DenseFunction(Function):
         return grad_input, grad_weight, grad_bias, None
 
     @staticmethod
+    def jvp(ctx, tangent_input, tangent_weight, tangent_bias, _):
+        """dy = (dx @ W^T + x @ dW^T + db) * 1[y > 0]."""
+        input, weight, output = ctx.saved_tensors
+        tangent_output = dense_tangent(input, weight, tangent_input, tangent_weight, tangent_bias)
+        return _relu_backward(tangent_output, output) if ctx.relu else tangent_output
+
+    @staticmethod
     def vmap(info, in_dims, input, weight, bias, relu):
         return fold_rows(DenseFunction, info, in_dims, (input, weight, bias, relu), row_args=(0,))
 
@@ -126,6 +157,7 @@ class DenseFunction(Function):
 class MatmulFunction(Function):
     """C = A @ B, the gradient GEMMs of Dense, differentiable in turn:
         dA = dC @ B^T,    dB = A^T @ dC
+    jvp: dC = dA @ B + A @ dB
     """
 
     @staticmethod
@@ -136,6 +168,8 @@ class MatmulFunction(Function):
     def setup_context(ctx, inputs, output):
         a, b = inputs
         ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None)
+        if forward_ad_open():
+            ctx.save_for_forward(a, b)
 
     @staticmethod
     def backward(ctx, grad_c):
@@ -143,6 +177,12 @@ class MatmulFunction(Function):
         grad_a = MatmulFunction.apply(grad_c, b.t()) if ctx.needs_input_grad[0] else None
         grad_b = MatmulFunction.apply(a.t(), grad_c) if ctx.needs_input_grad[1] else None
         return grad_a, grad_b
+
+    @staticmethod
+    def jvp(ctx, tangent_a, tangent_b):
+        """dC = dA @ B + A @ dB, a missing (None) tangent counting as zero."""
+        a, b = ctx.saved_tensors
+        return _product_tangent(a, b, tangent_a, tangent_b)
 
     @staticmethod
     def vmap(info, in_dims, a, b):
@@ -153,6 +193,7 @@ class MatmulRowSumFunction(MatmulFunction):
     """(C, r) = (A @ B, the row sums of A): dW and db of Dense in one pass over
     g. Saves what MatmulFunction saves.
         dA = dC @ B^T + dr (broadcast along each row),    dB = A^T @ dC
+    jvp: (dC, dr) = (dA @ B + A @ dB, the row sums of dA)
     """
 
     @staticmethod
@@ -168,6 +209,13 @@ class MatmulRowSumFunction(MatmulFunction):
         if ctx.needs_input_grad[1]:
             grad_b = MatmulFunction.apply(a.t(), grad_c)
         return grad_a, grad_b
+
+    @staticmethod
+    def jvp(ctx, tangent_a, tangent_b):
+        """(dA @ B + A @ dB, the row sums of dA), a missing tangent zero."""
+        a, b = ctx.saved_tensors
+        tangent_row_sum = tangent_a.sum(dim=1) if tangent_a is not None else a.new_zeros(a.shape[0])
+        return _product_tangent(a, b, tangent_a, tangent_b), tangent_row_sum
 
     @staticmethod
     def vmap(info, in_dims, a, b):

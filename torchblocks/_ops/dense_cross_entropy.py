@@ -18,6 +18,10 @@ after the scale: native rounds them once too); for "none"
 the forward saves lse_i and the backward computes them with its s_i. A
 backward that is itself differentiated recomputes them through the
 differentiable blocks instead.
+
+Forward mode (jvp), chunk by chunk as the forward, with the tangent of the
+logits dz = dx @ W^T + x @ dW^T + db and g at s_i = 1:
+    dloss_i = sum_c g_ic * dz_ic,    reduced as the loss
 """
 
 from typing import List, Optional
@@ -25,8 +29,8 @@ from typing import List, Optional
 import torch
 
 from torchblocks.kernels._common import accumulation_dtype
-from torchblocks._ops._dispatch import Function, call, custom_op
-from torchblocks._ops._vmap import by_loop
+from torchblocks._ops._dispatch import Function, call, custom_op, forward_ad_open
+from torchblocks._ops._vmap import batched, by_loop
 from torchblocks._ops.cross_entropy import (
     CrossEntropyBackwardFunction,
     RowStats,
@@ -35,7 +39,7 @@ from torchblocks._ops.cross_entropy import (
     forward_rows,
     reduce_rows,
 )
-from torchblocks._ops.dense import DenseFunction, MatmulFunction, matmul_into
+from torchblocks._ops.dense import DenseFunction, MatmulFunction, dense_tangent, matmul_into
 from torchblocks._validate import require_class_indices
 
 
@@ -205,6 +209,9 @@ class DenseCrossEntropyFunction(Function):
         ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs
         ctx.options = (ignore_index, reduction, label_smoothing, chunk_rows, grads_now)
         ctx.save_for_backward(input, weight, bias, target, divisor, None if grads_now else held[0])
+        if forward_ad_open():
+            ctx.save_for_forward(input, weight, bias, target, divisor)
+            ctx.held_outputs = len(held)
         # held, not saved: the first backward scales them in place and lets them go
         ctx.gradients = held if grads_now else None
 
@@ -222,7 +229,7 @@ class DenseCrossEntropyFunction(Function):
             scale = grad_output / divisor.clamp(min=1) if reduction == "mean" else grad_output
             row_scale = scale.expand(input.shape[0])
         options = (ignore_index, label_smoothing, chunk_rows)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or batched(grad_output):  # differentiated, or a vmap over the backward
             gradients = differentiable_gradients(input, weight, bias, target, row_scale, *options)
         elif grads_now:
             gradients, ctx.gradients = ctx.gradients, None
@@ -241,6 +248,30 @@ class DenseCrossEntropyFunction(Function):
             grad_input if needs_input else None, grad_weight if needs_weight else None,
             grad_bias if needs_bias else None, None, None, None, None, None, None,
         )
+
+    @staticmethod
+    def jvp(ctx, tangent_input, tangent_weight, tangent_bias, *_):
+        """dloss_i = sum_c g_ic * dz_ic, chunk by chunk: a chunk's logits, g
+        and dz are all of the (R, C) alive at a time. Through the
+        differentiable blocks, as ``differentiable_gradients``, so that the
+        tangent can be differentiated in turn. Reduced as the loss; the other
+        outputs have none."""
+        input, weight, bias, target, divisor = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, chunk_rows, _ = ctx.options
+        acc = accumulation_dtype(input.dtype)
+        tangent_rows = []
+        for chunk in _chunks(input.shape[0], chunk_rows):
+            tangent_logits = dense_tangent(input[chunk], weight, tangent_input[chunk] if tangent_input is not None
+                                           else None, tangent_weight, tangent_bias)
+            logits = DenseFunction.apply(input[chunk], weight, bias, False)
+            lse = _log_sum_exp(logits.detach().to(acc))
+            grad_logits = CrossEntropyBackwardFunction.apply(
+                logits, target[chunk], None, lse, torch.ones_like(lse), ignore_index, label_smoothing)
+            del logits  # before the next chunk's: one chunk alive at a time
+            tangent_rows.append((grad_logits.to(acc) * tangent_logits.to(acc)).sum(dim=1))
+            del grad_logits, tangent_logits
+        tangent_loss = torch.cat(tangent_rows) if tangent_rows else input.new_zeros(0, dtype=acc)
+        return (reduce_rows(tangent_loss, divisor, reduction, input.dtype),) + (None,) * (1 + ctx.held_outputs)
 
     @staticmethod
     def vmap(info, in_dims, *args):

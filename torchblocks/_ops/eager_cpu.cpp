@@ -10,8 +10,10 @@
 // decides when it runs.
 
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <ATen/SavedTensorHooks.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/python_cpp_function.h>
 #include <torch/csrc/utils/pybind.h>  // torch/extension.h without the C++ frontend: 19 s to build, not 26
 
 #include <ATen/OpMathType.h>
@@ -29,8 +31,6 @@
 #include <utility>
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::Function;
 using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
@@ -67,6 +67,21 @@ template <typename NodeHandle, typename... Inputs>
 void attach(const Tensor& output, const NodeHandle& node, const Inputs&... inputs) {
   node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
   torch::autograd::set_history(output, node);
+}
+
+// Whether a saved_tensors_hooks context (save_on_cpu, non-reentrant
+// checkpointing) packs what is saved now: then no gradient is computed in the
+// forward and held beside the saved tensors, where the hooks cannot see it;
+// the backward computes it from the saved inputs.
+bool saved_tensors_hooked() {
+  return at::SavedTensorDefaultHooks::get_hooks().has_value();
+}
+
+// A backward whose incoming gradient is batched (torch.func's vmap, or the
+// legacy one of jacobian(vectorize=True) and gradcheck's batched check) or
+// watched: its held buffers, one per call, cannot take a batched factor in place.
+bool batched_or_watched(const Tensor& grad) {
+  return grad.key_set().has(c10::DispatchKey::Batched) || watched();
 }
 
 // A call that autograd must see in forward mode (a dual tensor) goes to the Python path.
@@ -115,20 +130,25 @@ Tensor relu_out_of_place(const Tensor& input) {
   return output;
 }
 
-// In place, the input's history is rebased onto the node, views of it
-// included: the custom Function's bookkeeping does that.
-struct ReLUInplace : Function<ReLUInplace> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& input) {
+// In place, as torch's generated relu_: the checks of an in-place op on a
+// tensor autograd tracks, one bump of the version counter, and the input's
+// history rebased onto the node (a view's base through CopySlices).
+Tensor relu_in_place(const Tensor& input) {
+  const bool requires_grad = torch::autograd::compute_requires_grad(input);
+  torch::autograd::check_inplace(input, requires_grad);
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // below the version bump too
     input.clamp_min_(0);
-    ctx->mark_dirty({input});
-    ctx->save_for_backward({input});
-    return input;
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grad) {
-    return {at::threshold_backward(grad[0], ctx->get_saved_variables()[0], 0)};
+  torch::autograd::increment_version(input);
+  if (requires_grad) {
+    auto node = make_node<ReLUBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(input));
+    torch::autograd::rebase_history(input, node);
+    node->output_ = SavedVariable(input, /*is_output=*/true, input.is_view());
   }
-};
+  return input;
+}
 
 // Dense: y = act(x @ W^T + b), x (M, K), W (N, K), b (N,)
 //   g = dL/dy * 1[y > 0] under relu, else dL/dy
@@ -343,7 +363,7 @@ Tensor differentiable_gradient(const Tensor& logits, const Tensor& target) {
 struct CrossEntropyBackward : Node {
   SavedVariable logits_, target_;
   int64_t reduction_ = kMean;
-  Tensor gradient_;  // p - onehot(y) from the forward, held, not saved: the first backward scales it in place
+  Tensor gradient_;  // p - onehot(y) from the forward, held (none under saved_tensors_hooks): scaled in place
 
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -354,7 +374,9 @@ struct CrossEntropyBackward : Node {
     const at::ScalarType acc = accumulation_dtype(logits.scalar_type());
     const Tensor row_scale = grad[0].to(acc);  // (R,) for "none", else ()
     Tensor grad_logits;
-    if (at::GradMode::is_enabled()) {  // create_graph: p - onehot(y) again, in differentiable ops
+    if (at::GradMode::is_enabled() || batched_or_watched(grad[0])) {
+      // create_graph, or a vmap over the gradients: p - onehot(y) again, in differentiable ops
+      gradient_ = Tensor();
       const Tensor factor = reduction_ == kMean ? row_scale / logits.size(0)
                             : reduction_ == kNone ? row_scale.unsqueeze(1) : row_scale;
       grad_logits = differentiable_gradient(logits, target) * factor;
@@ -389,7 +411,7 @@ Tensor cross_entropy_rows(const Tensor& logits, const Tensor& target, int64_t re
   RowStats rows;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    rows = forward_rows(logits, target, with_gradient);
+    rows = forward_rows(logits, target, with_gradient && !saved_tensors_hooked());
     loss = rows.loss;
     if (reduction != kNone) {
       loss = loss.sum();
@@ -491,7 +513,7 @@ struct DenseCrossEntropyBackward : Node {
   SavedVariable input_, weight_, bias_, target_;
   int64_t reduction_ = kMean, chunk_rows_ = 1;
   std::array<bool, 3> wanted_{};
-  variable_list gradients_;  // from the forward, held, not saved: the first backward scales them in place
+  variable_list gradients_;  // from the forward (none under saved_tensors_hooks), held: the first backward scales them
 
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -501,7 +523,8 @@ struct DenseCrossEntropyBackward : Node {
     const Tensor input = input_.unpack(), weight = weight_.unpack(), bias = bias_.unpack();
     const Tensor target = target_.unpack();
     const Tensor scale = reduction_ == kMean ? grad[0] / input.size(0) : grad[0];
-    if (at::GradMode::is_enabled()) {
+    if (at::GradMode::is_enabled() || batched_or_watched(grad[0])) {  // create_graph, or a vmap over the gradients
+      gradients_.clear();
       return differentiable_head_gradients(input, weight, bias, target, scale, chunk_rows_);
     }
     // The forward's gradients, let go after their first use; a retained graph's
@@ -531,11 +554,12 @@ Tensor dense_cross_entropy_rows(const Tensor& input, const Tensor& weight, const
   const bool with_gradient = torch::autograd::compute_requires_grad(input, weight, bias);
   const std::array<bool, 3> wanted{with_gradient && input.requires_grad(), with_gradient && weight.requires_grad(),
                                    with_gradient && bias.defined() && bias.requires_grad()};
+  const bool held = with_gradient && !saved_tensors_hooked();  // the gradients, computed now and held
   Tensor loss;
   HeadRows head;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    head = head_rows(input, weight, bias, target, chunk_rows, wanted);
+    head = head_rows(input, weight, bias, target, chunk_rows, held ? wanted : std::array<bool, 3>{});
     loss = head.loss.sum();
     if (reduction == kMean) {
       loss.div_(input.size(0));
@@ -551,7 +575,9 @@ Tensor dense_cross_entropy_rows(const Tensor& input, const Tensor& weight, const
     node->reduction_ = reduction;
     node->chunk_rows_ = chunk_rows;
     node->wanted_ = wanted;
-    node->gradients_ = std::move(head.gradients);
+    if (held) {
+      node->gradients_ = std::move(head.gradients);
+    }
   }
   return loss;
 }
@@ -640,7 +666,7 @@ std::optional<Tensor> relu(const Tensor& input, bool inplace) {
       return std::nullopt;
     }
   }
-  return inplace ? ReLUInplace::apply(input) : relu_out_of_place(input);
+  return inplace ? relu_in_place(input) : relu_out_of_place(input);
 }
 
 // input (*, K) and weight (N, K), bias (N,) or none, of one floating dtype on
@@ -667,6 +693,21 @@ std::optional<Tensor> dense(const Tensor& input, const Tensor& weight, const std
   return dense_rows(input.reshape({rows, weight.size(1)}), weight, bias, relu).reshape(output_shape);
 }
 
+// Each node's own Python type, registered as a torch.autograd.graph.Node (as
+// torch's generated nodes are), so that ``isinstance(y.grad_fn, Node)`` holds
+// and ``type(y.grad_fn).__name__`` names the block.
+template <typename NodeType>
+void register_node_type(pybind11::module_& m, PyTypeObject& type, const char* name) {
+  torch::autograd::_initFunctionPyTypeObject(type, name, nullptr, nullptr);
+  Py_INCREF(&type);
+  torch::autograd::registerCppFunction(typeid(NodeType), &type);
+  const pybind11::handle type_object(reinterpret_cast<PyObject*>(&type));
+  m.attr(name) = type_object;
+  pybind11::module_::import("torch.autograd.graph").attr("Node").attr("register")(type_object);
+}
+
+PyTypeObject relu_backward_type, dense_backward_type, cross_entropy_backward_type, head_backward_type;
+
 }  // namespace torchblocks
 
 using namespace torchblocks;
@@ -678,6 +719,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Python threads go on meanwhile (the arguments are converted before, the
   // result after; a saved-tensor hook takes the GIL itself).
   const auto without_gil = py::call_guard<py::gil_scoped_release>();
+  register_node_type<ReLUBackward>(m, relu_backward_type, "ReLUBackward");
+  register_node_type<DenseBackward>(m, dense_backward_type, "DenseBackward");
+  register_node_type<CrossEntropyBackward>(m, cross_entropy_backward_type, "CrossEntropyBackward");
+  register_node_type<DenseCrossEntropyBackward>(m, head_backward_type, "DenseCrossEntropyBackward");
   m.def("relu", &relu, "relu(input, inplace): max(input, 0) of a plain call, else None", without_gil);
   m.def("dense", &dense,
         "dense(input (*, K), weight (N, K), bias (N,) or None, activation None or 'relu'): "

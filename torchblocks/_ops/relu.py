@@ -4,11 +4,12 @@ Backward (y saved, not x: y > 0 exactly where x > 0):
     dL/dx = dL/dy * 1[y > 0]
 Double backward: the backward is linear in dL/dy and flat in y, so its own
 backward is the same mask, applied to the incoming gradient.
+Forward mode (jvp), with the same mask: dy = dx * 1[y > 0]
 """
 
 import torch
 
-from torchblocks._ops._dispatch import Function, call, custom_op, kernels, pick
+from torchblocks._ops._dispatch import Function, call, custom_op, forward_ad_open, kernels, pick
 from torchblocks._ops._vmap import batch_first
 
 
@@ -54,6 +55,18 @@ def _(grad_output, output):
     return torch.empty_like(output)
 
 
+def relu_in_place(input: torch.Tensor) -> torch.Tensor:
+    """max(input, 0) written into ``input``, which it returns: the in-place op,
+    without autograd's bookkeeping.
+
+    Example::
+
+        >>> relu_in_place(torch.randn(4))
+    """
+    call(torch.ops.torchblocks.relu_, input)
+    return input
+
+
 def _backward_through_the_mask(ctx, grad):
     """The backward of both Functions below, from the saved y: grad * 1[y > 0]
     (none for their second input), by ReLUBackwardFunction, so that it can be
@@ -68,8 +81,14 @@ class ReLUFunction(Function):
     @staticmethod
     def forward(input, inplace):
         if inplace:
-            call(torch.ops.torchblocks.relu_, input)
-            return input
+            # mark_dirty bumps the version counter: the write itself must not, so
+            # that it moves once, as native's relu_ moves it (functional.relu
+            # calls relu_in_place where no graph is recorded); a compiling trace
+            # functionalizes the write and keeps no version counter
+            if torch.compiler.is_compiling():
+                return relu_in_place(input)
+            with torch.autograd._unsafe_preserve_version_counter(input):
+                return relu_in_place(input)
         return call(torch.ops.torchblocks.relu, input)
 
     @staticmethod
@@ -78,8 +97,19 @@ class ReLUFunction(Function):
         if inplace:
             ctx.mark_dirty(input)
         ctx.save_for_backward(output)
+        if forward_ad_open():
+            ctx.save_for_forward(output)
+        ctx.inplace = inplace
 
     backward = staticmethod(_backward_through_the_mask)
+
+    @staticmethod
+    def jvp(ctx, tangent_input, _):
+        """dy = dx * 1[y > 0]; in place, the input's tangent is masked in place,
+        as native's relu_ does (autograd requires it of a dirtied input)."""
+        (output,) = ctx.saved_tensors
+        tangent_output = _relu_backward(tangent_input, output)
+        return tangent_input.copy_(tangent_output) if ctx.inplace else tangent_output
 
     @staticmethod
     def vmap(info, in_dims, input, inplace):
@@ -90,6 +120,7 @@ class ReLUBackwardFunction(Function):
     """dx = dy * 1[y > 0] as a Function of its own, so that a gradient of the
     gradient exists (``create_graph=True``). Linear in dy, piecewise constant in y:
         d(dx)/d(dy) = 1[y > 0]  (this same Function),   d(dx)/dy = 0
+    jvp: d(dx) = d(dy) * 1[y > 0]
     """
 
     @staticmethod
@@ -99,8 +130,16 @@ class ReLUBackwardFunction(Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[1])
+        if forward_ad_open():
+            ctx.save_for_forward(inputs[1])
 
     backward = staticmethod(_backward_through_the_mask)
+
+    @staticmethod
+    def jvp(ctx, tangent_grad_output, _):
+        """d(dx) = d(dy) * 1[y > 0] (flat in y)."""
+        (output,) = ctx.saved_tensors
+        return _relu_backward(tangent_grad_output, output)
 
     @staticmethod
     def vmap(info, in_dims, grad_output, output):
