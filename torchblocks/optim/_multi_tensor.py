@@ -17,8 +17,11 @@ DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are updated
 shard by shard: the update is elementwise, so each rank steps its local
 shards of parameter, gradient and state with no communication. That holds
 for ``Shard`` and ``Replicate`` placements; any other placement raises.
+
+Which implementation stepped what is counted in ``entries_stepped``.
 """
 
+import collections
 from typing import Optional
 
 import torch
@@ -36,6 +39,17 @@ from torch.optim.optimizer import _get_capturable_supported_devices
 from torchblocks import backend
 from torchblocks._ops import _eager_cpu
 from torchblocks._ops._dispatch import kernels
+
+
+# How many entries (a parameter with its gradient and state) each implementation
+# has stepped in this process: "triton", "compiled-cpu" (optim_cpu.cpp) and
+# "reference" (the foreach ops). Tests read it to know which one ran: clear it
+# (or monkeypatch a fresh Counter), step, compare.
+#
+#     >>> entries_stepped.clear(); optimizer.step()
+#     >>> entries_stepped
+#     Counter({'compiled-cpu': 3, 'reference': 1})
+entries_stepped = collections.Counter()
 
 
 def scalar_dtype() -> torch.dtype:
@@ -235,7 +249,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         function named ``compiled``, or with ``reference`` in batches of
         ``reference_batch_elements``: the last for what the others leave, and
         for everything when they are None. The three take the same arguments.
-        DTensors are replaced by their local shards first."""
+        DTensors are replaced by their local shards first; ``entries_stepped``
+        counts what each ran."""
         tensors = {name: None if role is None else [_local(tensor) for tensor in role]
                    for name, role in tensors.items()}
         params = tensors["params"]
@@ -246,13 +261,16 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                     and not any(role[i].is_neg() for role in roles)]  # a lazy negation no pointer carries
             _call(launcher, flat, tensors, per_tensor, options)
             _count_writes(tensors, flat)
+            entries_stepped["triton"] += len(flat)
             flat_set = set(flat)
             indices = [i for i in indices if i not in flat_set]
         elif compiled is not None and (module := _eager_cpu.runs(*params, *tensors["grads"])) is not None:
             left = getattr(module, compiled)(**tensors, **per_tensor, **options)
             left_set = set(left)
             _count_writes(tensors, [i for i in indices if i not in left_set])
+            entries_stepped["compiled-cpu"] += len(params) - len(left)
             indices = left
+        entries_stepped["reference"] += len(indices)
         for batch in _cache_sized_batches(params, indices, self.reference_batch_elements):
             _call(reference, batch, tensors, per_tensor, options)
 
