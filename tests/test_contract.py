@@ -13,11 +13,9 @@ the same numbers, or an error of the same type where native refuses; and it
 asserts which implementation ran: a cell of the compiled path that silently
 took the Python Functions fails, as does one where the compiled path should
 have declined (a trace, a transform) and did not.
-The optimizers' steps have their own, smaller matrix at the end.
+The optimizers' steps have their own, smaller matrix: tests/test_contract_optim.py.
+The ``path`` fixture (tests/conftest.py) puts each implementation in force.
 """
-
-import contextlib
-import os
 
 import pytest
 import torch
@@ -25,75 +23,9 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 import torchblocks.functional as TF
-import torchblocks.optim
 from torchblocks import backend
 from torchblocks._ops import _eager_cpu
 from torchblocks.testing import assert_close
-
-COMPILED_OFF = os.environ.get("TORCHBLOCKS_EAGER_CPU") == "0"
-NO_INTERPRETER = not (backend.TRITON_AVAILABLE and backend.INTERPRETER)
-
-
-# ---- which implementation ran ------------------------------------------------------------------
-
-class Taken:
-    """Counts the calls the compiled module took (returned a result for) and
-    the Triton launches chosen (``backend.use_triton`` answering True)."""
-
-    def __init__(self):
-        self.compiled = 0
-        self.triton = 0
-
-
-class _CountingModule:
-    """The compiled module, each entry point counting the calls it takes."""
-
-    def __init__(self, module, taken):
-        self._module, self._taken = module, taken
-
-    def __getattr__(self, name):
-        entry = getattr(self._module, name)
-        if not callable(entry):
-            return entry
-
-        def counted(*args, **kwargs):
-            result = entry(*args, **kwargs)
-            if result is not None:
-                self._taken.compiled += 1
-            return result
-        return counted
-
-
-PATHS = [
-    pytest.param("compiled", id="compiled-cpu",
-                 marks=pytest.mark.skipif(COMPILED_OFF, reason="TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off")),
-    pytest.param("python", id="python"),
-    pytest.param("triton", id="triton-interpreter", marks=[
-        pytest.mark.triton, pytest.mark.skipif(NO_INTERPRETER, reason="needs triton under TRITON_INTERPRET=1")]),
-]
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    """The implementation in force, and a ``Taken`` counting what ran."""
-    taken = Taken()
-    name = request.param
-    if name == "compiled":
-        module = _eager_cpu.module()
-        assert module is not None, _eager_cpu.build_error()
-        monkeypatch.setattr(_eager_cpu, "_module", _CountingModule(module, taken))
-    else:
-        monkeypatch.setattr(_eager_cpu, "_enabled", False)
-    use_triton = backend.use_triton
-
-    def counting_use_triton(tensor):
-        chosen = use_triton(tensor)
-        taken.triton += bool(chosen)
-        return chosen
-
-    monkeypatch.setattr(backend, "use_triton", counting_use_triton)
-    with torchblocks.use_backend("triton" if name == "triton" else "reference"):
-        yield name, taken
 
 
 # ---- the blocks ----------------------------------------------------------------------------------
