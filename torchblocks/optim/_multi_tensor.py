@@ -255,7 +255,9 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                    for name, role in tensors.items()}
         params = tensors["params"]
         indices = range(len(params))
-        if launcher is not None and backend.use_triton(params[0]):
+        # Under a compiling trace (torch.compile(optimizer.step)) the reference steps on every backend:
+        # dynamo traces its foreach ops, as it traces torch.optim's, and cannot trace a launch's pointer tables.
+        if launcher is not None and not torch.compiler.is_compiling() and backend.use_triton(params[0]):
             roles = [role for role in tensors.values() if role is not None]
             flat = [i for i in indices if kernels._launch.shares_flat_layout(*(role[i] for role in roles))
                     and not any(role[i].is_neg() for role in roles)]  # a lazy negation no pointer carries
