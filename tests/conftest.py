@@ -29,7 +29,7 @@ if not HAS_CUDA:
 
 import torchblocks  # noqa: E402  (after TRITON_INTERPRET is decided)
 from torchblocks import backend  # noqa: E402
-from torchblocks._ops import _eager_cpu  # noqa: E402
+from torchblocks._ops import _dispatch, _eager_cpu  # noqa: E402
 
 NO_CUDA = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 NO_TRITON = pytest.mark.skipif(not backend.TRITON_AVAILABLE, reason="needs triton")
@@ -109,12 +109,16 @@ def target(request, monkeypatch):
 
 
 class Taken:
-    """Counts the calls the compiled module took (returned a result for) and
-    the Triton launches chosen (``backend.use_triton`` answering True)."""
+    """Counts the calls the compiled module took (returned a result for),
+    the times the backend chose Triton (``backend.use_triton`` answering
+    True), and of the calls that then reached a Triton launcher, those it
+    ``launched`` and those it ``declined`` (``_dispatch.triton_declines``)."""
 
     def __init__(self):
         self.compiled = 0
         self.triton = 0
+        self.launched = 0
+        self.declined = 0
 
 
 class _CountingModule:
@@ -163,6 +167,15 @@ def path(request, monkeypatch):
         return chosen
 
     monkeypatch.setattr(backend, "use_triton", counting_use_triton)
+    triton_declines = _dispatch.triton_declines
+
+    def counting_triton_declines(*args):
+        declines = triton_declines(*args)
+        taken.declined += declines
+        taken.launched += not declines
+        return declines
+
+    monkeypatch.setattr(_dispatch, "triton_declines", counting_triton_declines)
     with torchblocks.use_backend("triton" if name == "triton" else "reference"):
         yield name, taken
 
