@@ -187,10 +187,11 @@ TRANSFORMS = [
 
 
 def expected_implementation(path_name, transform, case):
-    """The implementation that must step every entry of a cell: each path's
-    own, but the reference under a compiling trace (dynamo traces the foreach
-    ops; neither the compiled module nor a Triton launch can be traced) and
-    for a capturable step the compiled CPU step has no form of."""
+    """The implementation that must step every entry of a cell: the path's
+    own, but the reference under a compiling trace on every path (dynamo
+    traces the foreach ops; it can trace neither the compiled module nor a
+    Triton launch), and on the compiled path for a capturable step it has no
+    form of (Adam's)."""
     if transform is compiled_step:
         return "reference"
     if path_name == "compiled" and transform is capturable and not case.compiled_capturable:
