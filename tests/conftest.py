@@ -6,6 +6,10 @@ The ``target`` fixture runs a test on each (device, backend) pair, and the
 reference backend on the CPU twice: through the compiled eager path
 (torchblocks/_ops/eager_cpu.cpp) and through the Python Functions; pairs this
 machine cannot run are skipped with the reason, never passed silently.
+The ``path`` fixture of the contract matrices (tests/test_contract.py,
+tests/test_contract_optim.py) runs a test on each CPU implementation (the
+compiled eager path, the Python path, Triton under the interpreter) and
+counts in a ``Taken`` what ran.
 """
 
 import os
@@ -25,13 +29,14 @@ if not HAS_CUDA:
 
 import torchblocks  # noqa: E402  (after TRITON_INTERPRET is decided)
 from torchblocks import backend  # noqa: E402
-from torchblocks._ops import _eager_cpu  # noqa: E402
+from torchblocks._ops import _dispatch, _eager_cpu  # noqa: E402
 
 NO_CUDA = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 NO_TRITON = pytest.mark.skipif(not backend.TRITON_AVAILABLE, reason="needs triton")
 NO_INTERPRETER = pytest.mark.skipif(
     not backend.INTERPRETER, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (set when no GPU is present)"
 )
+COMPILED_OFF = os.environ.get("TORCHBLOCKS_EAGER_CPU") == "0"
 
 TARGETS = [
     pytest.param(("cpu", "reference"), id="reference-cpu"),
@@ -96,6 +101,78 @@ def target(request, monkeypatch):
         monkeypatch.setattr(_eager_cpu, "_enabled", False)
     with torchblocks.use_backend(target.backend):
         yield target
+
+
+class Taken:
+    """Counts the calls the compiled module took (returned a result for),
+    the times the backend chose Triton (``backend.use_triton`` answering
+    True), and of the calls that then reached a Triton launcher, those it
+    ``launched`` and those it ``declined`` (``_dispatch.triton_declines``)."""
+
+    def __init__(self):
+        self.compiled = 0
+        self.triton = 0
+        self.launched = 0
+        self.declined = 0
+
+
+class _CountingModule:
+    """The compiled module, each entry point counting the calls it takes."""
+
+    def __init__(self, module, taken):
+        self._module, self._taken = module, taken
+
+    def __getattr__(self, name):
+        entry = getattr(self._module, name)
+        if not callable(entry):
+            return entry
+
+        def counted(*args, **kwargs):
+            result = entry(*args, **kwargs)
+            if result is not None:
+                self._taken.compiled += 1
+            return result
+        return counted
+
+
+PATHS = [
+    pytest.param("compiled", id="compiled-cpu",
+                 marks=pytest.mark.skipif(COMPILED_OFF, reason="TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off")),
+    pytest.param("python", id="python"),
+    pytest.param("triton", id="triton-interpreter", marks=[pytest.mark.triton, NO_TRITON, NO_INTERPRETER]),
+]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """The implementation in force, and a ``Taken`` counting what ran."""
+    taken = Taken()
+    name = request.param
+    if name == "compiled":
+        module = _eager_cpu.module()
+        assert module is not None, _eager_cpu.build_error()
+        monkeypatch.setattr(_eager_cpu, "_module", _CountingModule(module, taken))
+    else:
+        monkeypatch.setattr(_eager_cpu, "_enabled", False)
+    use_triton = backend.use_triton
+
+    def counting_use_triton(tensor):
+        chosen = use_triton(tensor)
+        taken.triton += bool(chosen)
+        return chosen
+
+    monkeypatch.setattr(backend, "use_triton", counting_use_triton)
+    triton_declines = _dispatch.triton_declines
+
+    def counting_triton_declines(*args):
+        declines = triton_declines(*args)
+        taken.declined += declines
+        taken.launched += not declines
+        return declines
+
+    monkeypatch.setattr(_dispatch, "triton_declines", counting_triton_declines)
+    with torchblocks.use_backend("triton" if name == "triton" else "reference"):
+        yield name, taken
 
 
 def pytest_configure(config):

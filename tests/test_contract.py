@@ -12,12 +12,12 @@ the interpreter). Each cell computes ours and native's in float64 and asserts
 the same numbers, or an error of the same type where native refuses; and it
 asserts which implementation ran: a cell of the compiled path that silently
 took the Python Functions fails, as does one where the compiled path should
-have declined (a trace, a transform) and did not.
-The optimizers' steps have their own, smaller matrix at the end.
+have declined (a trace, a transform) and did not; on the Triton path, that
+the launchers launched, and left to the reference the calls they must (those
+of a jit.trace recording, the legacy vmap's batched gradients) and no other.
+The optimizers' steps have their own, smaller matrix: tests/test_contract_optim.py.
+The ``path`` fixture (tests/conftest.py) puts each implementation in force.
 """
-
-import contextlib
-import os
 
 import pytest
 import torch
@@ -25,75 +25,9 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 import torchblocks.functional as TF
-import torchblocks.optim
 from torchblocks import backend
 from torchblocks._ops import _eager_cpu
 from torchblocks.testing import assert_close
-
-COMPILED_OFF = os.environ.get("TORCHBLOCKS_EAGER_CPU") == "0"
-NO_INTERPRETER = not (backend.TRITON_AVAILABLE and backend.INTERPRETER)
-
-
-# ---- which implementation ran ------------------------------------------------------------------
-
-class Taken:
-    """Counts the calls the compiled module took (returned a result for) and
-    the Triton launches chosen (``backend.use_triton`` answering True)."""
-
-    def __init__(self):
-        self.compiled = 0
-        self.triton = 0
-
-
-class _CountingModule:
-    """The compiled module, each entry point counting the calls it takes."""
-
-    def __init__(self, module, taken):
-        self._module, self._taken = module, taken
-
-    def __getattr__(self, name):
-        entry = getattr(self._module, name)
-        if not callable(entry):
-            return entry
-
-        def counted(*args, **kwargs):
-            result = entry(*args, **kwargs)
-            if result is not None:
-                self._taken.compiled += 1
-            return result
-        return counted
-
-
-PATHS = [
-    pytest.param("compiled", id="compiled-cpu",
-                 marks=pytest.mark.skipif(COMPILED_OFF, reason="TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off")),
-    pytest.param("python", id="python"),
-    pytest.param("triton", id="triton-interpreter", marks=[
-        pytest.mark.triton, pytest.mark.skipif(NO_INTERPRETER, reason="needs triton under TRITON_INTERPRET=1")]),
-]
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    """The implementation in force, and a ``Taken`` counting what ran."""
-    taken = Taken()
-    name = request.param
-    if name == "compiled":
-        module = _eager_cpu.module()
-        assert module is not None, _eager_cpu.build_error()
-        monkeypatch.setattr(_eager_cpu, "_module", _CountingModule(module, taken))
-    else:
-        monkeypatch.setattr(_eager_cpu, "_enabled", False)
-    use_triton = backend.use_triton
-
-    def counting_use_triton(tensor):
-        chosen = use_triton(tensor)
-        taken.triton += bool(chosen)
-        return chosen
-
-    monkeypatch.setattr(backend, "use_triton", counting_use_triton)
-    with torchblocks.use_backend("triton" if name == "triton" else "reference"):
-        yield name, taken
 
 
 # ---- the blocks ----------------------------------------------------------------------------------
@@ -409,11 +343,10 @@ TRANSFORMS = [  # (transform, whether the compiled path must decline under it)
 ]
 
 
-# Open on the Triton path: the launchers get what they cannot launch on.
-TRITON_OPEN = {
-    jit_trace: "issue 35: under torch.jit.trace the Triton launchers receive traced values (InterpreterError)",
-    jacobian_vectorized: "issue 35: the legacy vmap's batched gradients reach the Triton launchers, which "
-                         "need storage (NotImplementedError: Cannot access storage of BatchedTensorImpl)",
+# Where the Triton launchers leave calls to the reference (_dispatch.triton_declines), and why.
+TRITON_DECLINES = {
+    jit_trace: "while torch.jit.trace records, sizes are traced values (the replays launch)",
+    jacobian_vectorized: "the legacy vmap's batched gradients reach the backward, with no storage to launch on",
 }
 
 
@@ -428,8 +361,6 @@ def _outcome(transform, fn, block):
 @pytest.mark.parametrize("transform, declines", TRANSFORMS)
 def test_contract(transform, declines, block, path):
     name, taken = path
-    if name == "triton" and block.triton_takes and transform in TRITON_OPEN:
-        pytest.xfail(TRITON_OPEN[transform])
     native, native_error = _outcome(transform, block.native, block)
     ours, our_error = _outcome(transform, block.ours, block)
     if native_error is not None:
@@ -448,6 +379,10 @@ def test_contract(transform, declines, block, path):
     else:
         assert taken.compiled == 0
     if name == "triton" and block.triton_takes:
-        assert taken.triton > 0, "no Triton kernel was chosen"
+        assert taken.launched > 0, "no Triton kernel was launched"
+        if transform in TRITON_DECLINES:
+            assert taken.declined > 0, f"the Triton launchers took every call: {TRITON_DECLINES[transform]}"
+        else:
+            assert taken.declined == 0, "a Triton launcher left a call to the reference"
     else:
-        assert taken.triton == 0
+        assert taken.triton == taken.launched == taken.declined == 0

@@ -11,8 +11,12 @@ the torch profiler (which then lists ``torchblocks::<op>``).
 ``Function`` likewise spares plain eager calls the signature binding that
 ``torch.autograd.Function.apply`` redoes on every call, and with gradients
 off (inference, a backward that builds no graph) runs the forward alone.
+``pick`` chooses an op's implementation; where it chooses Triton, a call the
+launcher cannot take (one that torch.jit.trace records, a batched tensor of
+the legacy vmap or of torch.func) goes to the reference (``triton_declines``).
 """
 
+import functools
 import importlib
 import inspect
 from typing import Callable, Dict
@@ -42,13 +46,44 @@ _BODIES: Dict[str, Callable] = {}
 def pick(tensor: torch.Tensor, triton: Callable, reference: Callable) -> Callable:
     """The implementation of an op for ``tensor`` under the backend in force:
     ``triton`` (a launcher of ``torchblocks.kernels``) or ``reference`` (the
-    same call in plain PyTorch, with the same arguments and results).
+    same call in plain PyTorch, with the same arguments and results). Where
+    the backend chooses Triton, the launcher still leaves to the reference a
+    call it cannot launch on (``triton_declines``).
 
     Example::
 
         >>> pick(x, kernels.relu.relu_forward, _relu_forward)(x)
     """
-    return triton if backend.use_triton(tensor) else reference
+    if not backend.use_triton(tensor):
+        return reference
+    return functools.partial(_triton_unless_declined, triton, reference)
+
+
+def triton_declines(*args) -> bool:
+    """Whether a Triton launch must leave a call with ``args`` to the
+    reference, which computes it as native ops would:
+
+    - while ``torch.jit.trace`` records: sizes are traced values there, which
+      a launcher's grid and offsets cannot take; the trace records the
+      reference's ops inside the autograd Function's node (a ``PythonOp``),
+      and replaying the trace runs the Function again, untraced, so Triton
+      computes the replays;
+    - for a batched tensor: the legacy vmap's (``jacobian(vectorize=True)``,
+      gradcheck's batched gradients: it reaches a backward as the gradient)
+      or one wrapped by a torch.func transform. It has no storage of its own
+      for a kernel to point at; the reference's ops are batched by vmap.
+    """
+    if torch.jit.is_tracing():
+        return True
+    functorch = torch._C._functorch
+    return any(isinstance(arg, torch.Tensor)
+               and (functorch.is_legacy_batchedtensor(arg) or functorch.is_functorch_wrapped_tensor(arg))
+               for arg in args)
+
+
+def _triton_unless_declined(triton: Callable, reference: Callable, *args, **kwargs):
+    chosen = reference if triton_declines(*args, *kwargs.values()) else triton
+    return chosen(*args, **kwargs)
 
 
 def custom_op(name: str, mutates_args=()):

@@ -36,6 +36,8 @@ DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are updated
 shard by shard: the update is elementwise, so each rank steps its local
 shards of parameter, gradient and state with no communication. That holds
 for ``Shard`` and ``Replicate`` placements; any other placement raises.
+
+Which implementation stepped what is counted in ``entries_stepped``.
 """
 
 import collections
@@ -281,7 +283,9 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         params = tensors["params"]
         indices = range(len(params))
         strided = not tensors["grads"][0].is_sparse  # one layout a list: sparse ones take the reference
-        if strided and launcher is not None and backend.use_triton(params[0]):
+        # Under a compiling trace (torch.compile(optimizer.step)) the reference steps on every backend:
+        # dynamo traces its foreach ops, as it traces torch.optim's, and cannot trace a launch's pointer tables.
+        if strided and launcher is not None and not torch.compiler.is_compiling() and backend.use_triton(params[0]):
             roles = [role for role in tensors.values() if role is not None]
             flat = [i for i in indices if kernels._launch.shares_flat_layout(*(role[i] for role in roles))
                     and not any(role[i].is_neg() for role in roles)]  # a lazy negation no pointer carries
