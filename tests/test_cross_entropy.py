@@ -155,7 +155,7 @@ def test_gradcheck(target, kind, reduction):
         inputs = (x, probabilities)
         fn = lambda x, t: torchblocks.functional.softmax_cross_entropy(  # noqa: E731
             x, t, weight, reduction=reduction, label_smoothing=0.2)
-    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradcheck(fn, inputs, check_batched_grad=True)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -86,7 +86,7 @@ def test_gradcheck(target, bias, activation):
     b = randn(4, dtype=torch.float64, device=target.device, seed=2).requires_grad_() if bias else None
     inputs = (x, w, b) if bias else (x, w)
     assert torch.autograd.gradcheck(
-        lambda *args: torchblocks.functional.dense(*args, activation=activation), inputs
+        lambda *args: torchblocks.functional.dense(*args, activation=activation), inputs, check_batched_grad=True
     )
 
 

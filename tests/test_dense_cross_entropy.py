@@ -171,7 +171,7 @@ def test_gradcheck(target, reduction):
     assert torch.autograd.gradcheck(
         lambda x, w, b: torchblocks.functional.dense_cross_entropy(
             x, w, y, b, reduction=reduction, label_smoothing=0.1, chunk_rows=3),
-        (x, w, b),
+        (x, w, b), check_batched_grad=True,
     )
 
 

@@ -231,8 +231,8 @@ def test_gradcheck_and_gradgradcheck(block):
     }[block]
     inputs = [t.detach().requires_grad_() for t in inputs]
     assert from_eager_cpu(fn(*inputs).grad_fn) or OFF
-    assert torch.autograd.gradcheck(fn, inputs)
-    assert torch.autograd.gradgradcheck(fn, inputs)
+    assert torch.autograd.gradcheck(fn, inputs, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(fn, inputs, check_batched_grad=True)
 
 
 NODE_CALLS = {  # block: (fn of leaves, leaves); every input the node saves is a leaf here

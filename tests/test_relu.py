@@ -111,8 +111,9 @@ def test_saves_only_the_output(target, inplace):
 def test_gradcheck(target, shape):
     x = make_input(shape, torch.float64, target.device)
     x = (x + 0.1 * x.sign()).requires_grad_()  # off the kink at 0
-    assert torch.autograd.gradcheck(torchblocks.functional.relu, (x,))
-    assert torch.autograd.gradcheck(lambda t: torchblocks.functional.relu(t * 1, inplace=True), (x,))
+    assert torch.autograd.gradcheck(torchblocks.functional.relu, (x,), check_batched_grad=True)
+    assert torch.autograd.gradcheck(lambda t: torchblocks.functional.relu(t * 1, inplace=True), (x,),
+                                    check_batched_grad=True)
 
 
 @pytest.mark.parametrize("inplace", [False, True])
