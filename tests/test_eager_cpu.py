@@ -274,15 +274,24 @@ def test_the_nodes_keep_autograds_contract(block):
 
 @pytest.mark.skipif(OFF, reason="TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off")
 @pytest.mark.parametrize("block", NODE_CALLS)
-def test_dual_tensors_take_the_python_path(block):
+def test_dual_tensors_take_the_python_path(block, monkeypatch):
     """The nodes carry no forward-mode derivative: a dual tensor goes to the
-    Python Functions, which say so, rather than losing its tangent."""
+    Python Functions, whose jvp gives the tangent (tests/test_contract.py
+    holds it against native's), rather than losing it."""
     fn, leaves = NODE_CALLS[block]
     inputs = [leaf.detach() for leaf in leaves()]
-    with torch.autograd.forward_ad.dual_level():
-        inputs[0] = torch.autograd.forward_ad.make_dual(inputs[0], torch.ones_like(inputs[0]))
-        with pytest.raises(NotImplementedError, match="jvp"):
-            fn(*inputs)
+
+    def primal_and_tangent():
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(inputs[0], torch.linspace(-1, 1, inputs[0].numel()).view_as(
+                inputs[0]))
+            return torch.autograd.forward_ad.unpack_dual(fn(dual, *inputs[1:]))
+
+    output, tangent = primal_and_tangent()
+    monkeypatch.setattr(_eager_cpu, "_enabled", False)
+    python_output, python_tangent = primal_and_tangent()
+    assert tangent is not None and torch.count_nonzero(tangent) > 0
+    assert torch.equal(output, python_output) and torch.equal(tangent, python_tangent)
 
 
 def test_a_retained_graph_gives_the_same_gradient_twice():

@@ -132,18 +132,23 @@ Tensor relu_out_of_place(const Tensor& input) {
 
 // In place, as torch's generated relu_: the checks of an in-place op on a
 // tensor autograd tracks, one bump of the version counter, and the input's
-// history rebased onto the node (a view's base through CopySlices).
+// history rebased onto the node (a view's base through CopySlices). The
+// node's edges are taken before the write: after the version bump, reading a
+// view's grad_fn would regenerate it on the old base, and the rebase would not.
 Tensor relu_in_place(const Tensor& input) {
   const bool requires_grad = torch::autograd::compute_requires_grad(input);
   torch::autograd::check_inplace(input, requires_grad);
+  decltype(make_node<ReLUBackward>()) node;
+  if (requires_grad) {
+    node = make_node<ReLUBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(input));
+  }
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // below the version bump too
     input.clamp_min_(0);
   }
   torch::autograd::increment_version(input);
-  if (requires_grad) {
-    auto node = make_node<ReLUBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(input));
+  if (node) {
     torch::autograd::rebase_history(input, node);
     node->output_ = SavedVariable(input, /*is_output=*/true, input.is_view());
   }
