@@ -6,6 +6,13 @@ The ``target`` fixture runs a test on each (device, backend) pair, and the
 reference backend on the CPU twice: through the compiled eager path
 (torchblocks/_ops/eager_cpu.cpp) and through the Python Functions; pairs this
 machine cannot run are skipped with the reason, never passed silently.
+The ``reference-cpu`` label is true by construction: the compiled module's
+calls are counted there, and a passing test none of whose calls reached it
+fails at teardown. A test (or a ``pytest.param`` case) whose calls all take
+the Python path is marked ``python_path``: its ``reference-cpu`` variant is
+deselected at collection (not skipped: it would only repeat
+``reference-cpu-python``, and CI time is short), so ``reference-cpu-python``
+is its one CPU reference variant.
 The ``path`` fixture of the contract matrices (tests/test_contract.py,
 tests/test_contract_optim.py) runs a test on each CPU implementation (the
 compiled eager path, the Python path, Triton under the interpreter) and
@@ -94,17 +101,28 @@ def borrowing_venv(tmp_path):
 
 @pytest.fixture(params=TARGETS)
 def target(request, monkeypatch):
+    """The ``Target`` in force. On ``reference-cpu`` the compiled module's
+    calls are counted, and a test that passed without one fails at teardown."""
     target = Target(*request.param)
+    taken = None
     if target.python_eager:
-        if request.node.get_closest_marker("no_compiled_eager"):
-            pytest.skip("no call here takes the compiled eager CPU path, so reference-cpu covers the Python path")
         monkeypatch.setattr(_eager_cpu, "_enabled", False)
+    elif target.device == "cpu" and target.backend == "reference":
+        if COMPILED_OFF:
+            pytest.skip("TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off: reference-cpu-python covers it")
+        taken = Taken()
+        _count_compiled_calls(monkeypatch, taken)
     with torchblocks.use_backend(target.backend):
         yield target
+    if taken is not None and taken.compiled == 0 and _passed(request.node):
+        pytest.fail("labelled reference-cpu but nothing reached the compiled path: mark it `python_path` "
+                    "(the test, or its pytest.param cases) if its calls are meant for the Python path",
+                    pytrace=False)
 
 
 class Taken:
-    """Counts the calls the compiled module took (returned a result for),
+    """Counts the calls the compiled module took (returned a result for, or
+    raised from: a call it declines returns None),
     the times the backend chose Triton (``backend.use_triton`` answering
     True), and of the calls that then reached a Triton launcher, those it
     ``launched`` and those it ``declined`` (``_dispatch.triton_declines``)."""
@@ -128,11 +146,41 @@ class _CountingModule:
             return entry
 
         def counted(*args, **kwargs):
-            result = entry(*args, **kwargs)
+            try:
+                result = entry(*args, **kwargs)
+            except Exception:  # raised from C++: an entry point that declines returns None
+                self._taken.compiled += 1
+                raise
             if result is not None:
                 self._taken.compiled += 1
             return result
         return counted
+
+
+def _count_compiled_calls(monkeypatch, taken):
+    """Puts the compiled module, counting into ``taken`` the calls it takes,
+    where ``_eager_cpu.runs`` and ``_eager_cpu.module`` hand it out."""
+    module = _eager_cpu.module()
+    assert module is not None, _eager_cpu.build_error()
+    monkeypatch.setattr(_eager_cpu, "_module", _CountingModule(module, taken))
+
+
+CALL_REPORT = pytest.StashKey()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps the report of a test's call phase on the item, for ``_passed``."""
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_REPORT] = report
+    return report
+
+
+def _passed(item) -> bool:
+    """Whether the test body of ``item`` ran and passed (not failed, not skipped)."""
+    report = item.stash.get(CALL_REPORT, None)
+    return report is not None and report.passed
 
 
 PATHS = [
@@ -149,9 +197,7 @@ def path(request, monkeypatch):
     taken = Taken()
     name = request.param
     if name == "compiled":
-        module = _eager_cpu.module()
-        assert module is not None, _eager_cpu.build_error()
-        monkeypatch.setattr(_eager_cpu, "_module", _CountingModule(module, taken))
+        _count_compiled_calls(monkeypatch, taken)
     else:
         monkeypatch.setattr(_eager_cpu, "_enabled", False)
     use_triton = backend.use_triton
@@ -180,7 +226,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
     config.addinivalue_line("markers", "eager_cpu: the compiled eager CPU path itself (scripts/gpu.sh runs these too, "
                                        "against the GPU machine's own torch)")
-    config.addinivalue_line("markers", "no_compiled_eager: no call in the module takes the compiled eager CPU path "
-                                       "(its reference-cpu-python target would repeat reference-cpu)")
+    config.addinivalue_line("markers", "python_path: every call takes the Python path, so the reference-cpu variant "
+                                       "is deselected and reference-cpu-python is the one CPU reference variant")
     # the interpreter computes with numpy, which warns on the inf and NaN some cases feed it on purpose
     config.addinivalue_line("filterwarnings", r"ignore::RuntimeWarning:triton\.runtime\.interpreter")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselects the ``reference-cpu`` variant of each ``python_path`` test or
+    case: its calls take the Python path, so it would repeat
+    ``reference-cpu-python`` while looking like coverage of the compiled one."""
+    kept, dropped = [], []
+    for item in items:
+        on_compiled_target = getattr(item, "callspec", None) is not None and \
+            item.callspec.params.get("target") == ("cpu", "reference")
+        (dropped if on_compiled_target and item.get_closest_marker("python_path") else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

@@ -11,6 +11,11 @@ from torchblocks.testing import (assert_close, assert_compiled_matches_eager, as
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 FORMS = {"(C)": ((7,), ()), "(N, C)": ((6, 7), (6,)), "(N, C, d1, d2)": ((2, 7, 3, 2), (2, 3, 2))}
+# The compiled eager path takes plain (N, C) logits with class indices, none
+# ignored, no weight, no label smoothing, no inplace_backward: a case or test
+# with any other marked python_path, its reference-cpu variant not generated.
+PYTHON_PATH = pytest.mark.python_path
+FORM_CASES = [pytest.param(form, marks=() if form == "(N, C)" else PYTHON_PATH) for form in FORMS]
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", seed=0, scale=3.0):
@@ -48,14 +53,16 @@ def check_against_native(x, target, **options):
     assert_parity(ours, native, inputs, grad_inputs=[True, probabilities, probabilities][:len(inputs)])
 
 
-INDEX_OPTIONS = list(itertools.product(["none", "mean", "sum"], [False, True], [False, True], [0.0, 0.25]))
+INDEX_OPTIONS = [
+    pytest.param(*options, id="-".join(map(str, options)), marks=PYTHON_PATH if any(options[1:]) else ())
+    for options in itertools.product(["none", "mean", "sum"], [False, True], [False, True], [0.0, 0.25])
+]
 PROBABILITY_OPTIONS = list(itertools.product(["none", "mean", "sum"], [False, True], [0.0, 0.25]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("reduction, weighted, ignore, smoothing", INDEX_OPTIONS,
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize("form", FORM_CASES)
+@pytest.mark.parametrize("reduction, weighted, ignore, smoothing", INDEX_OPTIONS)
 def test_parity_index_targets(target, form, dtype, reduction, weighted, ignore, smoothing):
     input_shape, target_shape = FORMS[form]
     classes = input_shape[0] if len(input_shape) == 1 else input_shape[1]
@@ -66,6 +73,7 @@ def test_parity_index_targets(target, form, dtype, reduction, weighted, ignore, 
                          index_target(target_shape, classes, target.device, ignore), **options)
 
 
+@PYTHON_PATH  # probabilities
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("reduction, weighted, smoothing", PROBABILITY_OPTIONS, ids=lambda v: str(v))
@@ -81,7 +89,7 @@ def test_parity_probability_targets(target, form, dtype, reduction, weighted, sm
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("classes", [1, 2, 4099], ids=lambda c: f"C={c}")
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("smoothing", [0.0, pytest.param(0.1, marks=PYTHON_PATH)])
 def test_row_lengths(target, classes, smoothing, dtype):
     # 4099 is longer than one chunk of the kernel (MAX_BLOCK_C = 4096); in
     # float16 native's smoothing term overflows there, and ours stays finite
@@ -89,6 +97,7 @@ def test_row_lengths(target, classes, smoothing, dtype):
                          index_target((3,), classes, target.device), label_smoothing=smoothing)
 
 
+@PYTHON_PATH  # ignored rows
 @pytest.mark.parametrize("classes", [3, 10, 32, 300], ids=lambda c: f"C={c}")
 @pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace_backward"])
 @pytest.mark.parametrize("weighted, smoothing", [(False, 0.0), (True, 0.1)], ids=["plain", "weighted-smoothed"])
@@ -103,7 +112,7 @@ def test_short_rows_several_to_a_program(target, classes, inplace, weighted, smo
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("smoothing", [0.0, pytest.param(0.1, marks=PYTHON_PATH)])
 def test_extreme_and_non_finite_logits(target, dtype, smoothing):
     inf, nan = float("inf"), float("nan")
     x = torch.tensor([
@@ -125,6 +134,7 @@ def test_first_and_last_class_and_uint8_targets(target):
     check_against_native(x, torch.tensor([0, 8, 3, 8], dtype=torch.uint8, device=target.device))
 
 
+@PYTHON_PATH  # ignored rows
 @pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace_backward"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_targets_ignored(target, reduction, inplace):
@@ -134,12 +144,14 @@ def test_all_targets_ignored(target, reduction, inplace):
                          ignore_index=2, reduction=reduction, weight=torch.rand(4, device=target.device))
 
 
+@PYTHON_PATH  # no rows
 def test_empty_batch(target):
     check_against_native(randn(0, 4, device=target.device), torch.zeros(0, dtype=torch.long, device=target.device))
     check_against_native(randn(0, 4, device=target.device), torch.zeros(0, dtype=torch.long, device=target.device),
                          reduction="sum")
 
 
+@PYTHON_PATH  # ignored rows, weights, smoothing, probabilities
 @pytest.mark.parametrize("kind", ["index", "probability"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck(target, kind, reduction):
@@ -158,6 +170,7 @@ def test_gradcheck(target, kind, reduction):
     assert torch.autograd.gradcheck(fn, inputs, check_batched_grad=True)
 
 
+@PYTHON_PATH  # inplace_backward
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_inplace_backward_matches_and_reuses_the_logits_storage(target, reduction):
     x = randn(5, 6, device=target.device)
@@ -171,6 +184,7 @@ def test_inplace_backward_matches_and_reuses_the_logits_storage(target, reductio
     assert_close(logits.detach(), expected, what="logits storage after the forward pass (the gradient)")
 
 
+@PYTHON_PATH  # inplace_backward
 def test_inplace_backward_misuse_is_caught_not_wrong(target):
     x = randn(4, 5, device=target.device).requires_grad_()
     labels = index_target((4,), 5, target.device)
@@ -186,6 +200,7 @@ def test_inplace_backward_misuse_is_caught_not_wrong(target):
         twice.backward()
 
 
+@PYTHON_PATH  # the reference's own functions, called directly
 def test_out_of_range_index_without_a_host_check_gives_nan(target):
     # what a CUDA tensor meets below the CPU-only check: no host sync, no
     # out-of-bounds read, a NaN loss and gradient for the row
@@ -257,6 +272,7 @@ def test_out_of_range_label_smoothing_below_zero_means_none_as_in_native():
                          F.cross_entropy(x, target, label_smoothing=smoothing))
 
 
+@PYTHON_PATH  # probabilities
 @pytest.mark.parametrize("target_dtype", [torch.float64, torch.float16], ids=str)
 def test_probability_targets_of_another_dtype_promote_like_native(target, target_dtype):
     x = randn(4, 5, device=target.device)

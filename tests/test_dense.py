@@ -155,6 +155,7 @@ def test_torch_compile_fullgraph_matches_eager(target):
     assert_compiled_matches_eager(model, [randn(5, 12, device=target.device)], reduce=lambda y: y.square().sum())
 
 
+@pytest.mark.python_path  # autocast
 def test_autocast_gives_the_native_dtype(target):
     x = randn(6, 8, device=target.device)
     w = randn(4, 8, device=target.device, seed=1).requires_grad_()

@@ -41,7 +41,7 @@ def check_against_unfused(x, w, b, target, **options):
     )
 
 
-@pytest.mark.no_compiled_eager  # ignored rows: the Python path on either reference-cpu target
+@pytest.mark.python_path  # ignored rows: the Python path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("chunk_rows", [None, 1, 4, 16, 64], ids=lambda c: f"chunk={c}")
 @pytest.mark.parametrize("reduction, bias, smoothing", list(itertools.product(["mean", "sum", "none"], [True, False],
@@ -68,7 +68,7 @@ def test_plain_calls_equal_the_unfused_pair(target, chunk_rows, dtype, reduction
     check_against_unfused(x, w, b, y, reduction=reduction, chunk_rows=chunk_rows)
 
 
-@pytest.mark.no_compiled_eager  # 16 bits: the Python path
+@pytest.mark.python_path  # 16 bits: the Python path
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_is_as_close_to_float64_as_the_unfused_pair(target, dtype, reduction):
@@ -90,7 +90,7 @@ def test_half_precision_is_as_close_to_float64_as_the_unfused_pair(target, dtype
                   [x, w, labels((rows,), classes, target.device), b], twin_factor=1.02)
 
 
-@pytest.mark.no_compiled_eager  # a dispatch mode watches: the Python path
+@pytest.mark.python_path  # a dispatch mode watches: the Python path
 def test_backward_scales_the_forward_gradients_in_place(target):
     """The forward of a "mean" head computes dL/dx, dL/dW and dL/db; the
     backward only scales them, in place: it allocates nothing the size of x
@@ -114,7 +114,7 @@ def test_backward_scales_the_forward_gradients_in_place(target):
     assert_close(w.grad, native_w.grad)
 
 
-@pytest.mark.no_compiled_eager  # "none": the Python path
+@pytest.mark.python_path  # "none": the Python path
 def test_none_backward_starts_from_the_saved_lse(target, monkeypatch):
     """reduction="none": the forward keeps lse_i; the backward recomputes each
     chunk's logits and takes the gradient from them, lse_i and its s_i
@@ -140,7 +140,7 @@ def test_none_backward_starts_from_the_saved_lse(target, monkeypatch):
     assert_close(w.grad, native_w.grad)
 
 
-@pytest.mark.no_compiled_eager  # ignored rows: the Python path
+@pytest.mark.python_path  # ignored rows: the Python path
 def test_leading_dimensions_and_ignore_index(target):
     x = randn(3, 5, 8, device=target.device)
     check_against_unfused(x, randn(11, 8, device=target.device, seed=2), randn(11, device=target.device, seed=3),
@@ -161,7 +161,7 @@ def test_only_some_inputs_need_gradients(target):
     assert_close(w.grad, native_w.grad)
 
 
-@pytest.mark.no_compiled_eager  # label smoothing: the Python path
+@pytest.mark.python_path  # label smoothing: the Python path
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_gradcheck(target, reduction):
     x = randn(7, 3, dtype=torch.float64, device=target.device).requires_grad_()

@@ -1,6 +1,7 @@
 """Plain eager calls run a custom op's body directly; everything that must see
 the op (a dispatch mode, fake tensors, a compiling trace) still gets it."""
 
+import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -8,6 +9,7 @@ import torchblocks
 from torchblocks._ops import _dispatch, _eager_cpu
 
 
+@pytest.mark.python_path  # the compiled eager path turned off: the Python Functions are what it tests
 def test_eager_calls_skip_the_dispatcher_and_modes_see_the_op(target, monkeypatch, op_names):
     monkeypatch.setattr(_eager_cpu, "_enabled", False)  # the Python Functions' path, the one with custom ops
     direct = []
@@ -26,6 +28,7 @@ def test_eager_calls_skip_the_dispatcher_and_modes_see_the_op(target, monkeypatc
     assert fake.shape == (3, 5) and len(direct) == 1
 
 
+@pytest.mark.python_path  # a compiling trace
 def test_a_compiled_call_keeps_the_op_in_its_graph(target):
     graphs = []
 

@@ -67,6 +67,7 @@ def assert_runs_as_blocks(model, inputs):
     return {name for name in events if name.startswith("torchblocks::")}
 
 
+@pytest.mark.python_path  # the profiler watches every call
 def test_functional_calls_run_as_blocks(target):
     model = Functional().to(target.device)
     x, labels = randn(6, 8, device=target.device, seed=5), torch.tensor([0, 4, 2, 1, 3, 0], device=target.device)
@@ -79,6 +80,7 @@ class SelfAttention(nn.MultiheadAttention):
         return super().forward(x, x, x)[0]
 
 
+@pytest.mark.python_path  # the profiler watches every call
 def test_multihead_attention_and_encoder_layer_run_as_blocks(target):
     """Their projections run inside F.multi_head_attention_forward, the
     encoder layer's ReLU is a functional call."""

@@ -8,7 +8,7 @@ import torch
 import torchblocks
 from torchblocks.cli.bench import step
 
-pytestmark = pytest.mark.no_compiled_eager
+pytestmark = pytest.mark.python_path
 
 # (Triton launches, other tensor ops, allocations, host-to-device uploads), by
 # device and backend, measured when this test was written (a lower count is
