@@ -27,6 +27,7 @@ setup(
     # hf: torchblocks.hf and patch()'s Hugging Face path; the tests run it, and
     # build wheels without build isolation (setuptools has bdist_wheel from 70.1)
     extras_require={"plot": ["matplotlib"], "hf": ["transformers>=4.46"],
-                    "test": ["pytest", "matplotlib", "transformers>=4.46", "setuptools>=70.1"]},
+                    "test": ["pytest", "pytest-xdist", "matplotlib", "transformers>=4.46",
+                             "setuptools>=70.1"]},
     entry_points={"console_scripts": ["torchblocks = torchblocks.cli:main"]},
 )

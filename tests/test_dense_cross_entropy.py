@@ -43,7 +43,7 @@ def check_against_unfused(x, w, b, target, **options):
 
 @pytest.mark.python_path  # ignored rows: the Python path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("chunk_rows", [None, 1, 4, 16, 64], ids=lambda c: f"chunk={c}")
+@pytest.mark.parametrize("chunk_rows", [None, 1, 16], ids=lambda c: f"chunk={c}")  # one, 37, 3 chunks
 @pytest.mark.parametrize("reduction, bias, smoothing", list(itertools.product(["mean", "sum", "none"], [True, False],
                                                                               [0.0, 0.2])), ids=str)
 def test_equals_the_unfused_pair(target, chunk_rows, dtype, reduction, bias, smoothing):
