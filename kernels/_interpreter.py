@@ -21,7 +21,14 @@ nearest even raise; a bf16 ``tl.cumsum`` adds in float32 and rounds each
 prefix once. Only the interpreter's builder and helpers change: a kernel
 compiled for a GPU never meets them, and ``_launch`` installs this only under
 the interpreter.
+
+``install_patch_once`` spares the interpreter a cost it pays on every call of
+a ``@triton.jit`` helper: re-patching all of ``triton.language`` (``inspect``
+over hundreds of members, about 2 ms), although the launch has patched it
+already; half the time of an optimizer step under the interpreter.
 """
+
+import inspect
 
 import numpy as np
 import triton.language as tl
@@ -165,3 +172,46 @@ def install_bfloat16() -> None:
     builder.create_fp_to_fp, builder.create_bitcast, builder.create_fabs = fp_to_fp, create_bitcast, create_fabs
     builder.create_atomic_rmw, builder.create_atomic_cas = atomic_rmw, atomic_cas
     interpreter.ReduceOps.sum = pairwise_sum
+
+
+def install_patch_once() -> None:
+    """Make triton's interpreter patch ``triton.language`` once per launch:
+    a helper called from a running kernel, whose globals see only language
+    modules the launch has patched, gets an empty patch scope instead of a
+    second patching of the same attributes (the patches are global, keyed by
+    the modules alone, and the launch's scope restores them when the grid is
+    done). A second call does nothing.
+
+    Example::
+
+        >>> install_patch_once()  # then launch any kernel under TRITON_INTERPRET=1
+    """
+    from triton.runtime import interpreter
+
+    patch_lang = interpreter._patch_lang
+    if getattr(patch_lang, "once_per_launch", False):
+        return
+    patched = set()  # ids of the language modules the running launch has patched
+    languages = {}  # a function -> the ids of the language modules its globals see
+
+    def patch_lang_once(fn):
+        wanted = languages.get(fn)
+        if wanted is None:
+            wanted = languages[fn] = {id(value) for value in fn.__globals__.values()
+                                      if inspect.ismodule(value) and value in (tl, tl.core)}
+        if patched and wanted <= patched:
+            return interpreter._LangPatchScope()
+        scope = patch_lang(fn)
+        if not patched:  # the launch's own scope: restoring it ends the launch
+            restore = scope.restore
+
+            def restore_and_forget() -> None:
+                patched.clear()
+                restore()
+
+            scope.restore = restore_and_forget
+        patched.update(wanted)
+        return scope
+
+    patch_lang_once.once_per_launch = True
+    interpreter._patch_lang = patch_lang_once

@@ -1,7 +1,8 @@
 """What the launchers share: block sizes, the grid, the device guard, dtype
 tables, and the host-side description of a strided layout that
 ``element_offsets`` reads. Under the Triton interpreter, importing it makes
-the interpreter compute bfloat16 as a GPU does (``_interpreter``)."""
+the interpreter compute bfloat16 as a GPU does and patch the language once per
+launch (``_interpreter``)."""
 
 import contextlib
 
@@ -10,10 +11,11 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRETER, accumulation_dtype
-from ._interpreter import install_bfloat16
+from ._interpreter import install_bfloat16, install_patch_once
 
 if INTERPRETER:  # every launcher imports this module, so the interpreter is fixed before any launch
     install_bfloat16()
+    install_patch_once()
 
 # One block of an elementwise kernel: 1024 elements. Shared by every elementwise kernel.
 ELEMENTWISE_BLOCK = 1024

@@ -1,6 +1,7 @@
 """bfloat16 under the Triton interpreter (kernels/_interpreter.py): tiny
 kernels of their own, element by element against torch's bfloat16 CPU ops,
-which compute in float32 and round to nearest even, as a GPU does."""
+which compute in float32 and round to nearest even, as a GPU does. And the
+language patched once per launch, however many helpers a kernel calls."""
 
 import numpy as np
 import pytest
@@ -18,6 +19,44 @@ def test_the_launchers_install_it():
     from triton.runtime import interpreter
 
     assert interpreter.InterpreterBuilder.computes_bfloat16
+
+
+@triton.jit
+def _add_one(x):
+    return x + 1
+
+
+@triton.jit
+def _helpers_in_a_loop(x_ptr, y_ptr, BLOCK: tl.constexpr, CALLS: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets)
+    for _ in tl.static_range(CALLS):
+        x = _add_one(x)
+    tl.store(y_ptr + offsets, x)
+
+
+def test_the_language_is_patched_once_per_launch_and_restored_after(monkeypatch):
+    """Every call of a helper re-patched all of triton.language before
+    (``install_patch_once``): here 20 helper calls in each of 3 programs
+    patch it as often as one launch does, the helpers still compute, and
+    after the grid the language is the compiler's again."""
+    from triton.runtime import interpreter
+
+    assert interpreter._patch_lang.once_per_launch
+    patchings = []
+    patch_builtin = interpreter._patch_builtin
+    monkeypatch.setattr(interpreter, "_patch_builtin", lambda *args: patchings.append(args[0]) or patch_builtin(*args))
+    original_load = tl.load
+    x = torch.arange(3 * 8, dtype=torch.float32).reshape(3, 8)
+    y = torch.empty_like(x)
+    _helpers_in_a_loop[(1,)](x, y, BLOCK=8, CALLS=1)
+    one_launch = len(patchings)
+    patchings.clear()
+    for row in range(3):
+        _helpers_in_a_loop[(1,)](x[row], y[row], BLOCK=8, CALLS=20)
+    assert len(patchings) == 3 * one_launch
+    assert torch.equal(y, x + 20)
+    assert tl.load is original_load
 
 
 def every_bfloat16() -> torch.Tensor:
