@@ -168,13 +168,6 @@ def differentiable(module, case):
 NOT_DIFFERENTIABLE = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "issue 35: torchblocks.optim raises ValueError for differentiable=True, which torch.optim computes"))
 
-# Open on the Triton path: with capturable=True and step counters in float32 (torch's default dtype),
-# torch.optim.Adam computes the bias corrections in float32 (torch._foreach_pow(beta, steps)) and the
-# Triton kernel in the parameters' dtype: float64 parameters then differ by about 1e-8.
-TRITON_CAPTURABLE_ADAM = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 35: the Triton capturable Adam computes the bias corrections in float64 where torch.optim's use the "
-    "float32 step counters"))
-
 TRANSFORMS = [
     pytest.param(eager, id="eager"),
     pytest.param(under_no_grad, id="no_grad"),
@@ -228,10 +221,8 @@ def _assert_same_state(ours, native, where):
 
 @pytest.mark.parametrize("case", [pytest.param(case, id=repr(case)) for case in CASES])
 @pytest.mark.parametrize("transform", TRANSFORMS)
-def test_contract_optim(transform, case, path, monkeypatch, request, capturable_on_cpu):  # noqa: F811
+def test_contract_optim(transform, case, path, monkeypatch, capturable_on_cpu):  # noqa: F811
     name, _ = path
-    if name == "triton" and transform is capturable and case.name in ("Adam", "AdamW"):
-        request.applymarker(TRITON_CAPTURABLE_ADAM)
     stepped = collections.Counter()
     monkeypatch.setattr(_multi_tensor, "entries_stepped", stepped)
     native, native_error = _native_outcome(transform, case)
