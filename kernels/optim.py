@@ -26,6 +26,7 @@ optimizer's docstring); the order of operations follows torch.optim's.
 
 import functools
 import math
+import struct
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -118,7 +119,7 @@ class AdamScalars(NamedTuple):
     one_minus_beta2: float
     eps: float
     lr: float  # CAPTURABLE: the bias corrections are computed in the kernel
-    log2_beta1: float
+    log2_beta1: float  # CAPTURABLE: of beta1 rounded to the step counts' dtype
     log2_beta2: float
 
 
@@ -270,12 +271,17 @@ def _adam_chunk(pointers_ptr, scalars_ptr, t, T, offsets, mask, param, grad,
     exp_avg_ptr = _pointer(pointers_ptr, ADAM_ROLE.value.exp_avgs, t, T, DTYPE, ALIGNED)
     exp_avg_sq_ptr = _pointer(pointers_ptr, ADAM_ROLE.value.exp_avg_sqs, t, T, DTYPE, ALIGNED)
     if FLAGS.CAPTURABLE:
-        # the bias corrections from tensor t's step count, read on the device:
-        # lr / (1 - beta1^t) and sqrt(1 - beta2^t), with beta^t = 2^(t * log2(beta))
-        step = tl.load(_pointer(pointers_ptr, ADAM_ROLE.value.steps, t, T, FLAGS.STEP_DTYPE, False)).to(ACC_DTYPE)
-        lr = tl.load(scalars_ptr + ADAM_AT.value.lr).to(ACC_DTYPE)
-        step_size = _div(lr, 1 - tl.exp2(step * tl.load(scalars_ptr + ADAM_AT.value.log2_beta1).to(ACC_DTYPE)))
-        bias_correction2_sqrt = _sqrt(1 - tl.exp2(step * tl.load(scalars_ptr + ADAM_AT.value.log2_beta2).to(ACC_DTYPE)))
+        # the bias corrections from tensor t's step count, read on the device and computed in its dtype
+        # (STEP_DTYPE, float32 by default whatever the parameters' dtype), as torch.optim computes them:
+        # beta^t = 2^(t * log2(beta)) in float64, rounded once; step_size = lr * (1 / (1 - beta1^t)), as
+        # torch's `lr / tensor` computes it (the reciprocal in float64, rounded once: a float32 division
+        # here makes the float64 kernel spill on sm_90); sqrt(1 - beta2^t)
+        step = tl.load(_pointer(pointers_ptr, ADAM_ROLE.value.steps, t, T, FLAGS.STEP_DTYPE, False)).to(tl.float64)
+        beta1_t = tl.exp2(step * tl.load(scalars_ptr + ADAM_AT.value.log2_beta1)).to(FLAGS.STEP_DTYPE)
+        beta2_t = tl.exp2(step * tl.load(scalars_ptr + ADAM_AT.value.log2_beta2)).to(FLAGS.STEP_DTYPE)
+        lr = tl.load(scalars_ptr + ADAM_AT.value.lr).to(FLAGS.STEP_DTYPE)
+        step_size = (lr * (1 / (1 - beta1_t).to(tl.float64)).to(FLAGS.STEP_DTYPE)).to(ACC_DTYPE)
+        bias_correction2_sqrt = _sqrt(1 - beta2_t).to(ACC_DTYPE)
     else:
         rows_ptr = scalars_ptr + ADAM_ROWS_START + t
         step_size = tl.load(rows_ptr + ADAM_ROW.value.step_sizes * T).to(ACC_DTYPE)
@@ -437,15 +443,21 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, l
     """Adam (AdamW with ``decoupled_weight_decay``) on lists of same-device,
     same-dtype tensors, in one launch. ``steps[i]``: tensor i's step count t,
     already advanced: a float, whose bias corrections are computed here in
-    float64; or, with ``capturable``, its step tensor, read by the kernel.
-    ``max_exp_avg_sqs`` is None without amsgrad."""
-    log2_beta1, log2_beta2 = (math.log2(beta) if beta > 0 else -math.inf for beta in (beta1, beta2))
+    float64; or, with ``capturable``, its step tensor, read by the kernel,
+    which computes them in the step tensors' dtype from the betas rounded to
+    it, as torch.optim's ``beta ** step`` does. ``max_exp_avg_sqs`` is None
+    without amsgrad."""
+    step_dtype = steps[0].dtype if capturable and steps else torch.float64
+    bases = (beta1, beta2)
+    if step_dtype == torch.float32:  # rounded with struct: a capturable step reads no tensor on the host
+        bases = tuple(struct.unpack("f", struct.pack("f", beta))[0] for beta in bases)
+    log2_beta1, log2_beta2 = (math.log2(base) if base > 0 else -math.inf for base in bases)
     scalars = AdamScalars(decay_factor=1 - lr * weight_decay, weight_decay=weight_decay, one_minus_beta1=1 - beta1,
                           beta2=beta2, one_minus_beta2=1 - beta2, eps=eps, lr=lr, log2_beta1=log2_beta1,
                           log2_beta2=log2_beta2)
-    step_dtype = TRITON_DTYPES[steps[0].dtype] if capturable and steps else tl.float32
     flags = AdamFlags(WEIGHT_DECAY=weight_decay != 0, DECOUPLED=decoupled_weight_decay, AMSGRAD=amsgrad,
-                      MAXIMIZE=maximize, CAPTURABLE=capturable, STEP_DTYPE=step_dtype)
+                      MAXIMIZE=maximize, CAPTURABLE=capturable,
+                      STEP_DTYPE=TRITON_DTYPES[step_dtype] if capturable else tl.float32)
     if capturable:
         multi_tensor_launch(_adam_chunk, AdamTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps),
                             scalars, flags=flags)

@@ -162,19 +162,6 @@ def differentiable(module, case):
     return [param.detach() for param in params], [optimizer.state[p] for p in params], list(through_the_steps)
 
 
-# Open: torchblocks' optimizers refuse differentiable=True with a ValueError in their constructor;
-# torch.optim steps with autograd through the update. Strict, so that the day they take it these
-# cells say so.
-NOT_DIFFERENTIABLE = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 35: torchblocks.optim raises ValueError for differentiable=True, which torch.optim computes"))
-
-# Open on the Triton path: with capturable=True and step counters in float32 (torch's default dtype),
-# torch.optim.Adam computes the bias corrections in float32 (torch._foreach_pow(beta, steps)) and the
-# Triton kernel in the parameters' dtype: float64 parameters then differ by about 1e-8.
-TRITON_CAPTURABLE_ADAM = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 35: the Triton capturable Adam computes the bias corrections in float64 where torch.optim's use the "
-    "float32 step counters"))
-
 TRANSFORMS = [
     pytest.param(eager, id="eager"),
     pytest.param(under_no_grad, id="no_grad"),
@@ -182,7 +169,7 @@ TRANSFORMS = [
     pytest.param(with_closure, id="closure"),
     pytest.param(state_dict_round_trip, id="state_dict-round-trip"),
     pytest.param(capturable, id="capturable"),
-    pytest.param(differentiable, id="differentiable", marks=NOT_DIFFERENTIABLE),
+    pytest.param(differentiable, id="differentiable"),
 ]
 
 
@@ -190,9 +177,11 @@ def expected_implementation(path_name, transform, case):
     """The implementation that must step every entry of a cell: the path's
     own, but the reference under a compiling trace on every path (dynamo
     traces the foreach ops; it can trace neither the compiled module nor a
-    Triton launch), and on the compiled path for a capturable step it has no
-    form of (Adam's)."""
-    if transform is compiled_step:
+    Triton launch) and for a differentiable step on every path (autograd
+    records the reference's torch ops; neither the compiled module nor a
+    Triton launch has a backward), and on the compiled path for a capturable
+    step it has no form of (Adam's)."""
+    if transform in (compiled_step, differentiable):
         return "reference"
     if path_name == "compiled" and transform is capturable and not case.compiled_capturable:
         return "reference"
@@ -228,10 +217,8 @@ def _assert_same_state(ours, native, where):
 
 @pytest.mark.parametrize("case", [pytest.param(case, id=repr(case)) for case in CASES])
 @pytest.mark.parametrize("transform", TRANSFORMS)
-def test_contract_optim(transform, case, path, monkeypatch, request, capturable_on_cpu):  # noqa: F811
+def test_contract_optim(transform, case, path, monkeypatch, capturable_on_cpu):  # noqa: F811
     name, _ = path
-    if name == "triton" and transform is capturable and case.name in ("Adam", "AdamW"):
-        request.applymarker(TRITON_CAPTURABLE_ADAM)
     stepped = collections.Counter()
     monkeypatch.setattr(_multi_tensor, "entries_stepped", stepped)
     native, native_error = _native_outcome(transform, case)

@@ -536,6 +536,7 @@ def test_fused_with_complex_parameters_fails_as_in_torch_optim(name):
     ("SGD", dict(nesterov=True)),
     ("SGD", dict(momentum=0.9, dampening=0.1, nesterov=True)),
     ("SGD", dict(fused=True, foreach=True)),
+    ("SGD", dict(fused=True, differentiable=True)),
     ("RMSprop", dict(alpha=-0.5)),
     ("RMSprop", dict(eps=-1e-8)),
     ("RMSprop", dict(momentum=-0.1)),
@@ -550,6 +551,8 @@ def test_fused_with_complex_parameters_fails_as_in_torch_optim(name):
     ("Adam", dict(betas=(0, 0.99))),
     ("Adam", dict(betas=(torch.tensor([0.9, 0.8]), torch.tensor(0.99)))),
     ("Adam", dict(fused=True, foreach=True)),
+    ("Adam", dict(fused=True, foreach=True, differentiable=True)),
+    ("AdamW", dict(fused=True, differentiable=True)),
     ("AdamW", dict(weight_decay=-0.01)),
     ("AdamW", dict(lr=torch.tensor(0.1), foreach=True)),
 ])
@@ -564,10 +567,190 @@ def test_bad_hyperparameters_fail_as_in_torch_optim(name, options):
     assert str(ours_error.value) == str(native_error.value)
 
 
+# ---- differentiable=True: autograd through the steps ---------------------------------------------
+# The parameters are tensors computed from leaves; each step's gradients are those of a loss of a copy
+# of the parameters, taken with create_graph=True, so they depend on the parameters; the gradient of a
+# loss of the stepped parameters then reaches the leaves through every step's parameters, gradients and
+# state, and reaches the hyperparameters given as tensors that require grad (those torch.optim's own
+# tests differentiate: SGD's lr and weight_decay; Adam's and AdamW's lr, betas and weight_decay; and
+# RMSprop's lr, which torch.optim.RMSprop refuses). Every step takes the reference.
+
+DIFFERENTIABLE_SHAPES = [(3, 4), (5,), (2, 3, 2)]
+
+
+def _leaves(shapes):
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True) for shape in shapes]
+
+
+def _tensor_hyperparameters(name) -> dict:
+    """Fresh float64 tensors that require grad, by argument name (Adam's betas as a pair)."""
+    def tensor(value):
+        return torch.tensor(value, dtype=torch.float64, requires_grad=True)
+
+    if name == "SGD":
+        return dict(lr=tensor(0.1), weight_decay=tensor(0.05))
+    if name == "RMSprop":
+        return dict(lr=tensor(0.01))
+    return dict(lr=tensor(0.01), betas=(tensor(0.9), tensor(0.999)), weight_decay=tensor(0.1))
+
+
+def _flat(hyperparameters: dict) -> list:
+    return [tensor for value in hyperparameters.values()
+            for tensor in (value if isinstance(value, tuple) else (value,))]
+
+
+def _rebuilt(hyperparameters: dict, tensors) -> dict:
+    """``hyperparameters`` with its tensors replaced, in ``_flat``'s order, by ``tensors``."""
+    tensors = iter(tensors)
+    return {key: tuple(next(tensors) for _ in value) if isinstance(value, tuple) else next(tensors)
+            for key, value in hyperparameters.items()}
+
+
+def _through_steps(module, name, options, leaves, hyperparameters):
+    """Three differentiable steps of ``module``'s optimizer ``name`` on parameters computed from
+    ``leaves``, with ``options`` and ``hyperparameters``: (stepped parameters, their states)."""
+    params = [leaf * 1 for leaf in leaves]
+    optimizer = getattr(module, name)(params, **{**options, **hyperparameters}, differentiable=True)
+    for step in range(3):
+        copies = [param.clone() for param in params]
+        loss = sum((copy.sin() * (i + 1 + step) + copy.square()).sum() for i, copy in enumerate(copies))
+        for param, grad in zip(params, torch.autograd.grad(loss, copies, create_graph=True)):
+            param.grad = grad
+        optimizer.step()
+    return params, [optimizer.state[param] for param in params]
+
+
+def _differentiable_id(value):
+    return _options_id(value) if isinstance(value, dict) else "tensor-hyperparameters" if value is True else \
+        "" if value is False else str(value)
+
+
+# (name, options, tensor hyperparameters): torch.optim computes each
+DIFFERENTIABLE_TWIN_CASES = [
+    ("SGD", dict(lr=0.1), False),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True), False),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.1, maximize=True), False),
+    ("SGD", dict(lr=0.1, momentum=0.9, foreach=True), False),
+    ("SGD", {}, True),
+    ("SGD", dict(momentum=0.9, nesterov=True), True),
+    ("RMSprop", dict(lr=0.01), False),
+    ("RMSprop", dict(lr=0.01, momentum=0.5, weight_decay=0.1, maximize=True), False),
+    ("Adam", dict(lr=0.01), False),
+    ("Adam", dict(lr=0.01, weight_decay=0.1, maximize=True), False),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1), False),
+    ("Adam", {}, True),
+    ("AdamW", {}, True),
+]
+
+
+@pytest.mark.python_path  # a differentiable step takes the reference on every backend
+@pytest.mark.parametrize("name, options, tensor_hyperparameters", DIFFERENTIABLE_TWIN_CASES, ids=_differentiable_id)
+def test_differentiable_steps_match_twin_with_their_gradients(target, stepped, name, options, tensor_hyperparameters):
+    """Parameters, state, and the gradients through the steps into the leaves and hyperparameters."""
+    results = []
+    for module in (torchblocks.optim, torch.optim):
+        leaves = _leaves(DIFFERENTIABLE_SHAPES)
+        hyperparameters = _tensor_hyperparameters(name) if tensor_hyperparameters else {}
+        params, states = _through_steps(module, name, options, leaves, hyperparameters)
+        gradients = torch.autograd.grad(sum(param.cos().sum() for param in params), leaves + _flat(hyperparameters))
+        results.append((params, states, gradients))
+    (params, states, gradients), (native_params, native_states, native_gradients) = results
+    for index, (param, native_param) in enumerate(zip(params, native_params)):
+        assert_close(param, native_param, what=f"parameter {index}")
+        assert states[index].keys() == native_states[index].keys()
+        for key, value in native_states[index].items():
+            assert_close(states[index][key], value, what=f"state {key} of parameter {index}")
+    for index, (gradient, native_gradient) in enumerate(zip(gradients, native_gradients)):
+        assert_close(gradient, native_gradient, what=f"gradient {index} through the steps")
+    assert stepped == Counter(reference=3 * len(DIFFERENTIABLE_SHAPES))
+
+
+@pytest.mark.parametrize("name, options, tensor_hyperparameters", [
+    ("SGD", dict(lr=0.1, weight_decay=0.1, maximize=True), True),
+    ("RMSprop", dict(lr=0.01, centered=True, momentum=0.5, weight_decay=0.1), True),
+    ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1), True),
+    ("AdamW", dict(lr=0.01, amsgrad=True), True),
+    ("Adam", dict(lr=0.01, maximize=True), False),
+], ids=_differentiable_id)
+def test_differentiable_steps_pass_gradcheck(stepped, name, options, tensor_hyperparameters):
+    """The gradients through three steps against finite differences, also where torch.optim has none
+    to compare with: its centered RMSprop and amsgrad raise on the backward, a step having written a
+    tensor their backward kept. (SGD with momentum is left out: its first momentum buffer is a detached
+    copy of the gradient, as torch.optim.SGD's, which finite differences do not detach.)"""
+    leaves = _leaves([(2, 2), (3,)])
+    hyperparameters = _tensor_hyperparameters(name) if tensor_hyperparameters else {}
+
+    def stepped_parameters(*inputs):
+        params, _ = _through_steps(torchblocks.optim, name, options, inputs[:len(leaves)],
+                                   _rebuilt(hyperparameters, inputs[len(leaves):]))
+        return tuple(params)
+
+    assert torch.autograd.gradcheck(stepped_parameters, (*leaves, *_flat(hyperparameters)))
+    assert set(stepped) == {"reference"}
+
+
+@pytest.mark.parametrize("view", [False, True], ids=["leaf", "view-of-a-leaf"])
 @pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam", "AdamW"])
-def test_differentiable_says_it_is_not_supported(name):
-    with pytest.raises(ValueError, match="is not supported"):
-        getattr(torchblocks.optim, name)([torch.nn.Parameter(torch.ones(2))], differentiable=True)
+def test_differentiable_refuses_a_leaf_that_requires_grad_before_writing(name, view):
+    """torch.optim's in-place step raises a RuntimeError on it (having written the state); ours
+    raises the same type first, and leaves the parameter and the state as they were."""
+    def step(module):
+        leaf = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+        param = leaf[1:] if view else leaf
+        param.grad = torch.ones_like(param)
+        options = dict(momentum=0.5) if name in ("SGD", "RMSprop") else dict(amsgrad=True)
+        return getattr(module, name)([param], lr=0.1, **options, differentiable=True), param
+
+    optimizer, param = step(torchblocks.optim)
+    testing.assert_rejected_like_native(optimizer.step, lambda: step(torch.optim)[0].step(),
+                                        "is a leaf that requires grad")
+    assert torch.equal(param.detach(), torch.ones_like(param)) and not optimizer.state
+
+
+@pytest.mark.parametrize("name", ["RMSprop", "Adam", "AdamW"])
+def test_differentiable_with_foreach_fails_as_in_torch_optim(name):
+    """torch.optim.RMSprop's and Adam's foreach steps refuse differentiable=True (an AssertionError at
+    the step); SGD's steps (test_differentiable_steps_match_twin_with_their_gradients)."""
+    def step(module):
+        param = torch.ones(3, dtype=torch.float64, requires_grad=True) * 1
+        param.grad = torch.ones(3, dtype=torch.float64)
+        return getattr(module, name)([param], foreach=True, differentiable=True)
+
+    ours = step(torchblocks.optim)
+    testing.assert_rejected_like_native(ours.step, lambda: step(torch.optim).step(),
+                                        "foreach=True with differentiable=True")
+    assert not ours.state
+
+
+def test_differentiable_adam_refuses_a_step_count_that_requires_grad():
+    def step(module):
+        param = torch.ones(3, dtype=torch.float64, requires_grad=True) * 1
+        param.grad = torch.ones(3, dtype=torch.float64)
+        optimizer = module.Adam([param], differentiable=True)
+        optimizer.step()
+        optimizer.state[param]["step"] = torch.tensor(1.0, requires_grad=True)
+        return optimizer
+
+    testing.assert_rejected_like_native(step(torchblocks.optim).step, lambda: step(torch.optim).step(),
+                                        "`requires_grad` is not supported for `step`")
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam", "AdamW"])
+def test_the_differentiable_flag_not_the_grad_mode_decides_what_is_recorded(name):
+    """As in torch.optim: differentiable=True records the step under torch.no_grad too; without it a
+    step under enable_grad records nothing (a leaf that requires grad steps in place)."""
+    for module in (torchblocks.optim, torch.optim):
+        leaf = torch.ones(3, dtype=torch.float64, requires_grad=True)
+        param = leaf * 1
+        param.grad = torch.ones(3, dtype=torch.float64)
+        with torch.no_grad():
+            getattr(module, name)([param], lr=0.1, differentiable=True).step()
+        assert param.grad_fn is not None and torch.autograd.grad(param.sum(), leaf)[0].shape == (3,)
+        leaf.grad = torch.ones(3, dtype=torch.float64)
+        with torch.enable_grad():
+            getattr(module, name)([leaf], lr=0.1).step()
+        assert leaf.grad_fn is None and not torch.equal(leaf.detach(), torch.ones(3, dtype=torch.float64))
 
 
 # The compiled eager path takes RMSprop's capturable step with a float lr;

@@ -5,8 +5,9 @@ the twins' state, so a state dict saved by one loads into the other. Each
 step updates every parameter of a group in a handful of Triton launches on
 CUDA (one per device and dtype) and with ``torch._foreach_*`` ops elsewhere;
 ``torchblocks.set_backend`` chooses, as for the blocks. As in torch.optim,
-complex parameters are stepped as their real view, and SGD takes sparse
-gradients (``nn.Embedding(sparse=True)``).
+complex parameters are stepped as their real view, SGD takes sparse
+gradients (``nn.Embedding(sparse=True)``), and differentiable=True lets
+autograd record the step (on the foreach reference, whatever the backend).
 
 Example::
 

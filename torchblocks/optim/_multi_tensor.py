@@ -12,7 +12,9 @@ reference runs).
 The backend setting chooses, as for the blocks; tensors the Triton or
 compiled step cannot address with one flat offset (a parameter that is not
 dense, a gradient laid out unlike its parameter, or one with
-``torch._neg_view``'s lazy negation) take the reference.
+``torch._neg_view``'s lazy negation) take the reference. A group built with
+differentiable=True takes the reference on every backend: its torch ops
+are what autograd records through the step, as it records torch.optim's.
 
 Two kinds of tensor are taken where the lists are gathered, so that each
 update rule stays written once:
@@ -36,8 +38,6 @@ DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) are updated
 shard by shard: the update is elementwise, so each rank steps its local
 shards of parameter, gradient and state with no communication. That holds
 for ``Shard`` and ``Replicate`` placements; any other placement raises.
-
-Which implementation stepped what is counted in ``entries_stepped``.
 """
 
 import collections
@@ -54,6 +54,7 @@ else:
         from torch.distributed._tensor import DTensor
 
 from torch.optim.optimizer import _device_dtype_check_for_fused, _get_capturable_supported_devices
+from torch.overrides import TorchFunctionMode
 
 from torchblocks import backend
 from torchblocks._ops import _eager_cpu
@@ -122,13 +123,6 @@ def check_fused_flags(fused, foreach, differentiable) -> None:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
 
 
-def check_differentiable(name: str, differentiable: bool) -> None:
-    """The twins' ``differentiable`` mode (autograd through the step) is not implemented."""
-    if differentiable:
-        raise ValueError(f"{name}: differentiable=True (autograd through the step) is not supported; "
-                         "expected differentiable=False")
-
-
 def check_capturable_devices(params, steps, supports_xla: bool = True) -> None:
     """capturable=True: every parameter and its ``step`` on one device type
     that torch.optim can capture in a graph, as torch.optim checks it."""
@@ -160,6 +154,68 @@ def _check_placements(optimizer: str, where: str, param: torch.Tensor, grad: tor
         got = f"placed {grad.placements}" if isinstance(grad, DTensor) else "a plain tensor"
         raise RuntimeError(f"{optimizer}: the gradient of {where} is {got}; expected a DTensor placed like its "
                            f"parameter, {param.placements}")
+
+
+def saved(tensors: list, differentiable: bool) -> list:
+    """``tensors`` as read by an op that autograd keeps them for, to compute
+    its backward: with ``differentiable`` copies, so that the in-place
+    writes of this step or the next to the originals leave what the backward
+    reads intact, as torch.optim's differentiable step copies them; otherwise
+    the tensors themselves (nothing is recorded)."""
+    return [tensor.clone() for tensor in tensors] if differentiable else tensors
+
+
+class _OneTensorAtATime(TorchFunctionMode):
+    """Runs each ``torch._foreach_*`` op as its per-tensor op over the lists
+    (``torch._foreach_add_(xs, ys, alpha=a)`` as ``x.add_(y, alpha=a)`` for
+    each pair), everything else as it is: a differentiable step records the
+    ops torch.optim's differentiable step records (its single-tensor ops).
+    The foreach ops' own derivatives keep every input of an out-of-place op,
+    which the step's in-place writes then invalidate, and fail on a tensor
+    hyperparameter shared by a list (torch 2.13)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if not name.startswith("_foreach_"):
+            return func(*args, **kwargs)
+        op = name[len("_foreach_"):]
+        count = len(next(arg for arg in args if isinstance(arg, (list, tuple))))
+        results = [_one_tensor(op, *(_entry(arg, i) for arg in args),
+                               **{key: _entry(value, i) for key, value in kwargs.items()}) for i in range(count)]
+        return None if op.endswith("_") else results
+
+
+def _entry(argument, i: int):
+    """Entry ``i`` of a foreach op's list argument; any other argument as it is."""
+    return argument[i] if isinstance(argument, (list, tuple)) else argument
+
+
+def _one_tensor(op: str, *args, **kwargs):
+    """``torch._foreach_<op>`` on one entry of its lists."""
+    if op.startswith(("addcmul", "addcdiv")) and len(args) == 4:  # the foreach ops take the scale positionally
+        *args, kwargs["value"] = args
+    if op == "maximum_":  # no in-place maximum: the maximum with a copy, written back
+        return args[0].copy_(torch.maximum(args[0].clone(), args[1]))
+    if op.endswith("_"):
+        return getattr(args[0], op)(*args[1:], **kwargs)
+    return getattr(torch, op)(*args, **kwargs)
+
+
+def _recorded(update):
+    """``update`` (an optimizer's reference) as a differentiable step runs
+    it: told so, and one tensor at a time (``_OneTensorAtATime``)."""
+    def run(**arguments):
+        with _OneTensorAtATime():
+            update(**arguments, differentiable=True)
+    return run
+
+
+def _written_leaf(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a leaf that requires grad, or a view of one: an
+    in-place write to it with autograd recording raises."""
+    root = param._base if param._is_view() else param
+    return root.is_leaf and root.requires_grad
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -197,10 +253,14 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
 
     # Elements per batch of the reference update; None: the whole list at once.
     reference_batch_elements: Optional[int] = REFERENCE_BATCH_ELEMENTS
+    # Whether the twin refuses differentiable=True with foreach=True (its foreach step asserts that
+    # foreach ops record no autograd): RMSprop's and Adam's do; SGD's steps through its foreach ops.
+    foreach_refuses_differentiable = True
 
-    @torch.no_grad()
     def step(self, closure=None):
-        """One update of every parameter that has a gradient.
+        """One update of every parameter that has a gradient. As in
+        torch.optim, autograd records it when the optimizer was built with
+        differentiable=True, and never otherwise (whatever the grad mode).
 
         Args:
             closure: optional callable that re-evaluates the model and returns
@@ -209,13 +269,14 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         Returns:
             The closure's loss, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group_index, group in enumerate(self.param_groups):
-            for params in _by_device_dtype_and_layout(self._params_with_grad(group, group_index)):
-                self._update(group, params)
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group_index, group in enumerate(self.param_groups):
+                for params in _by_device_dtype_and_layout(self._params_with_grad(group, group_index)):
+                    self._update(group, params)
         return loss
 
     def _params_with_grad(self, group: dict, group_index: int):
@@ -231,7 +292,16 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{where} has a sparse gradient: {error}")
             if isinstance(param, DTensor) or isinstance(grad, DTensor):
                 _check_placements(type(self).__name__, _describe(group, group_index, param_index, param), param, grad)
+            if group["differentiable"] and torch.is_grad_enabled() and _written_leaf(param):
+                raise RuntimeError(  # torch.optim's in-place op raises the same type, after writing the state
+                    f"{type(self).__name__}: {_describe(group, group_index, param_index, param)} is a leaf that "
+                    "requires grad (or a view of one), which differentiable=True cannot step in place with autograd "
+                    "recording; expected a tensor computed from it (e.g. param.clone()), as in torch.optim")
             params.append(param)
+        if params and group["differentiable"] and group["foreach"] and self.foreach_refuses_differentiable:
+            raise AssertionError(f"{type(self).__name__}: foreach=True with differentiable=True, which "
+                                 f"torch.optim.{type(self).__name__} refuses (its foreach step records no autograd); "
+                                 "expected foreach=None or False")
         return params
 
     def _sparse_gradient_error(self, group: dict) -> Optional[str]:
@@ -262,8 +332,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         """The counts of ``steps`` (from ``_advance_steps``) as floats, read on the host."""
         return torch.stack([s.to("cpu") for s in steps]).tolist()
 
-    def _apply(self, reference, launcher, compiled: Optional[str], tensors: dict, per_tensor: dict,
-               **options) -> None:
+    def _apply(self, reference, launcher, compiled: Optional[str], tensors: dict, per_tensor: dict, *,
+               differentiable: bool = False, **options) -> None:
         """Run the update on ``tensors`` (by argument name: lists of tensors
         laid out like the parameters, ``params`` first, or None for a state
         the options leave unused) and ``per_tensor`` (by argument name: one
@@ -274,7 +344,11 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         the last for what the others leave, and for everything when they are
         None or the gradients are sparse. The three take the same arguments.
         DTensors are replaced by their local shards first, then complex
-        tensors by their real views; ``entries_stepped`` counts what each ran."""
+        tensors by their real views; ``entries_stepped`` counts what each ran.
+        With ``differentiable`` (autograd records the step) the reference
+        steps everything, called with differentiable=True (``_recorded``)."""
+        if differentiable:
+            launcher, compiled, reference = None, None, _recorded(reference)
         tensors = {name: None if role is None else [_local(tensor) for tensor in role]
                    for name, role in tensors.items()}
         if tensors["params"][0].is_complex():  # one dtype a list: every tensor in it is complex

@@ -9,10 +9,10 @@ from torchblocks.optim._multi_tensor import (
     check_beta_range,
     check_beta_types,
     check_capturable_devices,
-    check_differentiable,
     check_fused_flags,
     check_non_negative,
     check_tensor_hyperparameter,
+    saved,
 )
 
 
@@ -51,7 +51,17 @@ class Adam(MultiTensorOptimizer):
             betas may then be tensors on that device.
         foreach, fused: accepted for drop-in use and kept in the state dict; the
             step is always torchblocks' multi-tensor step, chosen by the backend.
-        differentiable: must be False.
+        differentiable: autograd records the step, as in torch.optim: the
+            parameters are tensors computed from leaves (a leaf that requires
+            grad raises a RuntimeError, before anything is written), and the
+            gradient of a later computation flows through every step into
+            them, their gradients and state, and into ``lr``, the betas and
+            ``weight_decay`` given as tensors that require grad. The step is
+            then the foreach reference, one tensor at a time, on every
+            backend, its bias corrections computed from the ``step`` tensors
+            in their dtype, as torch.optim's differentiable step computes
+            them. foreach=True refuses it with an AssertionError, and
+            fused=True with a RuntimeError, as in torch.optim.
 
     Example::
 
@@ -71,7 +81,6 @@ class Adam(MultiTensorOptimizer):
         check_non_negative(weight_decay, "weight_decay value")
         check_beta_types(betas, foreach, capturable)
         check_fused_flags(fused, foreach, differentiable)
-        check_differentiable(type(self).__name__, differentiable)
         # one-element tensors of any rank become 0-dim ones, as torch.optim.Adam keeps them
         betas = tuple(beta.squeeze() if isinstance(beta, torch.Tensor) and beta.dim() else beta for beta in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
@@ -83,25 +92,28 @@ class Adam(MultiTensorOptimizer):
         return "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def _update(self, group, params):
-        amsgrad, capturable = group["amsgrad"], group["capturable"]
+        amsgrad, capturable, differentiable = group["amsgrad"], group["capturable"], group["differentiable"]
+        if differentiable and any(getattr(self.state[p].get("step"), "requires_grad", False) for p in params):
+            raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")  # torch's words
         steps = self._advance_steps(params, ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else []),
                                     capturable)
         if capturable and not torch.compiler.is_compiling():
             check_capturable_devices(params, steps, supports_xla=False)
-        if not capturable:
+        if not (capturable or differentiable):  # both take the bias corrections from the step tensors
             steps = self._read_steps(steps)
         lr, (beta1, beta2) = group["lr"], group["betas"]
-        # capturable tensor hyperparameters are read on the device, never with float()
-        on_device = capturable and any(isinstance(value, torch.Tensor) for value in (lr, beta1, beta2))
-        if not on_device:
+        # tensor hyperparameters: capturable reads them on the device, never with float(); differentiable
+        # records the step through them
+        tensors = (capturable or differentiable) and any(isinstance(v, torch.Tensor) for v in (lr, beta1, beta2))
+        if not tensors:
             lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
         states = [self.state[p] for p in params]
         self._apply(
-            adam_reference, None if on_device else kernels.optim.adam_step, None if capturable else "adam_step",
+            adam_reference, None if tensors else kernels.optim.adam_step, None if capturable else "adam_step",
             dict(params=params, grads=[p.grad for p in params], exp_avgs=[s["exp_avg"] for s in states],
                  exp_avg_sqs=[s["exp_avg_sq"] for s in states],
                  max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else None),
-            dict(steps=steps),
+            dict(steps=steps), differentiable=differentiable,
             lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=amsgrad, maximize=group["maximize"],
             capturable=capturable,
@@ -132,42 +144,56 @@ class AdamW(Adam):
 
 
 def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2, eps,
-                   weight_decay, decoupled_weight_decay, amsgrad, maximize, capturable=False):
+                   weight_decay, decoupled_weight_decay, amsgrad, maximize, capturable=False, differentiable=False):
     """The Adam update (the class docstring) with ``torch._foreach_*`` ops, on
     lists of same-device, same-dtype tensors. ``steps[i]``: tensor i's step
-    count t, already advanced: a float, or with ``capturable`` its step
-    tensor, from which the bias corrections are computed on the device
-    (``lr`` and the betas may then be one-element tensors there too)."""
+    count t, already advanced: a float, or with ``capturable`` or
+    ``differentiable`` its step tensor, from which the bias corrections are
+    computed in its dtype, on the device, in the order of torch.optim's
+    single-tensor step (``lr``, the betas and a ``weight_decay`` may then be
+    one-element tensors there too). ``differentiable``: autograd records the
+    step, through those tensors too where they require grad (``saved``
+    copies what its backward reads)."""
     if maximize:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:
         if decoupled_weight_decay:
             torch._foreach_mul_(params, 1 - lr * weight_decay)
+        elif isinstance(weight_decay, torch.Tensor):  # g + weight_decay * p: its gradient too
+            grads = torch._foreach_add(grads, torch._foreach_mul(saved(params, differentiable), weight_decay))
         else:
             grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    # a tensor beta goes to the overloads that take tensors: autograd sees it, and nothing is read on the host
+    if isinstance(beta1, torch.Tensor):
+        torch._foreach_lerp_(exp_avgs, grads, [1 - beta1] * len(grads))
+    else:
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    if isinstance(beta2, torch.Tensor):
+        torch._foreach_addcmul_(exp_avg_sqs, torch._foreach_mul(grads, 1 - beta2), grads)
+    else:
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
     if amsgrad:
-        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+        torch._foreach_maximum_(max_exp_avg_sqs, saved(exp_avg_sqs, differentiable))
         exp_avg_sqs = max_exp_avg_sqs
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    if not capturable:
+    if not (capturable or differentiable):
+        denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, [(1 - beta2**step) ** 0.5 for step in steps])
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1**step) for step in steps])
         return
-    bias_corrections2_sqrt = torch._foreach_pow(beta2, steps)  # -> sqrt(1 - beta2^t)
-    torch._foreach_neg_(bias_corrections2_sqrt)
-    torch._foreach_add_(bias_corrections2_sqrt, 1)
+    # p <- p + m / (sqrt(v) / (sqrt(1 - beta2^t) * -s) + eps / -s), s = lr / (1 - beta1^t): torch.optim's
+    # single-tensor step, each scalar in the step tensors' dtype (a tensor lr's, where it is wider)
+    powers = (torch._foreach_pow([beta] * len(steps) if isinstance(beta, torch.Tensor) else beta,
+                                 saved(steps, differentiable)) for beta in (beta1, beta2))
+    bias_corrections1, bias_corrections2_sqrt = (torch._foreach_add(torch._foreach_neg(power), 1) for power in powers)
     torch._foreach_sqrt_(bias_corrections2_sqrt)
-    torch._foreach_div_(denom, bias_corrections2_sqrt)
-    torch._foreach_add_(denom, eps)
-    step_sizes = torch._foreach_pow(beta1, steps)  # -> lr / (1 - beta1^t)
-    torch._foreach_neg_(step_sizes)
-    torch._foreach_add_(step_sizes, 1)
-    torch._foreach_reciprocal_(step_sizes)
-    torch._foreach_mul_(step_sizes, lr)
-    updates = torch._foreach_div(exp_avgs, denom)
-    torch._foreach_mul_(updates, step_sizes)
-    torch._foreach_sub_(params, updates)
+    if isinstance(lr, torch.Tensor):
+        negative_step_sizes = torch._foreach_div([lr] * len(steps), bias_corrections1)
+    else:  # torch's `lr / tensor`: a reciprocal, then a product
+        negative_step_sizes = torch._foreach_mul(torch._foreach_reciprocal(bias_corrections1), lr)
+    torch._foreach_neg_(negative_step_sizes)
+    denom = torch._foreach_div(torch._foreach_sqrt(exp_avg_sqs),
+                               torch._foreach_mul(bias_corrections2_sqrt, negative_step_sizes))
+    torch._foreach_add_(denom, torch._foreach_mul(torch._foreach_reciprocal(negative_step_sizes), eps))
+    torch._foreach_addcdiv_(params, saved(exp_avgs, differentiable), denom)

@@ -6,9 +6,9 @@ from torchblocks._ops._dispatch import kernels
 from torchblocks.optim._multi_tensor import (
     MultiTensorOptimizer,
     check_capturable_devices,
-    check_differentiable,
     check_non_negative,
     check_tensor_hyperparameter,
+    saved,
 )
 
 
@@ -51,7 +51,15 @@ class RMSprop(MultiTensorOptimizer):
             CUDA graph; ``lr`` may then be a tensor on that device.
         foreach: accepted for drop-in use and kept in the state dict; the step is
             always torchblocks' multi-tensor step, chosen by the backend.
-        differentiable: must be False.
+        differentiable: autograd records the step, as in torch.optim: the
+            parameters are tensors computed from leaves (a leaf that requires
+            grad raises a RuntimeError, before anything is written), and the
+            gradient of a later computation flows through every step into
+            them, their gradients and state (and into ``lr`` given as a
+            tensor that requires grad, which torch.optim.RMSprop refuses).
+            The step is then the foreach reference, one tensor at a time, on
+            every backend. foreach=True refuses it with an AssertionError, as
+            in torch.optim.
 
     Example::
 
@@ -69,7 +77,6 @@ class RMSprop(MultiTensorOptimizer):
         check_non_negative(momentum, "momentum value")
         check_non_negative(weight_decay, "weight_decay value")
         check_non_negative(alpha, "alpha value")
-        check_differentiable("RMSprop", differentiable)
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered, weight_decay=weight_decay,
                         capturable=capturable, foreach=foreach, maximize=maximize, differentiable=differentiable)
         super().__init__(params, defaults)
@@ -80,26 +87,29 @@ class RMSprop(MultiTensorOptimizer):
                                     + (["grad_avg"] if centered else []), capturable)
         if capturable and not torch.compiler.is_compiling():
             check_capturable_devices(params, steps)
-        lr = group["lr"]
-        device_lr = capturable and isinstance(lr, torch.Tensor)  # read on the device, not with float()
+        lr, differentiable = group["lr"], group["differentiable"]
+        # capturable: read on the device, not with float(); differentiable: autograd records the step through it
+        tensor_lr = (capturable or differentiable) and isinstance(lr, torch.Tensor)
         states = [self.state[p] for p in params]
-        launcher, compiled = (None, None) if device_lr else (kernels.optim.rmsprop_step, "rmsprop_step")
+        launcher, compiled = (None, None) if tensor_lr else (kernels.optim.rmsprop_step, "rmsprop_step")
         self._apply(
             rmsprop_reference, launcher, compiled,
             dict(params=params, grads=[p.grad for p in params], square_avgs=[s["square_avg"] for s in states],
                  grad_avgs=[s["grad_avg"] for s in states] if centered else None,
                  momentum_buffers=[s["momentum_buffer"] for s in states] if momentum > 0 else None),
-            {},
-            lr=lr if device_lr else float(lr), alpha=group["alpha"], eps=group["eps"],
+            {}, differentiable=differentiable,
+            lr=lr if tensor_lr else float(lr), alpha=group["alpha"], eps=group["eps"],
             weight_decay=group["weight_decay"], momentum=momentum, centered=centered, maximize=group["maximize"],
         )
 
 
 def rmsprop_reference(params, grads, square_avgs, grad_avgs, momentum_buffers, *, lr, alpha, eps, weight_decay,
-                      momentum, centered, maximize):
+                      momentum, centered, maximize, differentiable=False):
     """The RMSprop update (the class docstring) with ``torch._foreach_*`` ops,
     on lists of same-device, same-dtype tensors. ``lr``: a float, or a
-    one-element tensor on their device (capturable)."""
+    one-element tensor on their device (capturable, or differentiable: then
+    it may require grad). ``differentiable``: autograd records the step
+    (``saved`` copies what its backward reads)."""
     if maximize:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:
@@ -108,16 +118,20 @@ def rmsprop_reference(params, grads, square_avgs, grad_avgs, momentum_buffers, *
     torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - alpha)
     if centered:
         torch._foreach_lerp_(grad_avgs, grads, 1 - alpha)
-        denom = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1)
+        averages = saved(grad_avgs, differentiable)
+        denom = torch._foreach_addcmul(square_avgs, averages, averages, value=-1)
         torch._foreach_sqrt_(denom)
     else:
         denom = torch._foreach_sqrt(square_avgs)
-    torch._foreach_add_(denom, eps)
+    if differentiable:  # the square root's backward keeps its result
+        denom = torch._foreach_add(denom, eps)
+    else:
+        torch._foreach_add_(denom, eps)
     if momentum > 0:
         torch._foreach_mul_(momentum_buffers, momentum)
         torch._foreach_addcdiv_(momentum_buffers, grads, denom)
-        if isinstance(lr, torch.Tensor):  # capturable: lr stays on the device
-            torch._foreach_add_(params, torch._foreach_mul(momentum_buffers, -lr))
+        if isinstance(lr, torch.Tensor):  # lr stays on the device (capturable) or in the graph (differentiable)
+            torch._foreach_add_(params, torch._foreach_mul(saved(momentum_buffers, differentiable), -lr))
         else:
             torch._foreach_add_(params, momentum_buffers, alpha=-lr)
     elif isinstance(lr, torch.Tensor):

@@ -6,9 +6,9 @@ from torchblocks._ops._dispatch import kernels
 from torchblocks.optim._multi_tensor import (
     MultiTensorOptimizer,
     check_fused_flags,
-    check_differentiable,
     check_non_negative,
     check_tensor_hyperparameter,
+    saved,
 )
 
 
@@ -43,7 +43,16 @@ class SGD(MultiTensorOptimizer):
         maximize: ascend the objective instead.
         foreach, fused: accepted for drop-in use and kept in the state dict; the
             step is always torchblocks' multi-tensor step, chosen by the backend.
-        differentiable: must be False.
+        differentiable: autograd records the step, as in torch.optim: the
+            parameters are tensors computed from leaves (a leaf that requires
+            grad raises a RuntimeError, before anything is written), and the
+            gradient of a later computation flows through every step into
+            them, their gradients and momentum buffers, and into ``lr`` and
+            ``weight_decay`` given as tensors that require grad. The step is
+            then the foreach reference, one tensor at a time, on every
+            backend. As torch.optim.SGD's, the first momentum buffer is a
+            detached copy of the gradient: nothing flows through it into that
+            gradient. fused=True refuses it, as in torch.optim.
 
     Example::
 
@@ -51,6 +60,16 @@ class SGD(MultiTensorOptimizer):
         >>> optimizer = torchblocks.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         >>> model(torch.randn(8, 4)).square().mean().backward()
         >>> optimizer.step()
+
+    Through a step (differentiable=True): the parameter stepped is a copy of
+    the leaf ``weight``, and a loss after the step has a gradient for it::
+
+        >>> weight = torch.randn(3, requires_grad=True)
+        >>> param = weight.clone()
+        >>> optimizer = torchblocks.optim.SGD([param], lr=0.1, momentum=0.9, differentiable=True)
+        >>> param.grad = 2 * param.detach()
+        >>> optimizer.step()
+        >>> torch.autograd.grad(param.square().sum(), weight)
 
     With an embedding of sparse gradients (the (10, 3) weight gets a sparse
     gradient of two rows) beside a dense layer, in one group::
@@ -66,6 +85,8 @@ class SGD(MultiTensorOptimizer):
     # in 1M-element batches: 0.91-0.97x torch's default step over five bench
     # runs; one batch: its ops).
     reference_batch_elements = None
+    # torch.optim.SGD steps with differentiable=True through its foreach ops too (foreach=True)
+    foreach_refuses_differentiable = False
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *, maximize=False,
                  foreach=None, differentiable=False, fused=None):
@@ -76,7 +97,6 @@ class SGD(MultiTensorOptimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         check_fused_flags(fused, foreach, differentiable)
-        check_differentiable("SGD", differentiable)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults)
@@ -100,28 +120,36 @@ class SGD(MultiTensorOptimizer):
                     state["momentum_buffer"] = torch.empty_like(param.grad if param.grad.is_sparse else param)
                     new_buffer[i] = True
                 buffers.append(state["momentum_buffer"])
+        differentiable, lr = group["differentiable"], group["lr"]
         self._apply(
             sgd_reference, kernels.optim.sgd_step, "sgd_step",
             dict(params=params, grads=[p.grad for p in params], momentum_buffers=buffers), dict(new_buffer=new_buffer),
-            lr=float(group["lr"]), weight_decay=group["weight_decay"], momentum=group["momentum"],
-            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+            differentiable=differentiable, lr=lr if differentiable and isinstance(lr, torch.Tensor) else float(lr),
+            weight_decay=group["weight_decay"], momentum=group["momentum"], dampening=group["dampening"],
+            nesterov=group["nesterov"], maximize=group["maximize"],
         )
 
 
 def sgd_reference(params, grads, momentum_buffers, new_buffer, *, lr, weight_decay, momentum, dampening, nesterov,
-                  maximize):
+                  maximize, differentiable=False):
     """The SGD update (the class docstring) with ``torch._foreach_*`` ops, on
     lists of same-device, same-dtype tensors (the gradients, and momentum
     buffers they started, may be sparse). ``new_buffer[i]`` is True where
-    ``momentum_buffers[i]`` is uninitialised: it becomes the gradient."""
+    ``momentum_buffers[i]`` is uninitialised: it becomes the gradient,
+    detached, as torch.optim.SGD starts it. ``differentiable``: autograd
+    records the step, through ``lr`` and ``weight_decay`` too where they are
+    tensors that require grad (``saved`` copies what its backward reads)."""
     if maximize:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:
-        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        if isinstance(weight_decay, torch.Tensor):  # g + weight_decay * p: its gradient too
+            grads = torch._foreach_add(grads, torch._foreach_mul(saved(params, differentiable), weight_decay))
+        else:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
     if momentum != 0:
         old = [i for i, new in enumerate(new_buffer) if not new]
         for i in (i for i, new in enumerate(new_buffer) if new):
-            momentum_buffers[i].copy_(grads[i])
+            momentum_buffers[i].copy_(grads[i].detach())
         if old:
             old_buffers = [momentum_buffers[i] for i in old]
             torch._foreach_mul_(old_buffers, momentum)
@@ -130,4 +158,7 @@ def sgd_reference(params, grads, momentum_buffers, new_buffer, *, lr, weight_dec
             grads = torch._foreach_add(grads, momentum_buffers, alpha=momentum)
         else:
             grads = momentum_buffers
-    torch._foreach_add_(params, grads, alpha=-lr)
+    if isinstance(lr, torch.Tensor):  # p - lr * g: its gradient too
+        torch._foreach_sub_(params, torch._foreach_mul(saved(grads, differentiable), lr))
+    else:
+        torch._foreach_add_(params, grads, alpha=-lr)
