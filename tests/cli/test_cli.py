@@ -15,8 +15,10 @@ from torchblocks.cli import cases, check
 
 def test_check_passes_and_prints_a_table_with_progress(capsys, tmp_path):
     out = tmp_path / "rows.json"
-    # the reference only: the interpreter's rows are the next test's
-    assert cli.main(["check", "--device", "cpu", "--backend", "reference", "--json", str(out)]) == 0
+    # the reference only, one block and one optimizer: the interpreter's rows are the next test's,
+    # every block's and optimizer's cases tests/cli/test_cases.py's and tests/test_optim.py's
+    assert cli.main(["check", "--device", "cpu", "--backend", "reference", "--block", "relu", "Adam",
+                     "--json", str(out)]) == 0
     captured = capsys.readouterr()
     assert "block" in captured.out and "max rel err" in captured.out
     rows = json.loads(out.read_text())
@@ -27,7 +29,8 @@ def test_check_passes_and_prints_a_table_with_progress(capsys, tmp_path):
     }
     assert all(r["status"] == "PASS" for r in rows)
     progress = [line for line in captured.err.splitlines() if line.startswith("[")]
-    assert len(progress) == len(rows) and progress[0].startswith("[1/8] relu cpu/reference float32 parity: PASS (")
+    assert len(progress) == len(rows) and progress[0].startswith("[1/2] relu cpu/reference float32 parity: PASS (")
+    assert {r["block"] for r in rows} == {"relu", "Adam"}
 
 
 @pytest.mark.triton
