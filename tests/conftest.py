@@ -12,7 +12,9 @@ fails at teardown. A test (or a ``pytest.param`` case) whose calls all take
 the Python path is marked ``python_path``: its ``reference-cpu`` variant is
 deselected at collection (not skipped: it would only repeat
 ``reference-cpu-python``, and CI time is short), so ``reference-cpu-python``
-is its one CPU reference variant.
+is its one CPU reference variant. Conversely a case marked ``compiled_path``
+is there to reach the compiled module: its other targets' variants, which
+repeat cases of their own, are deselected.
 The ``path`` fixture of the contract matrices (tests/test_contract.py,
 tests/test_contract_optim.py) runs a test on each CPU implementation (the
 compiled eager path, the Python path, Triton under the interpreter) and
@@ -228,6 +230,8 @@ def pytest_configure(config):
                                        "against the GPU machine's own torch)")
     config.addinivalue_line("markers", "python_path: every call takes the Python path, so the reference-cpu variant "
                                        "is deselected and reference-cpu-python is the one CPU reference variant")
+    config.addinivalue_line("markers", "compiled_path: a case there to reach the compiled eager CPU path; its "
+                                       "variants on other targets are deselected")
     # the interpreter computes with numpy, which warns on the inf and NaN some cases feed it on purpose
     config.addinivalue_line("filterwarnings", r"ignore::RuntimeWarning:triton\.runtime\.interpreter")
 
@@ -235,12 +239,18 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """Deselects the ``reference-cpu`` variant of each ``python_path`` test or
     case: its calls take the Python path, so it would repeat
-    ``reference-cpu-python`` while looking like coverage of the compiled one."""
+    ``reference-cpu-python`` while looking like coverage of the compiled one;
+    and the other targets' variants of a ``compiled_path`` case."""
     kept, dropped = [], []
     for item in items:
-        on_compiled_target = getattr(item, "callspec", None) is not None and \
-            item.callspec.params.get("target") == ("cpu", "reference")
-        (dropped if on_compiled_target and item.get_closest_marker("python_path") else kept).append(item)
+        params = getattr(item, "callspec", None) and item.callspec.params
+        if not params or "target" not in params:
+            kept.append(item)
+            continue
+        on_compiled_target = params["target"] == ("cpu", "reference")
+        elsewhere = (item.get_closest_marker("python_path") if on_compiled_target
+                     else item.get_closest_marker("compiled_path"))
+        (dropped if elsewhere else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

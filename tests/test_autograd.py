@@ -14,9 +14,20 @@ from torchblocks.cli.cases import AUTOGRAD_CASES as CASES, LABELS, randn
 from torchblocks.testing import assert_close, assert_parity
 
 tb = torchblocks.functional
-# The losses' cases ignore a row (LABELS holds -100), so their calls take the
-# Python path: marked python_path, they have no reference-cpu variant.
-CASE_PARAMS = [pytest.param(name, marks=pytest.mark.python_path if "cross_entropy" in name else ()) for name in CASES]
+# The losses' cases ignore a row (LABELS holds -100), weigh classes or smooth, so
+# their calls take the Python path: marked python_path, they have no reference-cpu
+# variant. Their "plain" cases are the compiled eager CPU path's, and only its.
+
+
+def _marks(name):
+    if "cross_entropy" not in name:
+        return ()
+    return pytest.mark.compiled_path if "plain" in name else pytest.mark.python_path
+
+
+CASE_PARAMS = [pytest.param(name, marks=_marks(name)) for name in CASES]
+# torch.func's cases: the plain ones would repeat the others there, as the compiled module declines torch.func
+FUNC_CASES = [name for name in CASES if "plain" not in name]
 # torch.func's transforms (vmap, grad, jacrev) take the Python path: the compiled module declines them
 TORCH_FUNC = pytest.mark.python_path
 
@@ -72,7 +83,7 @@ def test_inplace_backward_refuses_a_gradient_of_the_gradient(target):
 
 
 @TORCH_FUNC
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", FUNC_CASES)
 def test_vmap_matches_native(target, name):
     case = CASES[name]
     if name == "relu in place":
@@ -94,7 +105,7 @@ def test_vmap_relu_in_place(target):
 
 
 @TORCH_FUNC
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", FUNC_CASES)
 def test_jacrev_matches_native(target, name):
     case = CASES[name]
     inputs = [t.detach() for t in case.inputs(target.device)]

@@ -344,6 +344,8 @@ class AutogradCase:
 
 
 LABELS = torch.tensor([0, 3, -100, 1, 3])
+# No row ignored, no class weight, no smoothing: the common case, which the compiled eager CPU path takes.
+PLAIN_LABELS = torch.tensor([0, 3, 2, 1, 3])
 CLASS_WEIGHT = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64)
 
 
@@ -355,6 +357,12 @@ def _index_case(**options):
         return F.cross_entropy(x, LABELS.to(x.device), CLASS_WEIGHT.to(x.device), **options)
 
     return AutogradCase(ours, native, lambda device: [randn(5, 4, device=device, seed=1)])
+
+
+def _plain_index_case(reduction):
+    return AutogradCase(lambda x: tb.softmax_cross_entropy(x, PLAIN_LABELS.to(x.device), reduction=reduction),
+                        lambda x: F.cross_entropy(x, PLAIN_LABELS.to(x.device), reduction=reduction),
+                        lambda device: [randn(5, 4, device=device, seed=1)])
 
 
 def _probability_case(**options):
@@ -370,12 +378,12 @@ def _dense_inputs(*x_shape, bias=True):
         [randn(4, device=device, seed=2)] if bias else [])
 
 
-def _dense_cross_entropy_case(**options):
+def _dense_cross_entropy_case(labels=LABELS, **options):
     def ours(x, w, b):
-        return tb.dense_cross_entropy(x, w, LABELS.to(x.device), b, chunk_rows=2, **options)
+        return tb.dense_cross_entropy(x, w, labels.to(x.device), b, chunk_rows=2, **options)
 
     def native(x, w, b):
-        return F.cross_entropy(F.linear(x, w, b), LABELS.to(x.device), **options)
+        return F.cross_entropy(F.linear(x, w, b), labels.to(x.device), **options)
 
     return AutogradCase(ours, native, _dense_inputs(5, 3))
 
@@ -391,9 +399,13 @@ AUTOGRAD_CASES = {
     "cross_entropy indices mean": _index_case(label_smoothing=0.2),
     "cross_entropy indices sum": _index_case(reduction="sum"),
     "cross_entropy indices none": _index_case(reduction="none", label_smoothing=0.1),
+    "cross_entropy plain mean": _plain_index_case("mean"),
+    "cross_entropy plain sum": _plain_index_case("sum"),
     "cross_entropy probabilities mean": _probability_case(label_smoothing=0.2),
     "cross_entropy probabilities none": _probability_case(reduction="none"),
     "dense_cross_entropy mean": _dense_cross_entropy_case(label_smoothing=0.1),
     "dense_cross_entropy sum": _dense_cross_entropy_case(reduction="sum"),
     "dense_cross_entropy none": _dense_cross_entropy_case(reduction="none", label_smoothing=0.1),
+    "dense_cross_entropy plain mean": _dense_cross_entropy_case(PLAIN_LABELS),
+    "dense_cross_entropy plain sum": _dense_cross_entropy_case(PLAIN_LABELS, reduction="sum"),
 }
