@@ -18,7 +18,9 @@ TORCH_SPEC="${TORCH_SPEC:-torch>=2.11}"
 CONSTRAINTS="${CONSTRAINTS:-tests/constraints.txt}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PYTHON="$VENV/bin/python"
-PIP=(-m pip install --disable-pip-version-check --progress-bar off)
+# --no-compile: no bytecode for the tens of thousands of modules of torch and transformers at install
+# time (about 25 s for torch alone); Python compiles what is imported, once, when it is imported.
+PIP=(-m pip install --disable-pip-version-check --progress-bar off --no-compile)
 if [ "${UPGRADE:-0}" = 1 ]; then
     PIP+=(--upgrade --upgrade-strategy eager)
 fi

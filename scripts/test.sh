@@ -53,10 +53,10 @@ if [ "$COMPAT_TRITON" != "none" ]; then
     { grep -v -i -E "^($compat_names)==" "$PINS"; compat_pins | grep -v '^triton=='; } > "$compat_constraints"
     install_compat() {
         # shellcheck disable=SC2086
-        "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check $TORCH_SPEC
-        "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c "$compat_constraints" \
+        "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile $TORCH_SPEC
+        "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile -c "$compat_constraints" \
             "$COMPAT_TRITON" numpy pytest matplotlib
-        "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+        "$COMPAT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile --no-deps \
             --no-build-isolation -e .
     }
     install_once "$COMPAT_VENV" "$TORCH_SPEC $COMPAT_TRITON" install_compat
