@@ -143,17 +143,19 @@ def row_errors(actual: torch.Tensor, expected: torch.Tensor, keep: Optional[torc
     computed from, not of the row itself: a row near zero by cancellation
     (a gradient of 1e-12 that should be 0; p - 1 of a confident
     prediction) would fail on its own norm. The floor ``typical`` is that
-    scale: a high percentile, as a result may be made of blocks of rows of
-    different scales (GPT-2's fused q, k, v bias has gradients of 1e-12,
-    1e-5 and 1e-3), where an entry of the large block that cancels to 1e-6
-    errs on the large block's scale; not the largest, so that up to a tenth
-    of the rows (``TYPICAL_QUANTILE``) may be huge without raising it; of
-    the non-zero rows, so that rows that are exactly zero (ignored targets,
-    dead ReLUs) do not lower it. Rows, not elements:
-    within a row (a sample's logits or activations) entries span orders of
-    magnitude (a softmax probability of 1e-30 beside one near 1) with
-    rounding errors on the scale of the row's largest, and the row's norm
-    judges each at that scale, as ``relative_error`` does for the whole.
+    scale: a high percentile (``TYPICAL_QUANTILE``), as a result may be
+    made of blocks of rows of different scales (GPT-2's fused q, k, v bias
+    has gradients of 1e-12, 1e-5 and 1e-3), where an entry of the large
+    block that cancels to 1e-6 errs on the large block's scale; not the
+    largest, so that up to a tenth of the rows may be huge without raising
+    it; of the non-zero rows, so that rows that are exactly zero (ignored
+    targets, dead ReLUs) do not lower it.
+
+    Rows, not elements: within a row (a sample's logits or activations)
+    entries span orders of magnitude (a softmax probability of 1e-30 beside
+    one near 1) with rounding errors on the scale of the row's largest, and
+    the row's norm judges each at that scale, as ``relative_error`` does
+    for the whole.
 
     Example::
 
