@@ -66,6 +66,117 @@ def test_the_twin_rule_on_non_finite_results():
                   [float("inf"), 2.0, float("nan"), 3.5]):
         assert not testing.compare(torch.tensor(wrong, dtype=torch.float16), native, exact=exact).ok, wrong
 
+def _off_by(values: torch.Tensor, where, amount: float) -> torch.Tensor:
+    wrong = values.clone()
+    wrong[where] += amount
+    return wrong
+
+
+def _hidden_by_the_norm(comparison) -> bool:
+    """Failed, by the row check alone: the norm-wise error is within bounds."""
+    return not comparison.ok and comparison.error <= comparison.allowed and comparison.row_error > comparison.row_allowed
+
+
+@pytest.mark.parametrize("dtype, huge", [(torch.float64, 6e38), (torch.float32, 3e38)], ids=str)
+def test_a_wrong_loss_beside_a_huge_one_fails(dtype, huge):
+    """Per-sample losses (reduction="none") with one of 6e38: the norm-wise
+    error of a loss off by 5 nats is 1e-38, which any tolerance passes."""
+    losses = torch.tensor([huge, 1.0, 2.0, 3.0], dtype=dtype)
+    comparison = testing.compare(_off_by(losses, 1, 5.0), losses)
+    assert _hidden_by_the_norm(comparison), comparison
+    assert "row (1,): 6.0 vs expected 1.0" in comparison.detail
+    with pytest.raises(AssertionError, match=r"worst row 1\.67"):  # 5 / max(1, 3), the typical loss
+        testing.assert_close(_off_by(losses, 1, 5.0), losses)
+
+
+@pytest.mark.parametrize("dtype", testing.HALF_DTYPES, ids=str)
+def test_a_wrong_16_bit_loss_beside_a_huge_one_fails_the_twin_rule(dtype):
+    """The same under the twin rule: native's losses are the float64 ones
+    rounded once (the closest any result can be), one of them near the
+    dtype's largest; ours has another off by 5."""
+    huge = torch.finfo(dtype).max / 2
+    exact = torch.tensor([huge, 1.0, 2.0, 3.0], dtype=torch.float64).to(dtype).double()
+    native = exact.to(dtype)
+    comparison = testing.compare(_off_by(native, 2, 5.0), native, exact=exact)
+    assert _hidden_by_the_norm(comparison), comparison
+    assert "row (2,): 7.0 vs expected 2.0 in float64, native 2.0" in comparison.detail
+    assert testing.compare(native, native, exact=exact).ok
+
+
+def test_a_wrong_row_beside_a_huge_row_fails():
+    """(N, C): row 0 of 1e30 hides an element of row 5 off by 5 from the
+    norm-wise error; the detail names the row and its worst element."""
+    expected = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    expected[0] *= 1e30
+    comparison = testing.compare(_off_by(expected, (5, 3), 5.0), expected)
+    assert _hidden_by_the_norm(comparison), comparison
+    assert "row (5,), worst at (5, 3)" in comparison.detail
+    report = testing.parity(lambda x: _off_by(x, (5, 3), 5.0), lambda x: x + 0, [expected], grad_inputs=[False])
+    assert not report.ok and "row (5,)" in str(report)
+
+
+def test_correct_values_near_zero_pass_the_row_check():
+    """Rounding a correct computation errs on the scale of the terms, not of
+    a result near zero: a gradient of 1e-8 where native has 0, a sum that
+    cancels to 1e-6 computed in another order, a zero row of a masked
+    target rounded to 1e-20. Each is far off relative to itself, and passes."""
+    generator = torch.Generator().manual_seed(0)
+    gradient = torch.randn(100, generator=generator)
+    gradient[7] = 0.0
+    assert testing.compare(_off_by(gradient, 7, 1e-8), gradient).ok
+
+    terms = torch.randn(16, 512, generator=generator)
+    terms[3] -= terms[3].mean()  # row 3 sums to about 0
+    native, ours = terms.sum(dim=-1), terms.flip(-1).cumsum(dim=-1)[:, -1]
+    assert (ours[3] - native[3]).abs() > 0.01 * native[3].abs()
+    assert testing.compare(ours, native).ok
+
+    rows = torch.randn(6, 10, generator=generator)
+    rows[::2] = 0.0  # half the rows ignored: exact zeros, kept out of the typical scale
+    assert testing.compare(_off_by(rows, (2, 4), 1e-20), rows).ok
+
+
+def test_a_cancelled_entry_of_a_large_block_is_judged_at_its_scale():
+    """GPT-2's fused q, k, v bias: its gradient has blocks of about 1e-12, 1e-6
+    and 1e-3, and an entry of the last that cancels to about 0 errs on the
+    scale of that block's terms (here a relative 1e-6 on each, as an
+    upstream gradient's rounding carries). The median of the entries, 1e-5,
+    would fail it; the 90th percentile is the scale of the large block."""
+    generator = torch.Generator().manual_seed(0)
+    terms = torch.randn(96, 256, generator=generator, dtype=torch.float64)
+    terms *= torch.tensor([1e-12, 1e-6, 1e-3], dtype=torch.float64).repeat_interleave(32)[:, None]
+    terms[68] -= terms[68].mean()
+    native = terms.sum(dim=-1).float()
+    ours = (terms * (1 + 1e-6 * torch.randn(terms.shape, generator=generator, dtype=torch.float64))).sum(-1).float()
+    median_scale = max(native[68].abs(), native.abs().median())
+    assert (ours - native)[68].abs() > testing.tolerance(torch.float32) * 96 ** 0.5 * median_scale
+    assert testing.compare(ours, native).ok
+
+
+@pytest.mark.parametrize("dtype", testing.HALF_DTYPES, ids=str)
+def test_the_twin_rule_row_check_takes_rounding_that_lands_in_other_rows(dtype):
+    """Two 16-bit products of three matrices, each rounding its intermediate
+    once, (x W1) W2 against x (W1 W2): equally close to float64, but their
+    errors land in different rows of 4. Native's error in the very row
+    would be the wrong bound (ours' worst row exceeds it, by the twin
+    allowance of that row alone, in some of these seeds); native's row
+    errors together are the bound."""
+    generator = torch.Generator().manual_seed(0)
+    over_the_very_row = 0
+    for _ in range(20):
+        x, w1, w2 = (torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).double() / 4
+                     for shape in [(64, 32), (24, 32), (4, 24)])
+        exact = x @ w1.T @ w2.T
+        ours = ((x @ w1.T).to(dtype).double() @ w2.T).to(dtype)
+        native = (x @ (w1.T @ w2.T).to(dtype).double()).to(dtype)
+        comparison = testing.compare(ours, native, exact=exact)
+        assert comparison.row_error <= comparison.row_allowed, comparison
+        native_rows = torch.maximum(testing.row_errors(native, exact), testing.row_errors(exact.to(dtype), exact))
+        over_the_very_row += bool((testing.row_errors(ours, exact) >
+                                   testing.twin_allowance(native_rows, dtype, elements=4)).any())
+    assert over_the_very_row > 0
+
+
 def test_assert_rejected_like_native_fails_on_a_wrong_type_or_message():
     def raising(error):
         def call():

@@ -1,13 +1,15 @@
 """Comparison against a native twin, shared by ``torchblocks check`` and the
 test suite: the one table of tolerances, the twin rule that replaces it for
-float16 and bfloat16, the one error measure, and the one parity harness.
+float16 and bfloat16, the two error measures that must both hold (norm-wise
+over the whole tensor, and each row against its own scale, so that no row
+hides behind a huge one), and the one parity harness.
 
 ``parity`` runs a block and its twin on the inputs exactly as built: each
 tensor is handed over as a ``twin`` in fresh memory with the very same sizes,
 strides and storage offset (a transposed, sliced, expanded or offset view
 stays one), never a ``clone()`` that would make it contiguous. It compares
 every output and every input gradient: dtype, shape, the places of NaN and
-infinities, and the values, and it reports the worst element.
+infinities, and the values, and it reports the worst element or row.
 
 Beside it, what the tests share: memory layouts to build inputs in
 (``with_layout``), errors raised like native's (``assert_rejected_like_native``),
@@ -37,6 +39,9 @@ TF32_TOLERANCE = 1e-3
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # The twin rule's factor (``twin_allowance``) where a test states none; by the design at most 1.5.
 TWIN_FACTOR = 1.25
+# Which of its non-zero row norms sets a tensor's typical scale (``row_errors``): up to a tenth of its rows
+# may be huge without raising it.
+TYPICAL_QUANTILE = 0.9
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -112,30 +117,120 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return difference / max(expected[finite].norm().item(), torch.finfo(torch.float64).tiny)
 
 
+def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as (rows, row length): the last dimension is a row; a 0-D or
+    1-D tensor has one element per row."""
+    if tensor.dim() < 2:
+        return tensor.reshape(-1, 1)
+    return tensor.reshape(tensor.shape[:-1].numel(), tensor.shape[-1])
+
+
+def row_errors(actual: torch.Tensor, expected: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The relative error of each row of ``actual`` against ``expected`` (of
+    the same shape), in float64: the last dimension is a row, and a 0-D or
+    1-D tensor has one element per row. Row r's error is
+
+        ||a_r - e_r|| / max(||e_r||, typical),   typical = the 90th percentile of the non-zero ||e_r||
+
+    over the entries of ``keep`` (default: where both are finite); the
+    scales come from every finite entry of ``expected``.
+
+    Why this measure, beside the norm-wise ``relative_error``: one huge row
+    swamps ||e||, so the norm-wise error hides any other row being wrong (a
+    per-row loss of 6e38 beside losses of 1 that are off by 5). Divided by
+    its own norm, no row can hide behind another. But a correct result's
+    rounding error in a row is on the scale of the terms the row was
+    computed from, not of the row itself: a row near zero by cancellation
+    (a gradient of 1e-12 that should be 0; p - 1 of a confident
+    prediction) would fail on its own norm. The floor ``typical`` is that
+    scale: a high percentile (``TYPICAL_QUANTILE``), as a result may be
+    made of blocks of rows of different scales (GPT-2's fused q, k, v bias
+    has gradients of 1e-12, 1e-5 and 1e-3), where an entry of the large
+    block that cancels to 1e-6 errs on the large block's scale; not the
+    largest, so that up to a tenth of the rows may be huge without raising
+    it; of the non-zero rows, so that rows that are exactly zero (ignored
+    targets, dead ReLUs) do not lower it.
+
+    Rows, not elements: within a row (a sample's logits or activations)
+    entries span orders of magnitude (a softmax probability of 1e-30 beside
+    one near 1) with rounding errors on the scale of the row's largest, and
+    the row's norm judges each at that scale, as ``relative_error`` does
+    for the whole.
+
+    Example::
+
+        >>> losses = torch.tensor([6e38, 1.0, 2.0], dtype=torch.float64)
+        >>> row_errors(losses + torch.tensor([0.0, 5.0, 0.0], dtype=torch.float64), losses)  # 5 / max(1, 2)
+        tensor([0.0000, 2.5000, 0.0000], dtype=torch.float64)
+    """
+    actual = actual.detach().to("cpu", torch.float64)
+    expected = expected.detach().to("cpu", torch.float64)
+    finite = torch.isfinite(expected)
+    keep = finite & torch.isfinite(actual) if keep is None else keep.cpu()
+    norms = _as_rows(torch.where(finite, expected, 0.0)).norm(dim=-1)
+    nonzero = norms[norms > 0]
+    rank = int(TYPICAL_QUANTILE * (nonzero.numel() - 1)) + 1
+    typical = nonzero.kthvalue(rank).values.item() if nonzero.numel() else 0.0
+    scales = norms.clamp(min=max(typical, torch.finfo(torch.float64).tiny))
+    return _as_rows(torch.where(keep, actual - expected, 0.0)).norm(dim=-1) / scales
+
+
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    """One tensor of ours against the twin's: ``error`` (relative, or inf for
-    a dtype, shape or NaN-pattern mismatch) against ``allowed``; ``detail``
-    says where the worst element is."""
+    """One tensor of ours against the twin's, by two checks that must both
+    hold: the norm-wise ``error`` (``relative_error``, or inf for a dtype,
+    shape or NaN-pattern mismatch) against ``allowed``, and the worst
+    row's (``row_errors``: each row against its own scale) ``row_error``
+    against ``row_allowed``. ``detail`` says which check failed and where:
+    the worst element, or the worst row and its worst element."""
 
     what: str
     error: float
     allowed: float
     detail: str = ""
+    row_error: float = 0.0
+    row_allowed: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return self.error <= self.allowed
+        return self.error <= self.allowed and self.row_error <= self.row_allowed
+
+    @property
+    def excess(self) -> float:
+        """How far over (above 1) or under its bound the worse of the two checks is."""
+        return max(_excess(self.error, self.allowed), _excess(self.row_error, self.row_allowed))
 
     def __str__(self) -> str:
-        return f"{self.what}: relative error {self.error:.3g} (allowed {self.allowed:g}){'; ' + self.detail if self.detail else ''}"
+        rows = f", worst row {self.row_error:.3g} (allowed {self.row_allowed:.3g})" if self.row_error else ""
+        return (f"{self.what}: relative error {self.error:.3g} (allowed {self.allowed:g}){rows}"
+                f"{'; ' + self.detail if self.detail else ''}")
+
+
+def _excess(error: float, allowed: float) -> float:
+    if allowed:
+        return error / allowed
+    return float("inf") if error else 0.0
 
 
 def compare(actual, expected, what: str = "output", allowed: Optional[float] = None, exact=None,
             factor: float = TWIN_FACTOR) -> Comparison:
     """``actual`` against native's ``expected``: None must meet None, dtypes
-    must match, then ``relative_error`` within ``allowed`` (by default the
-    tolerance of ``expected``'s dtype).
+    must match, then two checks, both of which must hold:
+
+    - norm-wise: ``relative_error`` within ``allowed`` (by default the
+      tolerance of ``expected``'s dtype);
+    - row-wise: no row's error (``row_errors``: each row against its own
+      scale) above sqrt(R) * ``allowed``, R the number of rows.
+
+    The row bound is the norm-wise bound with all of it spent in one row.
+    Were every row of its own scale (the row-balanced tensor, where the
+    norm-wise error is the root-mean-square of ``row_errors``), a single
+    wrong row would fail the norm-wise check exactly when it fails this
+    one: the row check adds no strictness there, so it rejects nothing
+    correct that the norm-wise check accepts of a tensor of like rows; it
+    only closes the norm-wise check's blind spot, the rows a huge row hides.
+    A bound of ``allowed`` on each row would be stricter than the norm-wise
+    check: the worst of R rows' rounding errors is well above their mean.
 
     With ``exact``, native's result in float64 from the same values (needed
     where ``expected`` is float16 or bfloat16), the twin rule instead:
@@ -145,6 +240,19 @@ def compare(actual, expected, what: str = "output", allowed: Optional[float] = N
     error against ``exact`` is at most ``twin_allowance`` of native's own
     (on the entries where native is finite, and never less than that of
     ``exact`` rounded once to the dtype, the closest any result can be).
+    The row bound is derived from native's row errors the same way, every
+    error measured by ``row_errors`` against ``exact``:
+
+        max_r ours_r <= sqrt(R) * twin_allowance(max(rms(native_r), rms(rounded_r)), dtype, n, factor)
+                     =  factor * max(||native_r||, ||rounded_r||) + u * sqrt(R / n)
+
+    where native_r is native's error in row r (whatever native itself
+    rounded there), rounded_r that of ``exact`` rounded once to the dtype,
+    rms and || || taken over the rows, and n the entries compared. It is
+    not twin_allowance of native's error in row r alone: where both round
+    on the way, ours and native err by like amounts that land in different
+    rows, so ours' worst row is above native's error in that same row about
+    half the time, by far more than ``factor`` where a row is short.
 
     Example::
 
@@ -153,10 +261,14 @@ def compare(actual, expected, what: str = "output", allowed: Optional[float] = N
         >>> x = torch.randn(100, dtype=torch.float64).bfloat16()
         >>> compare(x.exp(), x.exp(), exact=x.double().exp()).ok
         True
+        >>> losses = torch.tensor([6e38, 1.0, 2.0], dtype=torch.float64)
+        >>> print(compare(losses + torch.tensor([0.0, 5.0, 0.0], dtype=torch.float64), losses))
+        output: relative error 8.33e-39 (allowed 1e-10), worst row 2.5 (allowed 1.73e-10); row (1,): 6.0 vs expected 1.0
     """
     if actual is None or expected is None:
         error = 0.0 if actual is None and expected is None else float("inf")
         return Comparison(what, error, 0.0, "" if error == 0 else f"{'ours' if actual is None else 'native'} is None")
+    keep = None
     if exact is None:
         allowed = tolerance(expected.dtype) if allowed is None else allowed
         reference, error = expected, relative_error(actual, expected)
@@ -164,38 +276,65 @@ def compare(actual, expected, what: str = "output", allowed: Optional[float] = N
         reference, error, allowed = expected, float("inf"), 0.0
     else:
         reference = exact.detach().to("cpu", torch.float64)
-        ideal = reference.to(expected.dtype)
+        ideal, native = reference.to(expected.dtype), expected.detach().cpu()
         keep = torch.isfinite(reference) & torch.isfinite(actual.detach().cpu())
-        native_keep = torch.isfinite(reference) & torch.isfinite(expected.detach().cpu())
-        native_error = max(relative_error(expected.detach().cpu()[native_keep], reference[native_keep]),
+        native_keep = torch.isfinite(reference) & torch.isfinite(native)
+        native_error = max(relative_error(native[native_keep], reference[native_keep]),
                            relative_error(ideal[keep], reference[keep]))
         allowed = twin_allowance(native_error, expected.dtype, int(keep.sum()), factor)
         error = relative_error(actual.detach().cpu()[keep], reference[keep]) if (
             _same_non_finite(actual, expected) or _same_non_finite(actual, ideal)) else float("inf")
     if actual.dtype != expected.dtype:
         return Comparison(what, float("inf"), allowed, f"dtype {actual.dtype} vs expected {expected.dtype}")
-    detail = ""
-    if error > allowed:
-        detail = f"shapes {tuple(actual.shape)} vs {tuple(expected.shape)}"
-        if actual.shape == expected.shape and actual.numel():
-            gap = (actual.detach().double().cpu() - reference.detach().double().cpu()).abs().nan_to_num(float("inf"))
-            nan_mismatch = actual.detach().cpu().isnan() != reference.detach().cpu().isnan()
-            gap[nan_mismatch] = float("inf")
-            if exact is not None and error != float("inf"):
-                gap[~keep] = 0.0  # where the float64 result overflows the dtype, or NaN and inf matched native's
-            where = tuple(int(i) for i in torch.unravel_index(gap.argmax(), gap.shape))
-            detail = f"worst at {where}: {actual[where].item()!r} vs expected {reference[where].item()!r}"
-            if exact is not None:
-                detail += f" in float64, native {expected[where].item()!r}"
-    return Comparison(what, error, allowed, detail)
+    if error == float("inf"):  # shapes or NaN and infinities differ: the rows are not comparable
+        return Comparison(what, error, allowed, _worst_element(actual, reference, expected, exact, None))
+    rows = row_errors(actual, reference, keep)
+    if not rows.numel():
+        return Comparison(what, error, allowed)
+    spread = rows.numel() ** 0.5
+    if exact is None:
+        row_allowed = spread * allowed
+    else:
+        native_rows = max(row_errors(native, reference, native_keep).norm().item(),
+                          row_errors(ideal, reference, keep).norm().item())
+        row_allowed = spread * twin_allowance(native_rows / spread, expected.dtype, int(keep.sum()), factor)
+    row = int(rows.argmax())
+    details = [_worst_element(actual, reference, expected, exact, keep)] if error > allowed else []
+    if rows[row] > row_allowed:
+        details.append(_worst_element(actual, reference, expected, exact, keep, row))
+    return Comparison(what, error, allowed, "; ".join(details), rows[row].item(), row_allowed)
+
+
+def _worst_element(actual, reference, expected, exact, keep, row: Optional[int] = None) -> str:
+    """Where ``actual`` is furthest from ``reference`` (within ``row`` of
+    ``_as_rows``, if given), and the values there: what ``Comparison.detail``
+    says of a failed check."""
+    if actual.shape != reference.shape or not actual.numel():
+        return f"shapes {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    gap = (actual.detach().double().cpu() - reference.detach().double().cpu()).abs().nan_to_num(float("inf"))
+    gap[actual.detach().cpu().isnan() != reference.detach().cpu().isnan()] = float("inf")
+    if keep is not None:
+        gap[~keep] = 0.0  # where the float64 result or ours is not finite (the non-finite pattern matched)
+    if row is None:
+        where = tuple(int(i) for i in torch.unravel_index(gap.argmax(), gap.shape))
+        text = f"worst at {where}"
+    else:
+        rows = _as_rows(gap)
+        flat = torch.tensor(row * rows.shape[-1] + int(rows[row].argmax()))
+        where = tuple(int(i) for i in torch.unravel_index(flat, gap.shape))
+        text = f"row {where[:-1]}, worst at {where}" if gap.dim() > 1 else f"row {where}"
+    text += f": {actual[where].item()!r} vs expected {reference[where].item()!r}"
+    if exact is not None:
+        text += f" in float64, native {expected[where].item()!r}"
+    return text
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None, what: str = "output",
                  exact: Optional[torch.Tensor] = None):
-    """Assert ``relative_error(actual, expected) <= tolerance(dtype)``, or
-    with ``exact`` (native's result in float64) the twin rule of
-    ``compare``, with a message that says what differed, by how much, and
-    where the largest difference is. ``dtype`` defaults to ``expected.dtype``.
+    """Assert ``compare``'s two checks (norm-wise and row-wise) within
+    ``tolerance(dtype)``, or with ``exact`` (native's result in float64)
+    under the twin rule, with a message that says which check failed, by how
+    much, and where. ``dtype`` defaults to ``expected.dtype``.
 
     Example::
 
@@ -243,7 +382,7 @@ class ParityReport:
     @property
     def worst(self) -> Comparison:
         """The comparison furthest over (or closest to) its allowance."""
-        return max(self.comparisons, key=lambda c: c.error / c.allowed if c.allowed else (float("inf") if c.error else 0))
+        return max(self.comparisons, key=lambda c: c.excess)
 
     @property
     def max_error(self) -> float:
