@@ -38,10 +38,20 @@ def _kept_state(options: dict) -> tuple:
     return bool(options.get("momentum")), bool(options.get("centered")), bool(options.get("amsgrad"))
 
 
-# Per optimizer, the first option set of each kind of state it keeps: what a state dict's layout depends on.
-STATE_CASES = [case for index, case in enumerate(CASES)
-               if all((entry.name, _kept_state(options)) != (case.values[0].name, _kept_state(case.values[1]))
-                      for entry, options in (earlier.values for earlier in CASES[:index]))]
+def _first_of_each_kept_state() -> list:
+    """Per optimizer, the first option set of each kind of state it keeps:
+    what a state dict's layout depends on."""
+    seen, kept = set(), []
+    for case in CASES:
+        entry, options = case.values
+        kind = (entry.name, _kept_state(options))
+        if kind not in seen:
+            seen.add(kind)
+            kept.append(case)
+    return kept
+
+
+STATE_CASES = _first_of_each_kept_state()
 TRAJECTORY_DTYPES = [torch.float32, torch.float64]
 needs_the_compiled_path = pytest.mark.skipif(os.environ.get("TORCHBLOCKS_EAGER_CPU") == "0",
                                              reason="TORCHBLOCKS_EAGER_CPU=0 turns it off")
