@@ -108,7 +108,7 @@ def target(request, monkeypatch):
     target = Target(*request.param)
     taken = None
     if target.python_eager:
-        monkeypatch.setattr(_eager_cpu, "_enabled", False)
+        _python_path(monkeypatch)
     elif target.device == "cpu" and target.backend == "reference":
         if COMPILED_OFF:
             pytest.skip("TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off: reference-cpu-python covers it")
@@ -167,6 +167,14 @@ def _count_compiled_calls(monkeypatch, taken):
     monkeypatch.setattr(_eager_cpu, "_module", _CountingModule(module, taken))
 
 
+def _python_path(monkeypatch):
+    """Turns the compiled path off for the test (its kernels leave the ops at
+    once, so that a call through torch.ops takes the Python ones too) and on
+    again after it."""
+    monkeypatch.setattr(_eager_cpu, "_enabled", _eager_cpu._enabled)  # what teardown restores
+    _eager_cpu.set_enabled(False)
+
+
 CALL_REPORT = pytest.StashKey()
 
 
@@ -201,7 +209,7 @@ def path(request, monkeypatch):
     if name == "compiled":
         _count_compiled_calls(monkeypatch, taken)
     else:
-        monkeypatch.setattr(_eager_cpu, "_enabled", False)
+        _python_path(monkeypatch)
     use_triton = backend.use_triton
 
     def counting_use_triton(tensor):

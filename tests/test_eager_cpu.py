@@ -97,13 +97,24 @@ def test_other_calls_take_the_python_functions(op_names):
     python_calls["head, bfloat16"] = lambda: TF.dense_cross_entropy(x.bfloat16(), w.bfloat16(), labels)
     for what, call in python_calls.items():
         assert not from_eager_cpu(call().grad_fn), what
-    with op_names():
-        assert not from_eager_cpu(TF.relu(randn(3).requires_grad_()).grad_fn)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = TF.dense(randn(4, 8).requires_grad_(), randn(6, 8), randn(6))
     assert output.dtype == torch.bfloat16 and not from_eager_cpu(output.grad_fn)
-    x = randn(6)
+
+
+@pytest.mark.skipif(OFF, reason="TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off")
+def test_relu_is_one_op_whose_kernels_modes_and_transforms_see(op_names):
+    """ReLU's C++ kernels are those of the op torchblocks::relu: a dispatch
+    mode sees the op and the C++ node records under it; torch.func and
+    forward-mode AD run through the same node."""
+    x = randn(6).requires_grad_()
+    with op_names() as mode:
+        output = TF.relu(x)
+    assert "torchblocks::relu" in mode.names and output.grad_fn.name() == "torchblocks::ReLUBackward"
     assert torch.equal(torch.func.grad(lambda x: TF.relu(x).sum())(x), (x > 0).float())
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x.detach(), torch.ones(6))
+        assert torch.equal(torch.autograd.forward_ad.unpack_dual(TF.relu(dual)).tangent, (x > 0).float())
 
 
 @pytest.mark.parametrize("name, options, update", [("SGD", {"momentum": 0.9}, "aten::_foreach_add_"),

@@ -74,9 +74,12 @@ def own_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(_eager_cpu, "_enabled", _eager_cpu._enabled)  # what teardown restores
+    _eager_cpu.set_enabled(False)  # the built module's kernels leave the ops; a later call registers them again
     monkeypatch.setattr(_eager_cpu, "_module", None)
     monkeypatch.setattr(_eager_cpu, "_build_error", None)
     monkeypatch.setattr(_eager_cpu, "_enabled", True)
+    monkeypatch.setattr(_eager_cpu, "_serving", False)
     compiled = []
 
     def compile_extension(folder, name, sources, flags):
@@ -179,7 +182,8 @@ def test_a_built_module_is_recorded_and_loads_without_ninja_or_a_compiler(built_
         from torchblocks._ops import _eager_cpu
         module = _eager_cpu.module()
         assert module is not None, _eager_cpu.build_error()
-        print(module.relu(torch.tensor([-1.0, 2.0]), False).tolist(), "torch.utils.cpp_extension" in sys.modules)
+        x = torch.tensor([-1.0, 2.0])
+        print(_eager_cpu.serving(x).relu(x).tolist(), "torch.utils.cpp_extension" in sys.modules)
     """
     env = {**caches(tmp_path), "PATH": str(tmp_path / "bin"), "CXX": "/bin/false"}  # nothing to build with
     result = python(code, env)

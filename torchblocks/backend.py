@@ -25,6 +25,7 @@ def _triton_importable() -> bool:
 TRITON_AVAILABLE = _triton_importable()
 
 _backend = "auto"
+_listeners = []
 
 
 def get_backend() -> str:
@@ -55,6 +56,19 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"set_backend: name must be one of {', '.join(map(repr, BACKENDS))}, got {name!r}")
     _backend = name
+    for listener in _listeners:
+        listener(name)
+
+
+def on_change(listener) -> None:
+    """Calls ``listener(name)`` after each ``set_backend(name)``: the ops whose
+    kernels are registered per backend re-register them (``_ops._eager_cpu``).
+
+    Example::
+
+        >>> on_change(lambda name: print("backend:", name))
+    """
+    _listeners.append(listener)
 
 
 @contextlib.contextmanager

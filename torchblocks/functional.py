@@ -139,13 +139,13 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """
     require_tensor("relu", "input", input)
     inplace = bool(inplace)  # any truthy value, as F.relu takes it
-    compiled = _eager_cpu.runs(input)
-    output = compiled.relu(input, inplace) if compiled else None  # None unless a plain call
-    if output is not None:
-        return output
     require_dtype_native_takes("relu", "input", input, "F.relu", RELU_REFUSALS)
     if inplace:
         require_no_internal_overlap("relu", "input", input)
+    compiled = None if torch.compiler.is_compiling() else _eager_cpu.serving(input)
+    if compiled:  # the ops, with the module's kernels: every mode and transform sees them
+        return compiled.relu_(input) if inplace else compiled.relu(input)
+    if inplace:
         if torch.jit.is_tracing():  # the tracer takes no in-place Python Function: the result, copied in
             return input.copy_(ReLUFunction.apply(input, False))
         if not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active() and not forward_ad_open():

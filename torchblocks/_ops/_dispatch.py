@@ -103,6 +103,55 @@ def custom_op(name: str, mutates_args=()):
     return register
 
 
+# The torchblocks namespace's schemas and Python kernels registered by name,
+# for an op whose kernels come from several places (C++ and Python).
+LIBRARY = torch.library.Library("torchblocks", "FRAGMENT")
+
+
+def define(schema: str, body: Callable, fake: Callable) -> None:
+    """Defines the op ``torchblocks::<schema>`` with ``body`` as its kernel on
+    every device (``CompositeExplicitAutograd``: a backend kernel registered
+    for one device, as the compiled module's CPU kernels, takes precedence
+    there) and ``fake`` as its shape-only kernel; keeps ``body`` for ``call``.
+
+    Example::
+
+        >>> define("twice(Tensor x) -> Tensor", lambda x: x * 2, lambda x: torch.empty_like(x))
+    """
+    name = LIBRARY.define(schema)
+    _BODIES[f"torchblocks::{name}"] = body
+    LIBRARY.impl(name, body, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"torchblocks::{name}", fake, lib=LIBRARY)
+
+
+def recording(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records a call on ``tensors``: gradients on and one of
+    them requiring grad, or a forward-mode AD level open (dual tensors)."""
+    return ((torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)) or forward_ad_open())
+
+
+def apply_in_dispatcher(function: type, *args):
+    """``function.apply(*args)`` from an op's Python ``Autograd`` kernel: autograd's
+    own apply, since torch's would send a torch.func transform's
+    ``custom_function_call`` through the dispatcher from inside it. Under a
+    torch.func transform no Python kernel there can record (torch 2.13: that
+    call finds no kernel, a forced single-level apply records one level of a
+    nested transform and silently zeros the rest), so it refuses: the blocks'
+    public functions apply their Functions outside the dispatcher there."""
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            f"torchblocks: {function.__name__} reached through torch.ops under a torch.func transform needs the "
+            f"compiled eager CPU path and a CPU tensor; call the torchblocks.functional function instead, which "
+            f"applies the autograd Function outside the dispatcher")
+    return super(torch.autograd.Function, function).apply(*args)
+
+
+def redispatch_below_autograd(op, keys, *args):
+    """``op``'s kernel below autograd, for a call that autograd does not record."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op.redispatch(keys & torch._C._after_autograd_keyset, *args)
+
+
 # Tensors whose ops dispatch as a plain tensor's (a Parameter is one).
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 

@@ -8,10 +8,12 @@ cases of softmax cross-entropy and of the fused head in C++ with autograd
 nodes of the same arithmetic, so that a plain eager call costs about what a
 native one does. optim_cpu.cpp holds the optimizers' steps, each in one pass
 over memory where the reference makes one per op.
-Everything else (a compiling or exporting trace, torch.jit.trace, compiled
-autograd, torch.func, dual tensors, tensor subclasses, dispatch modes, the
-profiler, the Triton backend, CUDA tensors) takes the Python Functions and
-custom ops as before.
+ReLU's C++ is kernels of its dispatcher ops (``serving`` registers them), so
+every mode and transform sees the one op. Dense and the losses still choose
+per call (``runs``): everything but a plain call (a compiling or exporting
+trace, torch.jit.trace, compiled autograd, torch.func, dual tensors, tensor
+subclasses, dispatch modes, the profiler, the Triton backend, CUDA tensors)
+takes the Python Functions and custom ops.
 
 The first call that could use it compiles it with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 20 s on two
@@ -98,7 +100,7 @@ def module():
 
     Example::
 
-        >>> module().relu(torch.randn(4), False)
+        >>> module().dense(torch.randn(2, 3), torch.randn(4, 3), None, None)
     """
     global _module, _build_error
     if _module is None and _build_error is None and _enabled:
@@ -131,7 +133,7 @@ def runs(*tensors: Optional[torch.Tensor]):
     Example::
 
         >>> compiled = runs(input)
-        >>> output = compiled.relu(input, False) if compiled else None  # None: the Python path
+        >>> output = compiled.dense(input, weight, bias, None) if compiled else None  # None: the Python path
     """
     for tensor in tensors:
         if tensor is not None and type(tensor) not in PLAIN_TYPES:
@@ -141,6 +143,59 @@ def runs(*tensors: Optional[torch.Tensor]):
             and not torch.compiler.is_compiling() and not _compiled_autograd_enabled():
         return _module or module()
     return None
+
+
+_serving = False  # whether the module's ReLU kernels are registered (register_relu)
+
+
+def serving(input: torch.Tensor):
+    """The compiled module when its kernels serve the ops of an eager call on
+    ``input`` (a plain CPU tensor, the reference backend, the module on),
+    else None. Its CPU and AutogradCPU kernels are registered on the ops here
+    (a first call builds or loads the module), and removed when the backend
+    or ``set_enabled`` turns them off: the ops then run their Python kernels
+    (Triton under ``set_backend("triton")``). Tracing, dispatch modes,
+    torch.func, compiled autograd and the profiler need no exception: they
+    see the op, whose kernels these are. Not for a compiling trace, which
+    calls the op through ``torch.ops``.
+
+    Example::
+
+        >>> compiled = serving(input)
+        >>> output = compiled.relu(input) if compiled else ReLUFunction.apply(input, False)
+    """
+    if type(input) not in PLAIN_TYPES or not input.is_cpu:
+        return None
+    wanted = _enabled and backend.get_backend() != "triton"
+    if wanted != _serving:
+        _register(wanted)
+    return _module if _serving else None
+
+
+def _register(serve: bool) -> None:
+    """Registers the module's kernels on the ops (building it first) or removes them."""
+    global _serving
+    compiled = _module or (module() if serve else None)
+    if compiled is not None and serve != _serving:
+        compiled.register_relu(serve)
+        _serving = serve
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turns the compiled path on or off for this process (the Python one runs
+    while it is off), as ``TORCHBLOCKS_EAGER_CPU=0`` does from the start.
+
+    Example::
+
+        >>> set_enabled(False)  # the Python Functions and kernels from here on
+    """
+    global _enabled
+    _enabled = enabled
+    if not enabled:
+        _register(False)
+
+
+backend.on_change(lambda name: name == "triton" and _register(False))
 
 
 def _compiled_autograd_enabled() -> bool:

@@ -6,14 +6,20 @@
 // block's arithmetic, and a C++ custom Function still 4-6 us more than a
 // native op; a node attached as torch's generated code attaches its own
 // costs what a native op does.
+// ReLU's are kernels of its dispatcher ops (registered by register_relu);
+// Dense's and the losses' are entry points that return None for a call they
+// leave to the Python Functions.
 // torchblocks/_ops/_eager_cpu.py builds this file once per environment and
 // decides when it runs.
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/SavedTensorHooks.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_cpp_function.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
+#include <torch/library.h>
 #include <torch/csrc/utils/pybind.h>  // torch/extension.h without the C++ frontend: 19 s to build, not 26
 
 #include <ATen/OpMathType.h>
@@ -26,6 +32,8 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <numeric>
 #include <optional>
 #include <utility>
@@ -97,9 +105,81 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// ReLU: y = max(x, 0)
-//   dL/dx = dL/dy * 1[y > 0]      (y saved, not x)
-struct ReLUBackward : Node {
+// ReLU, as the kernels of the ops torchblocks::relu, relu_ and relu_backward
+// (their schemas, fakes, vmap rules and CUDA kernels: relu.py):
+//   y = max(x, 0);   dx = relu_backward(dy, y) = dy * 1[y > 0]   (y saved, not x)
+//   relu_backward is linear in dy and flat in y:  d(dx) = relu_backward(d(dy), y)
+//   forward mode:  y_t = relu_backward(x_t, y)
+// CPU holds the arithmetic, AutogradCPU the nodes (what torch's generated
+// VariableType code does for a native op); both are registered by
+// register_relu (below) while this module serves the CPU reference backend.
+
+using UnaryOp = Tensor(const Tensor&);
+using InPlaceOp = void(const Tensor&);
+using BinaryOp = Tensor(const Tensor&, const Tensor&);
+
+// The op's handle, found once: the schema is defined in Python before this module loads.
+template <typename Signature>
+const c10::TypedOperatorHandle<Signature>& find_op(const char* name) {
+  return *new c10::TypedOperatorHandle<Signature>(
+      c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>());
+}
+const c10::TypedOperatorHandle<UnaryOp>& relu_op() {
+  static const auto& handle = find_op<UnaryOp>("torchblocks::relu");
+  return handle;
+}
+const c10::TypedOperatorHandle<InPlaceOp>& relu__op() {
+  static const auto& handle = find_op<InPlaceOp>("torchblocks::relu_");
+  return handle;
+}
+const c10::TypedOperatorHandle<BinaryOp>& relu_backward_op() {
+  static const auto& handle = find_op<BinaryOp>("torchblocks::relu_backward");
+  return handle;
+}
+
+Tensor relu_cpu(const Tensor& input) { return input.clamp_min(0); }
+void relu__cpu(const Tensor& input) { input.clamp_min_(0); }
+Tensor relu_backward_cpu(const Tensor& grad_output, const Tensor& output) {
+  return at::threshold_backward(grad_output, output, 0);  // one pass: output <= 0 ? 0 : grad_output
+}
+
+// Compiled autograd: a node lists what it holds (compiled_args) and, while a
+// backward graph is captured, puts one call of a functional form of its
+// backward into it (apply_with_saved), bound once per process, as torch's
+// generated nodes do. The functional calls the op, so the captured graph
+// holds torchblocks::relu_backward, traced through its fake.
+variable_list relu_mask_functional(const variable_list& grads, const torch::autograd::ivalue_list& args) {
+  if (!grads[0].defined()) {
+    return {Tensor()};
+  }
+  return {relu_backward_op().call(grads[0], args[0].toTensor())};
+}
+
+variable_list relu_mask_with_saved(Node& node, SavedVariable& output, const variable_list& grads,
+                                   torch::dynamo::autograd::SwapSavedVariables& saved) {
+  saved.before(output);
+  const auto& compiler = torch::dynamo::autograd::getPyCompilerInterface();
+  static std::once_flag bound;
+  static std::string bound_name;
+  std::call_once(bound, [&] {
+    bound_name = compiler->bind_function(saved.get_py_compiler(), "TorchblocksReLUMask", relu_mask_functional,
+                                         {at::TensorType::get()}, /*is_custom_function=*/false,
+                                         /*is_traceable=*/true);
+  });
+  const torch::autograd::ivalue_list args{c10::IValue(output.unpack())};
+  const auto metadata =
+      torch::dynamo::autograd::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+          torch::dynamo::autograd::get_input_metadata(node.next_edges()));
+  auto grad_input = compiler->call_function(saved.get_py_compiler(), "apply_functional", bound_name, grads, args,
+                                            metadata);
+  saved.after(output);
+  return grad_input;
+}
+
+// The node of relu and relu_ (output_ saved as an output) and of relu_backward
+// (its saved y is an input there, and the edge is to dy alone: the mask is flat in y).
+template <bool kOfBackward>
+struct ReLUMaskNode : Node {
   SavedVariable output_;
 
   variable_list apply(variable_list&& grad) override {
@@ -107,35 +187,58 @@ struct ReLUBackward : Node {
     if (!grad[0].defined()) {
       return {Tensor()};
     }
-    return {at::threshold_backward(grad[0], output_.unpack(self_pointer(this)), 0)};
+    return {relu_backward_op().call(grad[0], kOfBackward ? output_.unpack() : output_.unpack(self_pointer(this)))};
   }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     output_.reset_data();
   }
-  std::string name() const override { return "torchblocks::ReLUBackward"; }
+  std::string name() const override {
+    return kOfBackward ? "torchblocks::ReLUBackwardBackward" : "torchblocks::ReLUBackward";
+  }
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(output_, /*is_output=*/!kOfBackward);
+  }
+  variable_list apply_with_saved(const variable_list& grad,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    return relu_mask_with_saved(*this, output_, grad, saved);
+  }
 };
+using ReLUBackward = ReLUMaskNode<false>;
+using ReLUBackwardBackward = ReLUMaskNode<true>;
 
-Tensor relu_out_of_place(const Tensor& input) {
+// The tangent of ``input`` at forward-mode level 0 (torch.func maps its levels onto it), or undefined.
+Tensor tangent_of(const Tensor& input) {
+  return torch::autograd::isFwGradDefined(input) ? input._fw_grad(/*level=*/0) : Tensor();
+}
+
+Tensor relu_autograd(c10::DispatchKeySet keys, const Tensor& input) {
+  decltype(make_node<ReLUBackward>()) node;
+  if (torch::autograd::compute_requires_grad(input)) {
+    node = make_node<ReLUBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(input));
+  }
   Tensor output;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    output = input.clamp_min(0);
+    output = relu_op().redispatch(keys & c10::after_autograd_keyset, input);
   }
-  if (torch::autograd::compute_requires_grad(input)) {
-    auto node = make_node<ReLUBackward>();
-    attach(output, node, input);
+  if (node) {
+    torch::autograd::set_history(output, node);
     node->output_ = SavedVariable(output, /*is_output=*/true);
+  }
+  if (const Tensor tangent = tangent_of(input); tangent.defined()) {
+    output._set_fw_grad(relu_backward_op().call(tangent, output), /*level=*/0, /*is_inplace_op=*/false);
   }
   return output;
 }
 
 // In place, as torch's generated relu_: the checks of an in-place op on a
-// tensor autograd tracks, one bump of the version counter, and the input's
-// history rebased onto the node (a view's base through CopySlices). The
-// node's edges are taken before the write: after the version bump, reading a
-// view's grad_fn would regenerate it on the old base, and the rebase would not.
-Tensor relu_in_place(const Tensor& input) {
+// tensor autograd tracks; the node's edges taken before the write (after the
+// version bump, a view's grad_fn would be regenerated on the old base); the
+// write below ADInplaceOrView and one bump here; the history rebased (a
+// view's base through CopySlices); the input's tangent masked in place, as native's.
+void relu__autograd(c10::DispatchKeySet keys, const Tensor& input) {
   const bool requires_grad = torch::autograd::compute_requires_grad(input);
   torch::autograd::check_inplace(input, requires_grad);
   decltype(make_node<ReLUBackward>()) node;
@@ -144,15 +247,60 @@ Tensor relu_in_place(const Tensor& input) {
     node->set_next_edges(torch::autograd::collect_next_edges(input));
   }
   {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // below the version bump too
-    input.clamp_min_(0);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    relu__op().redispatch(keys & c10::after_ADInplaceOrView_keyset, input);
   }
   torch::autograd::increment_version(input);
   if (node) {
     torch::autograd::rebase_history(input, node);
     node->output_ = SavedVariable(input, /*is_output=*/true, input.is_view());
   }
-  return input;
+  if (const Tensor tangent = tangent_of(input); tangent.defined()) {
+    tangent.copy_(relu_backward_op().call(tangent, input));
+  }
+}
+
+Tensor relu_backward_autograd(c10::DispatchKeySet keys, const Tensor& grad_output, const Tensor& output) {
+  decltype(make_node<ReLUBackwardBackward>()) node;
+  if (torch::autograd::compute_requires_grad(grad_output)) {
+    node = make_node<ReLUBackwardBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(grad_output));
+    node->output_ = SavedVariable(output, /*is_output=*/false);
+  }
+  Tensor grad_input;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    grad_input = relu_backward_op().redispatch(keys & c10::after_autograd_keyset, grad_output, output);
+  }
+  if (node) {
+    torch::autograd::set_history(grad_input, node);
+  }
+  if (const Tensor tangent = tangent_of(grad_output); tangent.defined()) {
+    grad_input._set_fw_grad(relu_backward_op().call(tangent, output), /*level=*/0, /*is_inplace_op=*/false);
+  }
+  return grad_input;
+}
+
+// The CPU and AutogradCPU kernels of the ReLU ops, registered while ``serve``
+// holds (the reference backend's CPU calls) and removed otherwise, when the
+// Python kernels registered for every device (relu.py) serve again.
+void register_relu(bool serve) {
+  static std::unique_ptr<torch::Library> cpu, autograd_cpu;
+  if (serve && !cpu) {
+    cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks", c10::DispatchKey::CPU, __FILE__,
+                                           __LINE__);
+    cpu->impl("relu", relu_cpu);
+    cpu->impl("relu_", relu__cpu);
+    cpu->impl("relu_backward", relu_backward_cpu);
+    autograd_cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks",
+                                                    c10::DispatchKey::AutogradCPU, __FILE__, __LINE__);
+    autograd_cpu->impl("relu", TORCH_FN(relu_autograd));
+    autograd_cpu->impl("relu_", TORCH_FN(relu__autograd));
+    autograd_cpu->impl("relu_backward", TORCH_FN(relu_backward_autograd));
+  } else if (!serve) {
+    autograd_cpu.reset();
+    cpu.reset();
+  }
 }
 
 // Dense: y = act(x @ W^T + b), x (M, K), W (N, K), b (N,)
@@ -660,20 +808,6 @@ std::optional<Tensor> dense_cross_entropy(const Tensor& input, const Tensor& wei
   return dense_cross_entropy_rows(input, weight, bias ? *bias : Tensor(), target, reduction, chunk_rows);
 }
 
-// A real dtype on the CPU, no dual tensor; in place, no two elements sharing memory.
-std::optional<Tensor> relu(const Tensor& input, bool inplace) {
-  if (!input.is_cpu() || input.is_complex() || input.scalar_type() == at::kBool || forward_grad_defined(input) ||
-      watched()) {
-    return std::nullopt;
-  }
-  for (int64_t d = 0; inplace && d < input.dim(); ++d) {
-    if (input.size(d) > 1 && input.stride(d) == 0) {
-      return std::nullopt;
-    }
-  }
-  return inplace ? relu_in_place(input) : relu_out_of_place(input);
-}
-
 // input (*, K) and weight (N, K), bias (N,) or none, of one floating dtype on
 // the CPU; activation none or "relu"; autocast off; no dual tensor. (*) folds into the rows
 // of one matmul and unfolds after.
@@ -711,7 +845,7 @@ void register_node_type(pybind11::module_& m, PyTypeObject& type, const char* na
   pybind11::module_::import("torch.autograd.graph").attr("Node").attr("register")(type_object);
 }
 
-PyTypeObject relu_backward_type, dense_backward_type, cross_entropy_backward_type, head_backward_type;
+PyTypeObject relu_backward_type, relu_backward_backward_type, dense_backward_type, cross_entropy_backward_type, head_backward_type;
 
 }  // namespace torchblocks
 
@@ -725,10 +859,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // result after; a saved-tensor hook takes the GIL itself).
   const auto without_gil = py::call_guard<py::gil_scoped_release>();
   register_node_type<ReLUBackward>(m, relu_backward_type, "ReLUBackward");
+  register_node_type<ReLUBackwardBackward>(m, relu_backward_backward_type, "ReLUBackwardBackward");
   register_node_type<DenseBackward>(m, dense_backward_type, "DenseBackward");
   register_node_type<CrossEntropyBackward>(m, cross_entropy_backward_type, "CrossEntropyBackward");
   register_node_type<DenseCrossEntropyBackward>(m, head_backward_type, "DenseCrossEntropyBackward");
-  m.def("relu", &relu, "relu(input, inplace): max(input, 0) of a plain call, else None", without_gil);
+  m.def("register_relu", &register_relu, "register_relu(serve): the ReLU ops' CPU and AutogradCPU kernels on or off");
+  // the dispatcher from the top, as torch.ops.torchblocks.relu.default(input) calls it, without its Python
+  m.def("relu", [](const Tensor& input) { return relu_op().call(input); }, "relu(input): torchblocks::relu",
+        without_gil);
+  m.def("relu_", [](const Tensor& input) { relu__op().call(input); return input; },
+        "relu_(input): torchblocks::relu_, returning input", without_gil);
   m.def("dense", &dense,
         "dense(input (*, K), weight (N, K), bias (N,) or None, activation None or 'relu'): "
         "act(input @ weight^T + bias) of a plain call, else None", without_gil);

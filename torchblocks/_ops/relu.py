@@ -5,11 +5,19 @@ Backward (y saved, not x: y > 0 exactly where x > 0):
 Double backward: the backward is linear in dL/dy and flat in y, so its own
 backward is the same mask, applied to the incoming gradient.
 Forward mode (jvp), with the same mask: dy = dx * 1[y > 0]
+
+Three dispatcher ops, ``torchblocks::relu``, ``relu_`` and ``relu_backward``,
+defined here with their fakes, vmap rules and kernels for every device
+(Triton or the reference, by the backend), and the Functions below as their
+autograd. The compiled eager CPU path (eager_cpu.cpp) registers C++ kernels
+of the same ops at their CPU and AutogradCPU keys while it serves, and
+``functional.relu`` calls the op through it: one op, whatever runs it.
 """
 
 import torch
 
-from torchblocks._ops._dispatch import Function, call, custom_op, forward_ad_open, kernels, pick
+from torchblocks._ops._dispatch import (LIBRARY, Function, apply_in_dispatcher, call, define, forward_ad_open,
+                                       kernels, pick, recording, redispatch_below_autograd)
 from torchblocks._ops._vmap import batch_first
 
 
@@ -25,34 +33,26 @@ def _relu_backward(grad_output: torch.Tensor, output: torch.Tensor) -> torch.Ten
     return torch.ops.aten.threshold_backward(grad_output, output, 0)
 
 
-@custom_op("torchblocks::relu", mutates_args=())
-def relu(input: torch.Tensor) -> torch.Tensor:
+def _relu(input: torch.Tensor) -> torch.Tensor:
     return pick(input, kernels.relu.relu_forward, _relu_forward)(input)
 
 
-@relu.register_fake
-def _(input):
-    return torch.empty_like(input)
-
-
-@custom_op("torchblocks::relu_", mutates_args=("input",))
-def relu_(input: torch.Tensor) -> None:
+def _relu_(input: torch.Tensor) -> None:
     pick(input, kernels.relu.relu_forward, _relu_forward)(input, out=input)
 
 
-@relu_.register_fake
-def _(input):
-    return None
-
-
-@custom_op("torchblocks::relu_backward", mutates_args=())
-def relu_backward(grad_output: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+def _relu_grad(grad_output: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return pick(output, kernels.relu.relu_backward, _relu_backward)(grad_output, output)
 
 
-@relu_backward.register_fake
-def _(grad_output, output):
-    return torch.empty_like(output)
+# One op each, whatever runs it. Their kernels on every device are the three
+# above (Triton or the reference, by the backend); the compiled eager CPU path
+# (eager_cpu.cpp) registers its own CPU and AutogradCPU kernels over them
+# while it serves the reference backend's CPU calls.
+define("relu(Tensor input) -> Tensor", _relu, lambda input: torch.empty_like(input))
+define("relu_(Tensor(a!) input) -> ()", _relu_, lambda input: None)
+define("relu_backward(Tensor grad_output, Tensor output) -> Tensor", _relu_grad,
+       lambda grad_output, output: torch.empty_like(output))
 
 
 def relu_in_place(input: torch.Tensor) -> torch.Tensor:
@@ -145,3 +145,59 @@ class ReLUBackwardFunction(Function):
     def vmap(info, in_dims, grad_output, output):
         batched = [batch_first(t, dim, info.batch_size) for t, dim in zip((grad_output, output), in_dims)]
         return ReLUBackwardFunction.apply(*batched), 0
+
+
+# The ops' autograd where the compiled module does not serve (another device,
+# the Triton backend, no compiler): the Functions above, as the Autograd
+# kernels of the same ops, so that a call through torch.ops records too.
+def _relu_autograd(keys, input):
+    if recording(input):
+        return apply_in_dispatcher(ReLUFunction, input, False)
+    return redispatch_below_autograd(torch.ops.torchblocks.relu.default, keys, input)
+
+
+def _relu__autograd(keys, input):
+    if recording(input):
+        apply_in_dispatcher(ReLUFunction, input, True)
+    else:
+        redispatch_below_autograd(torch.ops.torchblocks.relu_.default, keys, input)
+
+
+def _relu_backward_autograd(keys, grad_output, output):
+    if recording(grad_output, output):
+        return apply_in_dispatcher(ReLUBackwardFunction, grad_output, output)
+    return redispatch_below_autograd(torch.ops.torchblocks.relu_backward.default, keys, grad_output, output)
+
+
+def _relu__version_bump(keys, input):
+    """relu_'s one version bump, as torch's generated ADInplaceOrView kernels
+    bump (for a custom op that key falls through: no_grad and inference mode
+    would write without one)."""
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        torch.ops.torchblocks.relu_.default.redispatch(keys & torch._C._after_ADInplaceOrView_keyset, input)
+    torch.autograd.graph.increment_version(input)
+
+
+# The ops under torch.func.vmap (their Functions carry rules of their own): elementwise, so
+# the op itself on the physical tensor.
+def _relu_vmap(info, in_dims, input):
+    return torch.ops.torchblocks.relu.default(input), in_dims[0]
+
+
+def _relu__vmap(info, in_dims, input):
+    torch.ops.torchblocks.relu_.default(input)
+    return None, None
+
+
+def _relu_backward_vmap(info, in_dims, grad_output, output):
+    batched = [batch_first(t, dim, info.batch_size) for t, dim in zip((grad_output, output), in_dims)]
+    return torch.ops.torchblocks.relu_backward.default(*batched), 0
+
+
+torch.library.register_vmap("torchblocks::relu", _relu_vmap, lib=LIBRARY)
+torch.library.register_vmap("torchblocks::relu_", _relu__vmap, lib=LIBRARY)
+torch.library.register_vmap("torchblocks::relu_backward", _relu_backward_vmap, lib=LIBRARY)
+LIBRARY.impl("relu", _relu_autograd, "Autograd", with_keyset=True)
+LIBRARY.impl("relu_", _relu__autograd, "Autograd", with_keyset=True)
+LIBRARY.impl("relu_backward", _relu_backward_autograd, "Autograd", with_keyset=True)
+LIBRARY.impl("relu_", _relu__version_bump, "ADInplaceOrView", with_keyset=True)

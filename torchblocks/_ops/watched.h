@@ -1,8 +1,8 @@
 // What torchblocks/_ops/_dispatch.py's nothing_watching() asks, but in C++,
 // where it costs nanoseconds: whether something must see the ops of a call.
-// Every entry point of the compiled module declines a watched call, which
+// The entry points of Dense and the losses decline a watched call, which
 // then takes the Python path, where that something sees torchblocks' custom
-// ops. A compiling trace is asked in Python before the call
+// ops (ReLU's kernels are its ops' own: they need not ask). A compiling trace is asked in Python before the call
 // (torchblocks/_ops/_eager_cpu.py): torch.compile never runs C++ it cannot trace.
 // The nodes' backward asks it too: watched (a vmap over the gradients, as in
 // jacobian(vectorize=True)), it runs in out-of-place ATen ops only.
