@@ -15,8 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import torchblocks
 import torchblocks.functional as TF
 import torchblocks.optim
+from torchblocks import backend
 from torchblocks._ops import _eager_cpu
 from torchblocks.testing import assert_close
 
@@ -115,6 +117,24 @@ def test_relu_is_one_op_whose_kernels_modes_and_transforms_see(op_names):
     with torch.autograd.forward_ad.dual_level():
         dual = torch.autograd.forward_ad.make_dual(x.detach(), torch.ones(6))
         assert torch.equal(torch.autograd.forward_ad.unpack_dual(TF.relu(dual)).tangent, (x > 0).float())
+
+
+@pytest.mark.skipif(OFF, reason="TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off")
+def test_relu_kernels_leave_the_op_with_the_reference_backend_or_the_switch(monkeypatch):
+    """A call through torch.ops gets the C++ node while the module serves, and
+    the Python Function once the backend turns to triton or the path is turned
+    off, before any functional call could notice."""
+    x = randn(5).requires_grad_()
+    assert TF.relu(x).grad_fn.name() == "torchblocks::ReLUBackward"  # registers the kernels
+    assert torch.ops.torchblocks.relu(x).grad_fn.name() == "torchblocks::ReLUBackward"
+    if backend.TRITON_AVAILABLE and backend.INTERPRETER:
+        with torchblocks.use_backend("triton"):
+            assert torch.ops.torchblocks.relu(x).grad_fn.name() == "ReLUFunctionBackward"
+        assert TF.relu(x).grad_fn.name() == "torchblocks::ReLUBackward"
+    monkeypatch.setattr(_eager_cpu, "_enabled", True)  # what teardown restores
+    _eager_cpu.set_enabled(False)
+    assert torch.ops.torchblocks.relu(x).grad_fn.name() == "ReLUFunctionBackward"
+    assert TF.relu(x).grad_fn.name() == "ReLUFunctionBackward"
 
 
 @pytest.mark.parametrize("name, options, update", [("SGD", {"momentum": 0.9}, "aten::_foreach_add_"),
