@@ -365,13 +365,15 @@ def _scalar_table(scalars: tuple, device: torch.device) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _chunk_table(numels: tuple, device: torch.device):
     """(numel, first chunk) per tensor as int64 (2, T), and the tensor of each
-    chunk as int32, on ``device``. Cached: a model's sizes do not change
-    between steps, only its pointers may."""
-    numel = torch.tensor(numels, dtype=torch.int64)
-    chunks = (numel + ELEMENTWISE_BLOCK - 1) // ELEMENTWISE_BLOCK
+    chunk as int32, built on ``device`` from the host's ints (nothing read
+    back, nothing moved). Cached: a model's sizes do not change between
+    steps, only its pointers may."""
+    chunks_per_tensor = [(n + ELEMENTWISE_BLOCK - 1) // ELEMENTWISE_BLOCK for n in numels]
+    chunks = torch.tensor(chunks_per_tensor, dtype=torch.int64, device=device)
     first_chunk = torch.cumsum(chunks, 0) - chunks
-    chunk_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), chunks)
-    return torch.stack([numel, first_chunk]).to(device), chunk_tensor.to(device)
+    chunk_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32, device=device), chunks,
+                                           output_size=sum(chunks_per_tensor))
+    return torch.stack([torch.tensor(numels, dtype=torch.int64, device=device), first_chunk]), chunk_tensor
 
 
 def multi_tensor_launch(update, tensors: NamedTuple, scalars: NamedTuple, rows: Optional[NamedTuple] = None, *,
