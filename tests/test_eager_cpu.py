@@ -99,9 +99,6 @@ def test_other_calls_take_the_python_functions(op_names):
     python_calls["head, bfloat16"] = lambda: TF.dense_cross_entropy(x.bfloat16(), w.bfloat16(), labels)
     for what, call in python_calls.items():
         assert not from_eager_cpu(call().grad_fn), what
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        output = TF.dense(randn(4, 8).requires_grad_(), randn(6, 8), randn(6))
-    assert output.dtype == torch.bfloat16 and not from_eager_cpu(output.grad_fn)
 
 
 @pytest.mark.skipif(OFF, reason="TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off")
@@ -117,6 +114,21 @@ def test_relu_is_one_op_whose_kernels_modes_and_transforms_see(op_names):
     with torch.autograd.forward_ad.dual_level():
         dual = torch.autograd.forward_ad.make_dual(x.detach(), torch.ones(6))
         assert torch.equal(torch.autograd.forward_ad.unpack_dual(TF.relu(dual)).tangent, (x > 0).float())
+
+
+@pytest.mark.skipif(OFF, reason="TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off")
+def test_dense_under_autocast_casts_as_native_then_takes_the_op(op_names):
+    """Autocast casts the arguments as native's linear does; the cast call is
+    the op with the C++ node, which a dispatch mode sees."""
+    x, w, b = randn(4, 8).requires_grad_(), randn(6, 8), randn(6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with op_names() as mode:
+            output = TF.dense(x, w, b)
+        native = F.linear(x, w, b)
+    assert output.dtype == native.dtype == torch.bfloat16 and output.grad_fn.name() == "torchblocks::DenseBackward"
+    assert "torchblocks::dense" in mode.names
+    exact = F.linear(*(t.bfloat16().double() for t in (x.detach(), w, b)))
+    assert_close(output, native, exact=exact)
 
 
 @pytest.mark.skipif(OFF, reason="TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off")

@@ -105,16 +105,17 @@ def dense(
     require_tensor("dense", "weight", weight)
     if bias is not None:
         require_tensor("dense", "bias", bias)
-    compiled = _eager_cpu.runs(input, weight, bias) if activation is None or type(activation) is str else None
-    output = compiled.dense(input, weight, bias, activation) if compiled else None  # None unless a plain call
-    if output is not None:
-        return output
     require_choice("dense", "activation", activation, ACTIVATIONS)
     input, weight, bias = autocast_like_native(input, weight, bias)
     out_features, in_features = _check_linear("dense", input, weight, bias, "out_features")
     rows = math.prod(input.shape[:-1])  # not -1: ambiguous when in_features is 0
-    function = _DenseTraced if torch.compiler.is_compiling() else DenseFunction
-    output = function.apply(input.reshape(rows, in_features), weight, bias, activation == "relu")
+    input_rows = input.reshape(rows, in_features)
+    compiled = None if torch.compiler.is_compiling() else _eager_cpu.serving(input, weight, bias)
+    if compiled:
+        output = compiled.dense(input_rows, weight, bias, activation == "relu")  # the op, with the module's kernels
+    else:
+        function = _DenseTraced if torch.compiler.is_compiling() else DenseFunction
+        output = function.apply(input_rows, weight, bias, activation == "relu")
     # A 2-D result is returned as is, not as a view of itself: native's is no
     # view, and FSDP2 warns that in-place ops on a view skip its backward hooks.
     return output if input.dim() == 2 else output.reshape(*input.shape[:-1], out_features)

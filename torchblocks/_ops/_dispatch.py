@@ -152,6 +152,25 @@ def redispatch_below_autograd(op, keys, *args):
         return op.redispatch(keys & torch._C._after_autograd_keyset, *args)
 
 
+def register_autograd(name: str, function: type) -> None:
+    """``function`` (a ``Function`` taking the op's arguments) as the Python
+    ``Autograd`` kernel of the out-of-place op ``torchblocks::<name>``: what
+    records a call where no compiled kernel of the op does.
+
+    Example::
+
+        >>> register_autograd("matmul", MatmulFunction)
+    """
+    op = getattr(torch.ops.torchblocks, name).default
+
+    def kernel(keys, *args):
+        if recording(*(arg for arg in args if isinstance(arg, torch.Tensor))):
+            return apply_in_dispatcher(function, *args)
+        return redispatch_below_autograd(op, keys, *args)
+
+    LIBRARY.impl(name, kernel, "Autograd", with_keyset=True)
+
+
 # Tensors whose ops dispatch as a plain tensor's (a Parameter is one).
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 

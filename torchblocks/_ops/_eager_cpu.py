@@ -8,8 +8,8 @@ cases of softmax cross-entropy and of the fused head in C++ with autograd
 nodes of the same arithmetic, so that a plain eager call costs about what a
 native one does. optim_cpu.cpp holds the optimizers' steps, each in one pass
 over memory where the reference makes one per op.
-ReLU's C++ is kernels of its dispatcher ops (``serving`` registers them), so
-every mode and transform sees the one op. Dense and the losses still choose
+ReLU's and Dense's C++ is kernels of their dispatcher ops (``serving``
+registers them), so every mode and transform sees the one op. The losses still choose
 per call (``runs``): everything but a plain call (a compiling or exporting
 trace, torch.jit.trace, compiled autograd, torch.func, dual tensors, tensor
 subclasses, dispatch modes, the profiler, the Triton backend, CUDA tensors)
@@ -145,13 +145,13 @@ def runs(*tensors: Optional[torch.Tensor]):
     return None
 
 
-_serving = False  # whether the module's ReLU kernels are registered (register_relu)
+_serving = False  # whether the module's kernels are registered on the ReLU and Dense ops
 
 
-def serving(input: torch.Tensor):
+def serving(*tensors: Optional[torch.Tensor]):
     """The compiled module when its kernels serve the ops of an eager call on
-    ``input`` (a plain CPU tensor, the reference backend, the module on),
-    else None. Its CPU and AutogradCPU kernels are registered on the ops here
+    ``tensors`` (plain tensors, the first on the CPU; None stands for an
+    absent bias; the reference backend, the module on), else None. Its CPU and AutogradCPU kernels are registered on the ops here
     (a first call builds or loads the module), and removed when the backend
     or ``set_enabled`` turns them off: the ops then run their Python kernels
     (Triton under ``set_backend("triton")``). Tracing, dispatch modes,
@@ -164,7 +164,7 @@ def serving(input: torch.Tensor):
         >>> compiled = serving(input)
         >>> output = compiled.relu(input) if compiled else ReLUFunction.apply(input, False)
     """
-    if type(input) not in PLAIN_TYPES or not input.is_cpu:
+    if any(tensor is not None and type(tensor) not in PLAIN_TYPES for tensor in tensors) or not tensors[0].is_cpu:
         return None
     wanted = _enabled and backend.get_backend() != "triton"
     if wanted != _serving:
@@ -177,7 +177,7 @@ def _register(serve: bool) -> None:
     global _serving
     compiled = _module or (module() if serve else None)
     if compiled is not None and serve != _serving:
-        compiled.register_relu(serve)
+        compiled.register_kernels(serve)
         _serving = serve
 
 

@@ -31,35 +31,36 @@ def batch_first(tensor, dim, batch_size):
     return tensor.movedim(dim, 0)
 
 
-def by_loop(function, info, in_dims, *args):
-    """Apply ``function`` to each entry of the batch and stack the results.
+def by_loop(apply, info, in_dims, *args):
+    """Call ``apply`` (a Function's apply, or an op) on each entry of the batch and stack the results.
     Arguments are selected, not copied: a Function that writes into an input
     writes into the caller's tensor."""
     results = []
     for index in range(info.batch_size):
         entry = [arg.select(dim, index) if dim is not None else arg for arg, dim in zip(args, in_dims)]
-        results.append(function.apply(*entry))
+        results.append(apply(*entry))
     if isinstance(results[0], tuple):  # a None output (nothing to return) stays None, unbatched
         outputs = tuple(None if entries[0] is None else torch.stack(entries) for entries in zip(*results))
         return outputs, tuple(None if output is None else 0 for output in outputs)
     return torch.stack(results), 0
 
 
-def fold_rows(function, info, in_dims, args, row_args):
-    """Apply a row-wise ``function`` once to the batch folded into its rows.
+def fold_rows(apply, info, in_dims, args, row_args):
+    """Call a row-wise ``apply`` (a Function's apply, or an op) once on the
+    batch folded into its rows.
 
     ``row_args`` are the positions of the arguments whose dim 0 is the rows;
     any other argument that is batched sends the call to ``by_loop``. The
     outputs' dim 0 must be the rows too."""
     if any(dim is not None for index, dim in enumerate(in_dims) if index not in row_args):
-        return by_loop(function, info, in_dims, *args)
+        return by_loop(apply, info, in_dims, *args)
     batch = info.batch_size
     folded = list(args)
     for index in row_args:
         if args[index] is not None:
             rows_first = batch_first(args[index], in_dims[index], batch)
             folded[index] = rows_first.reshape(batch * rows_first.shape[1], *rows_first.shape[2:])
-    results = function.apply(*folded)
+    results = apply(*folded)
 
     def unfold(output):
         if output is None:  # nothing to return: stays None, unbatched

@@ -301,8 +301,8 @@ class CrossEntropyFunction(Function):
     def vmap(info, in_dims, logits, target, weight, ignore_index, label_smoothing, inplace_backward, grads_now):
         args = (logits, target, weight, ignore_index, label_smoothing, inplace_backward, False)
         if inplace_backward:  # folding could copy the logits; a loop writes into views of them
-            return by_loop(CrossEntropyFunction, info, in_dims, *args)
-        return fold_rows(CrossEntropyFunction, info, in_dims, args, row_args=(0, 1))
+            return by_loop(CrossEntropyFunction.apply, info, in_dims, *args)
+        return fold_rows(CrossEntropyFunction.apply, info, in_dims, args, row_args=(0, 1))
 
 
 class CrossEntropyBackwardFunction(Function):
@@ -360,7 +360,7 @@ class CrossEntropyBackwardFunction(Function):
     @staticmethod
     def vmap(info, in_dims, logits, target, weight, lse, row_scale, ignore_index, label_smoothing):
         args = (logits, target, weight, lse, row_scale, ignore_index, label_smoothing)
-        return fold_rows(CrossEntropyBackwardFunction, info, in_dims, args, row_args=(0, 1, 3, 4))
+        return fold_rows(CrossEntropyBackwardFunction.apply, info, in_dims, args, row_args=(0, 1, 3, 4))
 
 
 def _unit_gradient(logits, target, weight, ignore_index, label_smoothing):
@@ -437,7 +437,7 @@ class ProbabilityCrossEntropyFunction(Function):
     @staticmethod
     def vmap(info, in_dims, logits, target, weight, label_smoothing):
         args = (logits, target, weight, label_smoothing)
-        return fold_rows(ProbabilityCrossEntropyFunction, info, in_dims, args, row_args=(0, 1))
+        return fold_rows(ProbabilityCrossEntropyFunction.apply, info, in_dims, args, row_args=(0, 1))
 
 
 def _log_probabilities(logits):

@@ -7,13 +7,18 @@ Each product is bilinear, so the backward is built from differentiable
 Functions (the mask, the GEMMs) and double backward needs nothing more.
 Forward mode (jvp), with the same mask under relu:
     dy = (dx @ W^T + x @ dW^T + db) * 1[y > 0]
+
+Three dispatcher ops, ``torchblocks::dense``, ``matmul`` and
+``matmul_row_sum``, defined here with their fakes, vmap rules and kernels for
+every device, and the Functions below as their autograd; the compiled eager
+CPU path (eager_cpu.cpp) registers C++ kernels of the same ops while it serves.
 """
 
 from typing import Optional
 
 import torch
 
-from torchblocks._ops._dispatch import Function, call, custom_op, forward_ad_open, kernels, pick
+from torchblocks._ops._dispatch import LIBRARY, Function, call, define, forward_ad_open, kernels, pick, register_autograd
 from torchblocks._ops._vmap import fold_rows
 from torchblocks._ops.relu import ReLUBackwardFunction, _relu_backward
 
@@ -40,36 +45,28 @@ def _dense_matmul(a, b, bias=None, relu=False, row_sum=False, out=None, row_sums
     return (product, a.sum(dim=1)) if row_sum else product
 
 
-@custom_op("torchblocks::dense", mutates_args=())
-def dense(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+def _dense(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
     return pick(input, kernels.dense.dense_matmul, _dense_matmul)(input, weight.t(), bias=bias, relu=relu)
 
 
-@dense.register_fake
-def _(input, weight, bias, relu):
-    return input.new_empty((input.shape[0], weight.shape[0]))
-
-
-@custom_op("torchblocks::matmul", mutates_args=())
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """A @ B for 2-D tensors of any strides: the gradient GEMMs."""
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return pick(a, kernels.dense.dense_matmul, _dense_matmul)(a, b)
 
 
-@matmul.register_fake
-def _(a, b):
-    return a.new_empty((a.shape[0], b.shape[1]))
-
-
-@custom_op("torchblocks::matmul_row_sum", mutates_args=())
-def matmul_row_sum(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A @ B, the row sums of A): dW and db from one pass over g."""
+def _matmul_row_sum(a: torch.Tensor, b: torch.Tensor) -> tuple:
     return pick(a, kernels.dense.dense_matmul, _dense_matmul)(a, b, row_sum=True)
 
 
-@matmul_row_sum.register_fake
-def _(a, b):
-    return a.new_empty((a.shape[0], b.shape[1])), a.new_empty((a.shape[0],))
+# One op each, whatever runs it; the compiled eager CPU path (eager_cpu.cpp)
+# registers its own CPU and AutogradCPU kernels over these while it serves.
+#   dense: act(input @ weight^T + bias);  matmul: A @ B for 2-D tensors of any
+#   strides (the gradient GEMMs);  matmul_row_sum: (A @ B, the row sums of A),
+#   dW and db from one pass over g.
+define("dense(Tensor input, Tensor weight, Tensor? bias, bool relu) -> Tensor", _dense,
+       lambda input, weight, bias, relu: input.new_empty((input.shape[0], weight.shape[0])))
+define("matmul(Tensor a, Tensor b) -> Tensor", _matmul, lambda a, b: a.new_empty((a.shape[0], b.shape[1])))
+define("matmul_row_sum(Tensor a, Tensor b) -> (Tensor, Tensor)", _matmul_row_sum,
+       lambda a, b: (a.new_empty((a.shape[0], b.shape[1])), a.new_empty((a.shape[0],))))
 
 
 def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False,
@@ -151,7 +148,7 @@ class DenseFunction(Function):
 
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, relu):
-        return fold_rows(DenseFunction, info, in_dims, (input, weight, bias, relu), row_args=(0,))
+        return fold_rows(DenseFunction.apply, info, in_dims, (input, weight, bias, relu), row_args=(0,))
 
 
 class MatmulFunction(Function):
@@ -186,7 +183,7 @@ class MatmulFunction(Function):
 
     @staticmethod
     def vmap(info, in_dims, a, b):
-        return fold_rows(MatmulFunction, info, in_dims, (a, b), row_args=(0,))
+        return fold_rows(MatmulFunction.apply, info, in_dims, (a, b), row_args=(0,))
 
 
 class MatmulRowSumFunction(MatmulFunction):
@@ -219,4 +216,16 @@ class MatmulRowSumFunction(MatmulFunction):
 
     @staticmethod
     def vmap(info, in_dims, a, b):
-        return fold_rows(MatmulRowSumFunction, info, in_dims, (a, b), row_args=(0,))
+        return fold_rows(MatmulRowSumFunction.apply, info, in_dims, (a, b), row_args=(0,))
+
+
+# The ops' autograd where the compiled module does not serve, and their vmap rules:
+# the batch folded into the rows of A (input), or one call per entry.
+for _name, _function in (("dense", DenseFunction), ("matmul", MatmulFunction),
+                         ("matmul_row_sum", MatmulRowSumFunction)):
+    register_autograd(_name, _function)
+    torch.library.register_vmap(
+        f"torchblocks::{_name}",
+        lambda info, in_dims, *args, op=getattr(torch.ops.torchblocks, _name).default: fold_rows(
+            op, info, in_dims, args, row_args=(0,)),
+        lib=LIBRARY)

@@ -275,7 +275,7 @@ class DenseCrossEntropyFunction(Function):
 
     @staticmethod
     def vmap(info, in_dims, *args):
-        return by_loop(DenseCrossEntropyFunction, info, in_dims, *args)
+        return by_loop(DenseCrossEntropyFunction.apply, info, in_dims, *args)
 
 
 def differentiable_gradients(input, weight, bias, target, row_scale, ignore_index, label_smoothing, chunk_rows):

@@ -6,9 +6,9 @@
 // block's arithmetic, and a C++ custom Function still 4-6 us more than a
 // native op; a node attached as torch's generated code attaches its own
 // costs what a native op does.
-// ReLU's are kernels of its dispatcher ops (registered by register_relu);
-// Dense's and the losses' are entry points that return None for a call they
-// leave to the Python Functions.
+// ReLU's and Dense's are kernels of their dispatcher ops (registered by
+// register_relu, register_dense); the losses' are entry points that return
+// None for a call they leave to the Python Functions.
 // torchblocks/_ops/_eager_cpu.py builds this file once per environment and
 // decides when it runs.
 
@@ -146,8 +146,49 @@ Tensor relu_backward_cpu(const Tensor& grad_output, const Tensor& output) {
 // Compiled autograd: a node lists what it holds (compiled_args) and, while a
 // backward graph is captured, puts one call of a functional form of its
 // backward into it (apply_with_saved), bound once per process, as torch's
-// generated nodes do. The functional calls the op, so the captured graph
-// holds torchblocks::relu_backward, traced through its fake.
+// generated nodes do. The functionals call the ops, so the captured graph
+// holds torchblocks' ops (relu_backward, matmul, ...), traced through their fakes.
+using Functional = variable_list (*)(const variable_list&, const torch::autograd::ivalue_list&);
+
+struct Binding {
+  const char* key;
+  Functional functional;
+  std::vector<at::TypePtr> arg_types;
+  std::once_flag once;
+  std::string name;
+};
+
+// ``held`` are swapped for the graph's proxies around the call; ``make_args``
+// reads them (unpacked after the swap) with the node's other arguments.
+template <typename MakeArgs>
+variable_list call_bound(Node& node, Binding& binding, std::initializer_list<SavedVariable*> held,
+                         const variable_list& grads, torch::dynamo::autograd::SwapSavedVariables& saved,
+                         MakeArgs make_args) {
+  for (SavedVariable* variable : held) {
+    saved.before(*variable);
+  }
+  const auto& compiler = torch::dynamo::autograd::getPyCompilerInterface();
+  std::call_once(binding.once, [&] {
+    binding.name = compiler->bind_function(saved.get_py_compiler(), binding.key, binding.functional,
+                                           binding.arg_types, /*is_custom_function=*/false, /*is_traceable=*/true);
+  });
+  const torch::autograd::ivalue_list args = make_args();
+  const auto metadata =
+      torch::dynamo::autograd::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+          torch::dynamo::autograd::get_input_metadata(node.next_edges()));
+  auto grad_inputs = compiler->call_function(saved.get_py_compiler(), "apply_functional", binding.name, grads, args,
+                                             metadata);
+  for (SavedVariable* variable : held) {
+    saved.after(*variable);
+  }
+  return grad_inputs;
+}
+
+// A saved tensor as a functional's argument (None where nothing was saved), and back.
+c10::IValue optional_arg(const Tensor& tensor) { return tensor.defined() ? c10::IValue(tensor) : c10::IValue(); }
+Tensor tensor_arg(const c10::IValue& arg) { return arg.isNone() ? Tensor() : arg.toTensor(); }
+at::TypePtr optional_tensor_type() { return at::OptionalType::create(at::TensorType::get()); }
+
 variable_list relu_mask_functional(const variable_list& grads, const torch::autograd::ivalue_list& args) {
   if (!grads[0].defined()) {
     return {Tensor()};
@@ -155,26 +196,7 @@ variable_list relu_mask_functional(const variable_list& grads, const torch::auto
   return {relu_backward_op().call(grads[0], args[0].toTensor())};
 }
 
-variable_list relu_mask_with_saved(Node& node, SavedVariable& output, const variable_list& grads,
-                                   torch::dynamo::autograd::SwapSavedVariables& saved) {
-  saved.before(output);
-  const auto& compiler = torch::dynamo::autograd::getPyCompilerInterface();
-  static std::once_flag bound;
-  static std::string bound_name;
-  std::call_once(bound, [&] {
-    bound_name = compiler->bind_function(saved.get_py_compiler(), "TorchblocksReLUMask", relu_mask_functional,
-                                         {at::TensorType::get()}, /*is_custom_function=*/false,
-                                         /*is_traceable=*/true);
-  });
-  const torch::autograd::ivalue_list args{c10::IValue(output.unpack())};
-  const auto metadata =
-      torch::dynamo::autograd::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
-          torch::dynamo::autograd::get_input_metadata(node.next_edges()));
-  auto grad_input = compiler->call_function(saved.get_py_compiler(), "apply_functional", bound_name, grads, args,
-                                            metadata);
-  saved.after(output);
-  return grad_input;
-}
+Binding relu_mask_binding{"TorchblocksReLUMask", relu_mask_functional, {at::TensorType::get()}};
 
 // The node of relu and relu_ (output_ saved as an output) and of relu_backward
 // (its saved y is an input there, and the edge is to dy alone: the mask is flat in y).
@@ -201,7 +223,8 @@ struct ReLUMaskNode : Node {
   }
   variable_list apply_with_saved(const variable_list& grad,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
-    return relu_mask_with_saved(*this, output_, grad, saved);
+    return call_bound(*this, relu_mask_binding, {&output_}, grad, saved,
+                      [&] { return torch::autograd::ivalue_list{c10::IValue(output_.unpack())}; });
   }
 };
 using ReLUBackward = ReLUMaskNode<false>;
@@ -210,6 +233,11 @@ using ReLUBackwardBackward = ReLUMaskNode<true>;
 // The tangent of ``input`` at forward-mode level 0 (torch.func maps its levels onto it), or undefined.
 Tensor tangent_of(const Tensor& input) {
   return torch::autograd::isFwGradDefined(input) ? input._fw_grad(/*level=*/0) : Tensor();
+}
+
+// ``input`` without its tangent, for a tangent's formula (whose result must carry none).
+Tensor primal_of(const Tensor& input) {
+  return torch::autograd::isFwGradDefined(input) ? input._fw_primal(/*level=*/0) : input;
 }
 
 Tensor relu_autograd(c10::DispatchKeySet keys, const Tensor& input) {
@@ -303,30 +331,112 @@ void register_relu(bool serve) {
   }
 }
 
-// Dense: y = act(x @ W^T + b), x (M, K), W (N, K), b (N,)
-//   g = dL/dy * 1[y > 0] under relu, else dL/dy
-//   dL/dx = g @ W,    dL/dW = g^T @ x,    dL/db = sum over rows of g
+// Dense, as the kernels of the ops torchblocks::dense, matmul and
+// matmul_row_sum (their schemas, fakes, vmap rules, other kernels: dense.py):
+//   dense:  y = act(x @ W^T + b), x (M, K), W (N, K), b (N,)
+//     g = relu ? relu_backward(dy, y) : dy
+//     dx = matmul(g, W),   (dW, db) = matmul_row_sum(g^T, x)   (dW alone: matmul(g^T, x); db alone: sum of g's rows)
+//     forward mode: y_t = (x_t @ W^T + x @ W_t^T + b_t), masked by relu_backward(., y) under relu
+//   matmul:  C = A @ B;   dA = matmul(dC, B^T),   dB = matmul(A^T, dC);   C_t = A_t @ B + A @ B_t
+//   matmul_row_sum:  (C, r) = (A @ B, rows of A summed);   dA = matmul(dC, B^T) + dr (along rows),
+//     dB = matmul(A^T, dC);   (C_t, r_t) = (A_t @ B + A @ B_t, rows of A_t summed)
+// The gradients are themselves ops, so a backward with create_graph records
+// their nodes, and the second derivative needs nothing more.
+
+using DenseOp = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, bool);
+using PairOp = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&);
+
+const c10::TypedOperatorHandle<DenseOp>& dense_op() {
+  static const auto& handle = find_op<DenseOp>("torchblocks::dense");
+  return handle;
+}
+const c10::TypedOperatorHandle<BinaryOp>& matmul_op() {
+  static const auto& handle = find_op<BinaryOp>("torchblocks::matmul");
+  return handle;
+}
+const c10::TypedOperatorHandle<PairOp>& matmul_row_sum_op() {
+  static const auto& handle = find_op<PairOp>("torchblocks::matmul_row_sum");
+  return handle;
+}
+
+// x @ W^T + b, or x @ W^T where ``bias`` is undefined: dense.py's GEMM.
+Tensor affine(const Tensor& input, const Tensor& weight, const Tensor& bias) {
+  return bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
+}
+
+Tensor dense_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, bool relu) {
+  Tensor output = affine(input, weight, bias ? *bias : Tensor());
+  return relu ? output.clamp_min_(0) : output;
+}
+Tensor matmul_cpu(const Tensor& a, const Tensor& b) { return a.mm(b); }
+std::tuple<Tensor, Tensor> matmul_row_sum_cpu(const Tensor& a, const Tensor& b) { return {a.mm(b), a.sum(1)}; }
+
+// dx, dW, db of dense from dy, where ``needs`` asks for them.
+variable_list dense_grads(const Tensor& grad_output, const Tensor& input, const Tensor& weight, const Tensor& output,
+                          bool relu, std::array<bool, 3> needs) {
+  variable_list grads(3);
+  if (!grad_output.defined()) {
+    return grads;
+  }
+  const Tensor g = relu ? relu_backward_op().call(grad_output, output) : grad_output;
+  if (needs[0]) {
+    grads[0] = matmul_op().call(g, weight);
+  }
+  if (needs[1] && needs[2]) {
+    std::tie(grads[1], grads[2]) = matmul_row_sum_op().call(g.t(), input);
+  } else if (needs[1]) {
+    grads[1] = matmul_op().call(g.t(), input);
+  } else if (needs[2]) {
+    grads[2] = g.sum(0);
+  }
+  return grads;
+}
+
+// dA, dB of matmul (``row_sum``: of matmul_row_sum, whose dr adds along A's rows) from dC (and dr).
+variable_list matmul_grads(const Tensor& grad_c, const Tensor& grad_row_sum, const Tensor& a, const Tensor& b,
+                           std::array<bool, 2> needs) {
+  variable_list grads(2);
+  if (!grad_c.defined() && !grad_row_sum.defined()) {
+    return grads;
+  }
+  if (needs[0]) {
+    grads[0] = grad_c.defined() ? matmul_op().call(grad_c, b.t()) : at::zeros({a.size(0), a.size(1)}, a.options());
+    if (grad_row_sum.defined()) {
+      grads[0] = grads[0] + grad_row_sum.unsqueeze(1);
+    }
+  }
+  if (needs[1]) {
+    grads[1] = grad_c.defined() ? matmul_op().call(a.t(), grad_c) : at::zeros({b.size(0), b.size(1)}, b.options());
+  }
+  return grads;
+}
+
+variable_list dense_functional(const variable_list& grads, const torch::autograd::ivalue_list& args) {
+  return dense_grads(grads[0], tensor_arg(args[0]), tensor_arg(args[1]), tensor_arg(args[2]), args[3].toBool(),
+                     {args[4].toBool(), args[5].toBool(), args[6].toBool()});
+}
+variable_list matmul_functional(const variable_list& grads, const torch::autograd::ivalue_list& args) {
+  return matmul_grads(grads[0], grads.size() > 1 ? grads[1] : Tensor(), tensor_arg(args[0]), tensor_arg(args[1]),
+                      {args[2].toBool(), args[3].toBool()});
+}
+
+Binding dense_binding{"TorchblocksDense", dense_functional,
+                      {optional_tensor_type(), optional_tensor_type(), optional_tensor_type(), at::BoolType::get(),
+                       at::BoolType::get(), at::BoolType::get(), at::BoolType::get()}};
+Binding matmul_binding{"TorchblocksMatmul", matmul_functional,
+                       {optional_tensor_type(), optional_tensor_type(), at::BoolType::get(), at::BoolType::get()}};
+Binding matmul_row_sum_binding{"TorchblocksMatmulRowSum", matmul_functional,
+                               {optional_tensor_type(), optional_tensor_type(), at::BoolType::get(),
+                                at::BoolType::get()}};
+
 struct DenseBackward : Node {
   SavedVariable input_, weight_, output_;  // each only where a gradient needs it
   bool relu_ = false;
 
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    variable_list grads(3);
-    if (!grad[0].defined()) {
-      return grads;
-    }
-    const Tensor g = relu_ ? at::threshold_backward(grad[0], output_.unpack(self_pointer(this)), 0) : grad[0];
-    if (should_compute_output(0)) {
-      grads[0] = g.mm(weight_.unpack());
-    }
-    if (should_compute_output(1)) {
-      grads[1] = g.t().mm(input_.unpack());
-    }
-    if (should_compute_output(2)) {
-      grads[2] = g.sum(0);
-    }
-    return grads;
+    return dense_grads(grad[0], input_.unpack(), weight_.unpack(), relu_ ? output_.unpack(self_pointer(this)) : Tensor(),
+                       relu_, {should_compute_output(0), should_compute_output(1), should_compute_output(2)});
   }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -335,26 +445,87 @@ struct DenseBackward : Node {
     output_.reset_data();
   }
   std::string name() const override { return "torchblocks::DenseBackward"; }
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(input_, /*is_output=*/false);
+    args.collect(weight_, /*is_output=*/false);
+    args.collect(output_, /*is_output=*/true);
+    args.collect(relu_);
+  }
+  variable_list apply_with_saved(const variable_list& grad,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    return call_bound(*this, dense_binding, {&input_, &weight_, &output_}, grad, saved, [&] {
+      return torch::autograd::ivalue_list{
+          optional_arg(input_.unpack()), optional_arg(weight_.unpack()),
+          optional_arg(relu_ ? output_.unpack(self_pointer(this)) : Tensor()), c10::IValue(relu_),
+          c10::IValue(should_compute_output(0)), c10::IValue(should_compute_output(1)),
+          c10::IValue(should_compute_output(2))};
+    });
+  }
 };
 
-// x @ W^T + b, or x @ W^T where ``bias`` is undefined: dense.py's GEMM.
-Tensor affine(const Tensor& input, const Tensor& weight, const Tensor& bias) {
-  return bias.defined() ? at::addmm(bias, input, weight.t()) : at::mm(input, weight.t());
+template <bool kRowSum>
+struct MatmulNode : Node {
+  SavedVariable a_, b_;  // a only where dB is needed, b only where dA is
+
+  variable_list apply(variable_list&& grad) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return matmul_grads(grad[0], kRowSum ? grad[1] : Tensor(), a_.unpack(), b_.unpack(),
+                        {should_compute_output(0), should_compute_output(1)});
+  }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    a_.reset_data();
+    b_.reset_data();
+  }
+  std::string name() const override {
+    return kRowSum ? "torchblocks::MatmulRowSumBackward" : "torchblocks::MatmulBackward";
+  }
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(a_, /*is_output=*/false);
+    args.collect(b_, /*is_output=*/false);
+  }
+  variable_list apply_with_saved(const variable_list& grad,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    return call_bound(*this, kRowSum ? matmul_row_sum_binding : matmul_binding, {&a_, &b_}, grad, saved, [&] {
+      return torch::autograd::ivalue_list{optional_arg(a_.unpack()), optional_arg(b_.unpack()),
+                                          c10::IValue(should_compute_output(0)),
+                                          c10::IValue(should_compute_output(1))};
+    });
+  }
+};
+using MatmulBackward = MatmulNode<false>;
+using MatmulRowSumBackward = MatmulNode<true>;
+
+// The tangent of A @ B: A_t @ B + A @ B_t, a missing tangent counting as zero; undefined if both are.
+Tensor product_tangent(const Tensor& a, const Tensor& b, const Tensor& tangent_a, const Tensor& tangent_b) {
+  if (!tangent_a.defined() && !tangent_b.defined()) {
+    return Tensor();
+  }
+  Tensor tangent = at::zeros({a.size(0), b.size(1)}, a.options());
+  if (tangent_a.defined()) {
+    tangent = tangent + tangent_a.mm(b);
+  }
+  if (tangent_b.defined()) {
+    tangent = tangent + a.mm(tangent_b);
+  }
+  return tangent;
 }
 
-Tensor dense_rows(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, bool relu) {
+Tensor dense_autograd(c10::DispatchKeySet keys, const Tensor& input, const Tensor& weight,
+                      const std::optional<Tensor>& bias, bool relu) {
   const Tensor bias_or_none = bias ? *bias : Tensor();  // undefined: no edge, no gradient
+  decltype(make_node<DenseBackward>()) node;
+  if (torch::autograd::compute_requires_grad(input, weight, bias_or_none)) {
+    node = make_node<DenseBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias_or_none));
+  }
   Tensor output;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    output = affine(input, weight, bias_or_none);
-    if (relu) {
-      output.clamp_min_(0);
-    }
+    output = dense_op().redispatch(keys & c10::after_autograd_keyset, input, weight, bias, relu);
   }
-  if (torch::autograd::compute_requires_grad(input, weight, bias_or_none)) {
-    auto node = make_node<DenseBackward>();
-    attach(output, node, input, weight, bias_or_none);
+  if (node) {
+    torch::autograd::set_history(output, node);
     node->relu_ = relu;
     if (weight.requires_grad()) {
       node->input_ = SavedVariable(input, /*is_output=*/false);
@@ -366,7 +537,85 @@ Tensor dense_rows(const Tensor& input, const Tensor& weight, const std::optional
       node->output_ = SavedVariable(output, /*is_output=*/true);
     }
   }
+  const Tensor tangent_weight = tangent_of(weight);
+  Tensor tangent = product_tangent(primal_of(input), primal_of(weight).t(), tangent_of(input),
+                                   tangent_weight.defined() ? tangent_weight.t() : Tensor());
+  if (const Tensor tangent_bias = bias ? tangent_of(*bias) : Tensor(); tangent_bias.defined()) {
+    tangent = tangent.defined() ? tangent + tangent_bias : tangent_bias.expand({input.size(0), weight.size(0)}).clone();
+  }
+  if (tangent.defined()) {
+    output._set_fw_grad(relu ? relu_backward_op().call(tangent, output) : tangent, /*level=*/0,
+                        /*is_inplace_op=*/false);
+  }
   return output;
+}
+
+// matmul and matmul_row_sum: one node kind each, a saved only for dB and b only for dA.
+template <bool kRowSum, typename Result>
+Result matmul_autograd(c10::DispatchKeySet keys, const Tensor& a, const Tensor& b) {
+  using Backward = MatmulNode<kRowSum>;
+  decltype(make_node<Backward>()) node;
+  if (torch::autograd::compute_requires_grad(a, b)) {
+    node = make_node<Backward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(a, b));
+    if (b.requires_grad()) {
+      node->a_ = SavedVariable(a, /*is_output=*/false);
+    }
+    if (a.requires_grad()) {
+      node->b_ = SavedVariable(b, /*is_output=*/false);
+    }
+  }
+  Result result;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    if constexpr (kRowSum) {
+      result = matmul_row_sum_op().redispatch(keys & c10::after_autograd_keyset, a, b);
+    } else {
+      result = matmul_op().redispatch(keys & c10::after_autograd_keyset, a, b);
+    }
+  }
+  const Tensor tangent_a = tangent_of(a);
+  const Tensor tangent = product_tangent(primal_of(a), primal_of(b), tangent_a, tangent_of(b));
+  if constexpr (kRowSum) {
+    if (node) {
+      torch::autograd::set_history(std::get<0>(result), node);
+      torch::autograd::set_history(std::get<1>(result), node);
+    }
+    if (tangent.defined()) {
+      std::get<0>(result)._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
+      std::get<1>(result)._set_fw_grad(tangent_a.defined() ? tangent_a.sum(1) : at::zeros({a.size(0)}, a.options()),
+                                       /*level=*/0, /*is_inplace_op=*/false);
+    }
+  } else {
+    if (node) {
+      torch::autograd::set_history(result, node);
+    }
+    if (tangent.defined()) {
+      result._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
+    }
+  }
+  return result;
+}
+
+// The CPU and AutogradCPU kernels of Dense's ops, registered while ``serve``
+// holds, as register_relu's.
+void register_dense(bool serve) {
+  static std::unique_ptr<torch::Library> cpu, autograd_cpu;
+  if (serve && !cpu) {
+    cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks", c10::DispatchKey::CPU, __FILE__,
+                                           __LINE__);
+    cpu->impl("dense", dense_cpu);
+    cpu->impl("matmul", matmul_cpu);
+    cpu->impl("matmul_row_sum", matmul_row_sum_cpu);
+    autograd_cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks",
+                                                    c10::DispatchKey::AutogradCPU, __FILE__, __LINE__);
+    autograd_cpu->impl("dense", TORCH_FN(dense_autograd));
+    autograd_cpu->impl("matmul", TORCH_FN((matmul_autograd<false, Tensor>)));
+    autograd_cpu->impl("matmul_row_sum", TORCH_FN((matmul_autograd<true, std::tuple<Tensor, Tensor>>)));
+  } else if (!serve) {
+    autograd_cpu.reset();
+    cpu.reset();
+  }
 }
 
 // Softmax cross-entropy of rows x (R, C) against class indices y, the common
@@ -808,30 +1057,6 @@ std::optional<Tensor> dense_cross_entropy(const Tensor& input, const Tensor& wei
   return dense_cross_entropy_rows(input, weight, bias ? *bias : Tensor(), target, reduction, chunk_rows);
 }
 
-// input (*, K) and weight (N, K), bias (N,) or none, of one floating dtype on
-// the CPU; activation none or "relu"; autocast off; no dual tensor. (*) folds into the rows
-// of one matmul and unfolds after.
-std::optional<Tensor> dense(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
-                            const std::optional<std::string>& activation) {
-  const bool relu = activation == "relu";
-  if ((activation && !relu) || !floating(input) || !input.is_cpu() || input.dim() == 0 || weight.dim() != 2 ||
-      weight.scalar_type() != input.scalar_type() || !weight.is_cpu() || input.size(-1) != weight.size(1) ||
-      at::autocast::is_autocast_enabled(at::kCPU) || forward_grad_defined(input, weight) || watched()) {
-    return std::nullopt;
-  }
-  if (bias && (bias->scalar_type() != input.scalar_type() || !bias->is_cpu() || bias->dim() != 1 ||
-               bias->size(0) != weight.size(0) || forward_grad_defined(*bias))) {
-    return std::nullopt;
-  }
-  if (input.dim() == 2) {
-    return dense_rows(input, weight, bias, relu);
-  }
-  std::vector<int64_t> output_shape(input.sizes().begin(), input.sizes().end() - 1);
-  const int64_t rows = c10::multiply_integers(output_shape);
-  output_shape.push_back(weight.size(0));
-  return dense_rows(input.reshape({rows, weight.size(1)}), weight, bias, relu).reshape(output_shape);
-}
-
 // Each node's own Python type, registered as a torch.autograd.graph.Node (as
 // torch's generated nodes are), so that ``isinstance(y.grad_fn, Node)`` holds
 // and ``type(y.grad_fn).__name__`` names the block.
@@ -845,7 +1070,8 @@ void register_node_type(pybind11::module_& m, PyTypeObject& type, const char* na
   pybind11::module_::import("torch.autograd.graph").attr("Node").attr("register")(type_object);
 }
 
-PyTypeObject relu_backward_type, relu_backward_backward_type, dense_backward_type, cross_entropy_backward_type, head_backward_type;
+PyTypeObject relu_backward_type, relu_backward_backward_type, dense_backward_type, matmul_backward_type,
+    matmul_row_sum_backward_type, cross_entropy_backward_type, head_backward_type;
 
 }  // namespace torchblocks
 
@@ -861,17 +1087,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_node_type<ReLUBackward>(m, relu_backward_type, "ReLUBackward");
   register_node_type<ReLUBackwardBackward>(m, relu_backward_backward_type, "ReLUBackwardBackward");
   register_node_type<DenseBackward>(m, dense_backward_type, "DenseBackward");
+  register_node_type<MatmulBackward>(m, matmul_backward_type, "MatmulBackward");
+  register_node_type<MatmulRowSumBackward>(m, matmul_row_sum_backward_type, "MatmulRowSumBackward");
   register_node_type<CrossEntropyBackward>(m, cross_entropy_backward_type, "CrossEntropyBackward");
   register_node_type<DenseCrossEntropyBackward>(m, head_backward_type, "DenseCrossEntropyBackward");
-  m.def("register_relu", &register_relu, "register_relu(serve): the ReLU ops' CPU and AutogradCPU kernels on or off");
+  m.def("register_kernels", [](bool serve) { register_relu(serve); register_dense(serve); },
+        "register_kernels(serve): the CPU and AutogradCPU kernels of the ReLU and Dense ops on or off");
   // the dispatcher from the top, as torch.ops.torchblocks.relu.default(input) calls it, without its Python
   m.def("relu", [](const Tensor& input) { return relu_op().call(input); }, "relu(input): torchblocks::relu",
         without_gil);
   m.def("relu_", [](const Tensor& input) { relu__op().call(input); return input; },
         "relu_(input): torchblocks::relu_, returning input", without_gil);
-  m.def("dense", &dense,
-        "dense(input (*, K), weight (N, K), bias (N,) or None, activation None or 'relu'): "
-        "act(input @ weight^T + bias) of a plain call, else None", without_gil);
+  m.def("dense", [](const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, bool relu) {
+          return dense_op().call(input, weight, bias, relu);
+        }, "dense(input (M, K), weight (N, K), bias (N,) or None, relu): torchblocks::dense", without_gil);
   m.def("cross_entropy", &cross_entropy,
         "cross_entropy(logits (R, C), target (R,), ignore_index, reduction): the loss of a plain call, else None",
         without_gil);

@@ -17,7 +17,7 @@ of the same ops at their CPU and AutogradCPU keys while it serves, and
 import torch
 
 from torchblocks._ops._dispatch import (LIBRARY, Function, apply_in_dispatcher, call, define, forward_ad_open,
-                                       kernels, pick, recording, redispatch_below_autograd)
+                                       kernels, pick, recording, redispatch_below_autograd, register_autograd)
 from torchblocks._ops._vmap import batch_first
 
 
@@ -163,12 +163,6 @@ def _relu__autograd(keys, input):
         redispatch_below_autograd(torch.ops.torchblocks.relu_.default, keys, input)
 
 
-def _relu_backward_autograd(keys, grad_output, output):
-    if recording(grad_output, output):
-        return apply_in_dispatcher(ReLUBackwardFunction, grad_output, output)
-    return redispatch_below_autograd(torch.ops.torchblocks.relu_backward.default, keys, grad_output, output)
-
-
 def _relu__version_bump(keys, input):
     """relu_'s one version bump, as torch's generated ADInplaceOrView kernels
     bump (for a custom op that key falls through: no_grad and inference mode
@@ -199,5 +193,5 @@ torch.library.register_vmap("torchblocks::relu_", _relu__vmap, lib=LIBRARY)
 torch.library.register_vmap("torchblocks::relu_backward", _relu_backward_vmap, lib=LIBRARY)
 LIBRARY.impl("relu", _relu_autograd, "Autograd", with_keyset=True)
 LIBRARY.impl("relu_", _relu__autograd, "Autograd", with_keyset=True)
-LIBRARY.impl("relu_backward", _relu_backward_autograd, "Autograd", with_keyset=True)
+register_autograd("relu_backward", ReLUBackwardFunction)
 LIBRARY.impl("relu_", _relu__version_bump, "ADInplaceOrView", with_keyset=True)
