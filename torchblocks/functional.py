@@ -109,7 +109,7 @@ def dense(
     input, weight, bias = autocast_like_native(input, weight, bias)
     out_features, in_features = _check_linear("dense", input, weight, bias, "out_features")
     rows = math.prod(input.shape[:-1])  # not -1: ambiguous when in_features is 0
-    input_rows = input.reshape(rows, in_features)
+    input_rows = input if input.dim() == 2 else input.reshape(rows, in_features)  # no view node for a 2-D one
     compiled = None if torch.compiler.is_compiling() else _eager_cpu.serving(input, weight, bias)
     if compiled:
         output = compiled.dense(input_rows, weight, bias, activation == "relu")  # the op, with the module's kernels
