@@ -105,14 +105,18 @@ def dense(
     require_tensor("dense", "weight", weight)
     if bias is not None:
         require_tensor("dense", "bias", bias)
+    compiled = None if torch.compiler.is_compiling() else _eager_cpu.serving(input, weight, bias)
+    if compiled and (activation is None or type(activation) is str):
+        output = compiled.dense(input, weight, bias, activation)  # the op, for arguments it takes as they are
+        if output is not None:
+            return output
     require_choice("dense", "activation", activation, ACTIVATIONS)
     input, weight, bias = autocast_like_native(input, weight, bias)
     out_features, in_features = _check_linear("dense", input, weight, bias, "out_features")
     rows = math.prod(input.shape[:-1])  # not -1: ambiguous when in_features is 0
     input_rows = input if input.dim() == 2 else input.reshape(rows, in_features)  # no view node for a 2-D one
-    compiled = None if torch.compiler.is_compiling() else _eager_cpu.serving(input, weight, bias)
-    if compiled:
-        output = compiled.dense(input_rows, weight, bias, activation == "relu")  # the op, with the module's kernels
+    if compiled:  # the arguments, cast by autocast
+        output = torch.ops.torchblocks.dense.default(input_rows, weight, bias, activation == "relu")
     else:
         function = _DenseTraced if torch.compiler.is_compiling() else DenseFunction
         output = function.apply(input_rows, weight, bias, activation == "relu")

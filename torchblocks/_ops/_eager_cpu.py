@@ -164,7 +164,10 @@ def serving(*tensors: Optional[torch.Tensor]):
         >>> compiled = serving(input)
         >>> output = compiled.relu(input) if compiled else ReLUFunction.apply(input, False)
     """
-    if any(tensor is not None and type(tensor) not in PLAIN_TYPES for tensor in tensors) or not tensors[0].is_cpu:
+    for tensor in tensors:
+        if tensor is not None and type(tensor) not in PLAIN_TYPES:
+            return None
+    if not tensors[0].is_cpu:
         return None
     wanted = _enabled and backend.get_backend() != "triton"
     if wanted != _serving:
