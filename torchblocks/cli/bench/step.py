@@ -156,7 +156,8 @@ def count_training_step(device: str, dtype: torch.dtype = torch.float32, batch: 
     counter = _OpCounter(_storage(state["step"]) for state in optimizer.state.values())
     with count_triton_launches() as launches, counter:
         step()
-    path = "" if backend.use_triton(images) else "the reference's Python Functions" + (
-        ", which a counting mode takes instead of the compiled eager CPU path" if images.is_cpu else "")
+    path = "" if backend.use_triton(images) else "the reference" + (
+        ": the Dense op's C++ kernels, and the loss's Python Functions, which a counting mode takes instead of "
+        "its compiled entry" if images.is_cpu else "")
     return StepCounts(launches[0], sum(counter.ops.values()), counter.allocations, counter.host_uploads,
                       dict(sorted(counter.ops.items())), path)
