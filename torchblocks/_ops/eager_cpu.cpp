@@ -7,7 +7,7 @@
 // native op; a node attached as torch's generated code attaches its own
 // costs what a native op does.
 // ReLU's and Dense's are kernels of their dispatcher ops (registered by
-// register_relu, register_dense); the losses' are entry points that return
+// register_kernels); the losses' are entry points that return
 // None for a call they leave to the Python Functions.
 // torchblocks/_ops/_eager_cpu.py builds this file once per environment and
 // decides when it runs.
@@ -112,7 +112,7 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype) {
 //   forward mode:  y_t = relu_backward(x_t, y)
 // CPU holds the arithmetic, AutogradCPU the nodes (what torch's generated
 // VariableType code does for a native op); both are registered by
-// register_relu (below) while this module serves the CPU reference backend.
+// register_kernels (below) while this module serves the CPU reference backend.
 
 using UnaryOp = Tensor(const Tensor&);
 using InPlaceOp = void(const Tensor&);
@@ -307,28 +307,6 @@ Tensor relu_backward_autograd(c10::DispatchKeySet keys, const Tensor& grad_outpu
     grad_input._set_fw_grad(relu_backward_op().call(tangent, output), /*level=*/0, /*is_inplace_op=*/false);
   }
   return grad_input;
-}
-
-// The CPU and AutogradCPU kernels of the ReLU ops, registered while ``serve``
-// holds (the reference backend's CPU calls) and removed otherwise, when the
-// Python kernels registered for every device (relu.py) serve again.
-void register_relu(bool serve) {
-  static std::unique_ptr<torch::Library> cpu, autograd_cpu;
-  if (serve && !cpu) {
-    cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks", c10::DispatchKey::CPU, __FILE__,
-                                           __LINE__);
-    cpu->impl("relu", relu_cpu);
-    cpu->impl("relu_", relu__cpu);
-    cpu->impl("relu_backward", relu_backward_cpu);
-    autograd_cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks",
-                                                    c10::DispatchKey::AutogradCPU, __FILE__, __LINE__);
-    autograd_cpu->impl("relu", TORCH_FN(relu_autograd));
-    autograd_cpu->impl("relu_", TORCH_FN(relu__autograd));
-    autograd_cpu->impl("relu_backward", TORCH_FN(relu_backward_autograd));
-  } else if (!serve) {
-    autograd_cpu.reset();
-    cpu.reset();
-  }
 }
 
 // Dense, as the kernels of the ops torchblocks::dense, matmul and
@@ -597,25 +575,35 @@ Result matmul_autograd(c10::DispatchKeySet keys, const Tensor& a, const Tensor& 
   return result;
 }
 
-// The CPU and AutogradCPU kernels of Dense's ops, registered while ``serve``
-// holds, as register_relu's.
-void register_dense(bool serve) {
+// The CPU and AutogradCPU kernels of the ReLU and Dense ops, registered while
+// ``serve`` holds (the reference backend's CPU calls) and removed otherwise,
+// when the Python kernels registered for every device (relu.py, dense.py) serve again.
+void register_kernels(bool serve) {
   static std::unique_ptr<torch::Library> cpu, autograd_cpu;
-  if (serve && !cpu) {
-    cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks", c10::DispatchKey::CPU, __FILE__,
-                                           __LINE__);
-    cpu->impl("dense", dense_cpu);
-    cpu->impl("matmul", matmul_cpu);
-    cpu->impl("matmul_row_sum", matmul_row_sum_cpu);
-    autograd_cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks",
-                                                    c10::DispatchKey::AutogradCPU, __FILE__, __LINE__);
-    autograd_cpu->impl("dense", TORCH_FN(dense_autograd));
-    autograd_cpu->impl("matmul", TORCH_FN((matmul_autograd<false, Tensor>)));
-    autograd_cpu->impl("matmul_row_sum", TORCH_FN((matmul_autograd<true, std::tuple<Tensor, Tensor>>)));
-  } else if (!serve) {
+  if (!serve) {
     autograd_cpu.reset();
     cpu.reset();
+    return;
   }
+  if (cpu) {
+    return;
+  }
+  cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks", c10::DispatchKey::CPU, __FILE__,
+                                         __LINE__);
+  cpu->impl("relu", relu_cpu);
+  cpu->impl("relu_", relu__cpu);
+  cpu->impl("relu_backward", relu_backward_cpu);
+  cpu->impl("dense", dense_cpu);
+  cpu->impl("matmul", matmul_cpu);
+  cpu->impl("matmul_row_sum", matmul_row_sum_cpu);
+  autograd_cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks", c10::DispatchKey::AutogradCPU,
+                                                  __FILE__, __LINE__);
+  autograd_cpu->impl("relu", TORCH_FN(relu_autograd));
+  autograd_cpu->impl("relu_", TORCH_FN(relu__autograd));
+  autograd_cpu->impl("relu_backward", TORCH_FN(relu_backward_autograd));
+  autograd_cpu->impl("dense", TORCH_FN(dense_autograd));
+  autograd_cpu->impl("matmul", TORCH_FN((matmul_autograd<false, Tensor>)));
+  autograd_cpu->impl("matmul_row_sum", TORCH_FN((matmul_autograd<true, std::tuple<Tensor, Tensor>>)));
 }
 
 // Softmax cross-entropy of rows x (R, C) against class indices y, the common
@@ -1118,7 +1106,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_node_type<MatmulRowSumBackward>(m, matmul_row_sum_backward_type, "MatmulRowSumBackward");
   register_node_type<CrossEntropyBackward>(m, cross_entropy_backward_type, "CrossEntropyBackward");
   register_node_type<DenseCrossEntropyBackward>(m, head_backward_type, "DenseCrossEntropyBackward");
-  m.def("register_kernels", [](bool serve) { register_relu(serve); register_dense(serve); },
+  m.def("register_kernels", &register_kernels,
         "register_kernels(serve): the CPU and AutogradCPU kernels of the ReLU and Dense ops on or off");
   // the dispatcher from the top, as torch.ops.torchblocks.relu.default(input) calls it, without its Python
   m.def("relu", [](const Tensor& input) { return relu_op().call(input); }, "relu(input): torchblocks::relu",

@@ -23,6 +23,7 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 from torchblocks import backend
+from torchblocks._ops import _eager_cpu
 from torchblocks.testing import InsideBlocksMode, around_triton_launches, tensors
 
 BATCH = 128
@@ -156,8 +157,12 @@ def count_training_step(device: str, dtype: torch.dtype = torch.float32, batch: 
     counter = _OpCounter(_storage(state["step"]) for state in optimizer.state.values())
     with count_triton_launches() as launches, counter:
         step()
-    path = "" if backend.use_triton(images) else "the reference" + (
-        ": the Dense op's C++ kernels, and the loss's Python Functions, which a counting mode takes instead of "
-        "its compiled entry" if images.is_cpu else "")
+    if backend.use_triton(images):
+        path = ""
+    elif images.is_cpu and _eager_cpu.serving(images):
+        path = ("the reference: the Dense op's C++ kernels, and the loss's Python Functions, which a counting mode "
+                "takes instead of its compiled entry")
+    else:
+        path = "the reference's Python Functions" + (" (the compiled eager CPU path off)" if images.is_cpu else "")
     return StepCounts(launches[0], sum(counter.ops.values()), counter.allocations, counter.host_uploads,
                       dict(sorted(counter.ops.items())), path)
