@@ -2,7 +2,8 @@
 implementation, against its native twin in the same run.
 
 Rows: a transform (eager, torch.jit.trace replayed on new inputs,
-torch.compile, torch.export, compiled autograd, the torch.func transforms,
+torch.compile, torch.export, compiled autograd (over a forward run inside it,
+and over one run before it), the torch.func transforms,
 jacobian(vectorize=True), functional_call, checkpointing, saved-tensor hooks,
 anomaly mode, no_grad, inference_mode, forward-mode AD, hooks on grad_fn).
 Columns: a block call (relu, in-place relu, dense, dense + relu, softmax
@@ -179,6 +180,18 @@ def compiled_autograd(fn, block):
     return (output.detach(), *(inputs[i].grad for i in block.grads))
 
 
+def compiled_autograd_after_forward(fn, block):
+    """The forward in plain eager mode, its backward captured by compiled
+    autograd: the captured graph holds whatever nodes the forward attached."""
+    from torch._dynamo import compiled_autograd as captured
+
+    inputs = _leaves(block)
+    output = fn(*inputs)
+    with captured._enable(torch.compile(backend="eager")):
+        (output * _cotangent(output)).sum().backward()
+    return (output.detach(), *(inputs[i].grad for i in block.grads))
+
+
 def _batch(block):
     """Three entries of ``block``'s inputs stacked along the batched dims."""
     entries = [block.inputs(seed) for seed in range(3)]
@@ -330,6 +343,7 @@ TRANSFORMS = [  # (transform, whether the compiled path must decline under it, u
     pytest.param(compile_fullgraph, True, id="compile"),
     pytest.param(export, True, id="export"),
     pytest.param(compiled_autograd, True, id="compiled_autograd"),
+    pytest.param(compiled_autograd_after_forward, False, id="compiled_autograd-after-forward"),
     pytest.param(vmap, True, id="vmap"),
     pytest.param(func_grad, True, id="func.grad"),
     pytest.param(jacrev, True, id="jacrev"),
@@ -372,6 +386,12 @@ def test_contract(transform, declines, block, path):
     name, taken = path
     native, native_error = _outcome(transform, block.native, block)
     ours, our_error = _outcome(transform, block.ours, block)
+    if transform is compiled_autograd_after_forward and name == "compiled" and block.compiled_takes \
+            and not block.one_op:
+        # the open part of issue 35: the losses' C++ nodes, attached outside their ops, lack compiled_args
+        assert native_error is None and isinstance(our_error, NotImplementedError), (native_error, our_error)
+        assert "compiled_args not implemented" in str(our_error)
+        return
     if native_error is not None:
         assert our_error is not None and isinstance(our_error, type(native_error)), (
             f"native raised {native_error!r}; ours gave {our_error!r}")
