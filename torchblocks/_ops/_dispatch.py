@@ -152,21 +152,26 @@ def redispatch_below_autograd(op, keys, *args):
         return op.redispatch(keys & torch._C._after_autograd_keyset, *args)
 
 
-def register_autograd(name: str, function: type) -> None:
-    """``function`` (a ``Function`` taking the op's arguments) as the Python
-    ``Autograd`` kernel of the out-of-place op ``torchblocks::<name>``: what
-    records a call where no compiled kernel of the op does.
+def register_autograd(name: str, function: type, *constants) -> None:
+    """``function`` (a ``Function`` taking the op's arguments, then
+    ``constants``) as the Python ``Autograd`` kernel of the op
+    ``torchblocks::<name>``: what records a call where no compiled kernel of
+    the op does. An op that returns nothing (in place) returns nothing here too.
 
     Example::
 
         >>> register_autograd("matmul", MatmulFunction)
+        >>> register_autograd("relu_", ReLUFunction, True)  # ReLUFunction.apply(input, inplace=True)
     """
     op = getattr(torch.ops.torchblocks, name).default
+    returns_nothing = not op._schema.returns
 
     def kernel(keys, *args):
         if recording(*(arg for arg in args if isinstance(arg, torch.Tensor))):
-            return apply_in_dispatcher(function, *args)
-        return redispatch_below_autograd(op, keys, *args)
+            output = apply_in_dispatcher(function, *args, *constants)
+        else:
+            output = redispatch_below_autograd(op, keys, *args)
+        return None if returns_nothing else output
 
     LIBRARY.impl(name, kernel, "Autograd", with_keyset=True)
 

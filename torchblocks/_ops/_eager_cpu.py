@@ -151,9 +151,10 @@ _serving = False  # whether the module's kernels are registered on the ReLU and 
 def serving(*tensors: Optional[torch.Tensor]):
     """The compiled module when its kernels serve the ops of an eager call on
     ``tensors`` (plain tensors, the first on the CPU; None stands for an
-    absent bias; the reference backend, the module on), else None. Its CPU and AutogradCPU kernels are registered on the ops here
-    (a first call builds or loads the module), and removed when the backend
-    or ``set_enabled`` turns them off: the ops then run their Python kernels
+    absent bias; the reference backend, the module on), else None. Its CPU
+    and AutogradCPU kernels are registered on the ops here (a first call
+    builds or loads the module), and removed when the backend or
+    ``set_enabled`` turns them off: the ops then run their Python kernels
     (Triton under ``set_backend("triton")``). Tracing, dispatch modes,
     torch.func, compiled autograd and the profiler need no exception: they
     see the op, whose kernels these are. Not for a compiling trace, which

@@ -118,22 +118,16 @@ using UnaryOp = Tensor(const Tensor&);
 using InPlaceOp = void(const Tensor&);
 using BinaryOp = Tensor(const Tensor&, const Tensor&);
 
-// The op's handle, found once: the schema is defined in Python before this module loads.
+// An op's handle, found on first use (each accessor keeps it in a static):
+// the schema is defined in Python before this module loads.
 template <typename Signature>
-const c10::TypedOperatorHandle<Signature>& find_op(const char* name) {
-  return *new c10::TypedOperatorHandle<Signature>(
-      c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>());
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
-const c10::TypedOperatorHandle<UnaryOp>& relu_op() {
-  static const auto& handle = find_op<UnaryOp>("torchblocks::relu");
-  return handle;
-}
-const c10::TypedOperatorHandle<InPlaceOp>& relu__op() {
-  static const auto& handle = find_op<InPlaceOp>("torchblocks::relu_");
-  return handle;
-}
-const c10::TypedOperatorHandle<BinaryOp>& relu_backward_op() {
-  static const auto& handle = find_op<BinaryOp>("torchblocks::relu_backward");
+const auto& relu_op() { static const auto handle = find_op<UnaryOp>("torchblocks::relu"); return handle; }
+const auto& relu__op() { static const auto handle = find_op<InPlaceOp>("torchblocks::relu_"); return handle; }
+const auto& relu_backward_op() {
+  static const auto handle = find_op<BinaryOp>("torchblocks::relu_backward");
   return handle;
 }
 
@@ -189,11 +183,12 @@ c10::IValue optional_arg(const Tensor& tensor) { return tensor.defined() ? c10::
 Tensor tensor_arg(const c10::IValue& arg) { return arg.isNone() ? Tensor() : arg.toTensor(); }
 at::TypePtr optional_tensor_type() { return at::OptionalType::create(at::TensorType::get()); }
 
+// The backward of the ReLU ops' nodes: relu_backward(grad, y).
+variable_list relu_mask(const Tensor& grad, const Tensor& output) {
+  return {grad.defined() ? relu_backward_op().call(grad, output) : Tensor()};
+}
 variable_list relu_mask_functional(const variable_list& grads, const torch::autograd::ivalue_list& args) {
-  if (!grads[0].defined()) {
-    return {Tensor()};
-  }
-  return {relu_backward_op().call(grads[0], args[0].toTensor())};
+  return relu_mask(grads[0], args[0].toTensor());
 }
 
 Binding relu_mask_binding{"TorchblocksReLUMask", relu_mask_functional, {at::TensorType::get()}};
@@ -206,10 +201,7 @@ struct ReLUMaskNode : Node {
 
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!grad[0].defined()) {
-      return {Tensor()};
-    }
-    return {relu_backward_op().call(grad[0], kOfBackward ? output_.unpack() : output_.unpack(self_pointer(this)))};
+    return relu_mask(grad[0], kOfBackward ? output_.unpack() : output_.unpack(self_pointer(this)));
   }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -324,16 +316,10 @@ Tensor relu_backward_autograd(c10::DispatchKeySet keys, const Tensor& grad_outpu
 using DenseOp = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, bool);
 using PairOp = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&);
 
-const c10::TypedOperatorHandle<DenseOp>& dense_op() {
-  static const auto& handle = find_op<DenseOp>("torchblocks::dense");
-  return handle;
-}
-const c10::TypedOperatorHandle<BinaryOp>& matmul_op() {
-  static const auto& handle = find_op<BinaryOp>("torchblocks::matmul");
-  return handle;
-}
-const c10::TypedOperatorHandle<PairOp>& matmul_row_sum_op() {
-  static const auto& handle = find_op<PairOp>("torchblocks::matmul_row_sum");
+const auto& dense_op() { static const auto handle = find_op<DenseOp>("torchblocks::dense"); return handle; }
+const auto& matmul_op() { static const auto handle = find_op<BinaryOp>("torchblocks::matmul"); return handle; }
+const auto& matmul_row_sum_op() {
+  static const auto handle = find_op<PairOp>("torchblocks::matmul_row_sum");
   return handle;
 }
 
@@ -370,7 +356,7 @@ variable_list dense_grads(const Tensor& grad_output, const Tensor& input, const 
   return grads;
 }
 
-// dA, dB of matmul (``row_sum``: of matmul_row_sum, whose dr adds along A's rows) from dC (and dr).
+// dA, dB of matmul from dC, and of matmul_row_sum from dC and dr (added along A's rows; undefined for matmul).
 variable_list matmul_grads(const Tensor& grad_c, const Tensor& grad_row_sum, const Tensor& a, const Tensor& b,
                            std::array<bool, 2> needs) {
   variable_list grads(2);
@@ -401,11 +387,8 @@ variable_list matmul_functional(const variable_list& grads, const torch::autogra
 Binding dense_binding{"TorchblocksDense", dense_functional,
                       {optional_tensor_type(), optional_tensor_type(), optional_tensor_type(), at::BoolType::get(),
                        at::BoolType::get(), at::BoolType::get(), at::BoolType::get()}};
-Binding matmul_binding{"TorchblocksMatmul", matmul_functional,
+Binding matmul_binding{"TorchblocksMatmul", matmul_functional,  // both matmul nodes: dr is absent or not
                        {optional_tensor_type(), optional_tensor_type(), at::BoolType::get(), at::BoolType::get()}};
-Binding matmul_row_sum_binding{"TorchblocksMatmulRowSum", matmul_functional,
-                               {optional_tensor_type(), optional_tensor_type(), at::BoolType::get(),
-                                at::BoolType::get()}};
 
 struct DenseBackward : Node {
   SavedVariable input_, weight_, output_;  // each only where a gradient needs it
@@ -413,8 +396,9 @@ struct DenseBackward : Node {
 
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    return dense_grads(grad[0], input_.unpack(), weight_.unpack(), relu_ ? output_.unpack(self_pointer(this)) : Tensor(),
-                       relu_, {should_compute_output(0), should_compute_output(1), should_compute_output(2)});
+    const Tensor output = relu_ ? output_.unpack(self_pointer(this)) : Tensor();
+    return dense_grads(grad[0], input_.unpack(), weight_.unpack(), output, relu_,
+                       {should_compute_output(0), should_compute_output(1), should_compute_output(2)});
   }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -428,6 +412,9 @@ struct DenseBackward : Node {
     args.collect(weight_, /*is_output=*/false);
     args.collect(output_, /*is_output=*/true);
     args.collect(relu_);
+    for (size_t edge = 0; edge < 3; ++edge) {  // the functional's arguments: part of what the graph is
+      args.collect(should_compute_output(edge));
+    }
   }
   variable_list apply_with_saved(const variable_list& grad,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
@@ -461,10 +448,12 @@ struct MatmulNode : Node {
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
     args.collect(a_, /*is_output=*/false);
     args.collect(b_, /*is_output=*/false);
+    args.collect(should_compute_output(0));
+    args.collect(should_compute_output(1));
   }
   variable_list apply_with_saved(const variable_list& grad,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
-    return call_bound(*this, kRowSum ? matmul_row_sum_binding : matmul_binding, {&a_, &b_}, grad, saved, [&] {
+    return call_bound(*this, matmul_binding, {&a_, &b_}, grad, saved, [&] {
       return torch::autograd::ivalue_list{optional_arg(a_.unpack()), optional_arg(b_.unpack()),
                                           c10::IValue(should_compute_output(0)),
                                           c10::IValue(should_compute_output(1))};

@@ -16,8 +16,7 @@ of the same ops at their CPU and AutogradCPU keys while it serves, and
 
 import torch
 
-from torchblocks._ops._dispatch import (LIBRARY, Function, apply_in_dispatcher, call, define, forward_ad_open,
-                                       kernels, pick, recording, redispatch_below_autograd, register_autograd)
+from torchblocks._ops._dispatch import LIBRARY, Function, call, define, forward_ad_open, kernels, pick, register_autograd
 from torchblocks._ops._vmap import batch_first
 
 
@@ -147,22 +146,6 @@ class ReLUBackwardFunction(Function):
         return ReLUBackwardFunction.apply(*batched), 0
 
 
-# The ops' autograd where the compiled module does not serve (another device,
-# the Triton backend, no compiler): the Functions above, as the Autograd
-# kernels of the same ops, so that a call through torch.ops records too.
-def _relu_autograd(keys, input):
-    if recording(input):
-        return apply_in_dispatcher(ReLUFunction, input, False)
-    return redispatch_below_autograd(torch.ops.torchblocks.relu.default, keys, input)
-
-
-def _relu__autograd(keys, input):
-    if recording(input):
-        apply_in_dispatcher(ReLUFunction, input, True)
-    else:
-        redispatch_below_autograd(torch.ops.torchblocks.relu_.default, keys, input)
-
-
 def _relu__version_bump(keys, input):
     """relu_'s one version bump, as torch's generated ADInplaceOrView kernels
     bump (for a custom op that key falls through: no_grad and inference mode
@@ -191,7 +174,11 @@ def _relu_backward_vmap(info, in_dims, grad_output, output):
 torch.library.register_vmap("torchblocks::relu", _relu_vmap, lib=LIBRARY)
 torch.library.register_vmap("torchblocks::relu_", _relu__vmap, lib=LIBRARY)
 torch.library.register_vmap("torchblocks::relu_backward", _relu_backward_vmap, lib=LIBRARY)
-LIBRARY.impl("relu", _relu_autograd, "Autograd", with_keyset=True)
-LIBRARY.impl("relu_", _relu__autograd, "Autograd", with_keyset=True)
+
+# The ops' autograd where the compiled module does not serve (another device,
+# the Triton backend, no compiler): the Functions above, so that a call through
+# torch.ops records too.
+register_autograd("relu", ReLUFunction, False)
+register_autograd("relu_", ReLUFunction, True)
 register_autograd("relu_backward", ReLUBackwardFunction)
 LIBRARY.impl("relu_", _relu__version_bump, "ADInplaceOrView", with_keyset=True)
