@@ -10,13 +10,16 @@ from typing import Optional
 import torch
 
 from torchblocks._ops import _eager_cpu
-from torchblocks._ops._dispatch import forward_ad_open, without_jvp
-from torchblocks._ops.cross_entropy import CrossEntropyFunction, ProbabilityCrossEntropyFunction, reduce_rows
+from torchblocks._ops._dispatch import forward_ad_open, saved_tensors_hooked, without_jvp
+from torchblocks._ops.cross_entropy import (
+    CrossEntropyFunction, ProbabilityCrossEntropyFunction, reduce_rows, reduced_loss,
+)
 from torchblocks._ops.dense import DenseFunction
 from torchblocks._ops.dense_cross_entropy import DenseCrossEntropyFunction, default_chunk_rows
 from torchblocks._ops.relu import ReLUFunction, relu_in_place
 from torchblocks._validate import (
     IGNORE_INDEX,
+    REDUCTIONS,
     autocast_like_native,
     autocast_to_float32,
     check_loss_options,
@@ -38,13 +41,6 @@ _DenseTraced, _ReLUTraced, _CrossEntropyTraced, _ProbabilityCrossEntropyTraced, 
     without_jvp(function) for function in (DenseFunction, ReLUFunction, CrossEntropyFunction,
                                            ProbabilityCrossEntropyFunction, DenseCrossEntropyFunction))
 
-
-def saved_tensors_hooked() -> bool:
-    """Whether a ``saved_tensors_hooks`` context (``save_on_cpu``, non-reentrant
-    checkpointing) packs what is saved now. Then the losses compute no gradient
-    in the forward to hold beside their saved tensors, where the hooks could
-    not offload or free it: the backward computes it from the saved inputs."""
-    return not torch.compiler.is_compiling() and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 INDEX_DTYPES = (torch.int64, torch.uint8)
 
@@ -210,10 +206,11 @@ def softmax_cross_entropy(
     fn = "softmax_cross_entropy"
     require_tensor(fn, "input", input)
     require_tensor(fn, "target", target)
-    if weight is None and inplace_backward is False and type(ignore_index) is int and -2**63 <= ignore_index < 2**63 \
-            and type(reduction) is str and type(label_smoothing) in (int, float) and not label_smoothing:
-        compiled = _eager_cpu.runs(input, target)
-        loss = compiled.cross_entropy(input, target, ignore_index, reduction) if compiled else None  # None unless plain
+    compiled = None if torch.compiler.is_compiling() else _eager_cpu.serving(input, target)
+    if compiled and weight is None and inplace_backward is False and type(ignore_index) is int \
+            and -2**63 <= ignore_index < 2**63 and type(reduction) is str and type(label_smoothing) in (int, float) \
+            and not label_smoothing:
+        loss = compiled.cross_entropy(input, target, ignore_index, reduction)  # the op; None unless the common case
         if loss is not None:
             return loss
     if weight is not None:
@@ -263,12 +260,14 @@ def softmax_cross_entropy(
             f"{fn}: inplace_backward=True overwrites input with its gradient, so input must be computed by "
             "another op; got a leaf tensor that requires grad"
         )
-    needs_grad = input.requires_grad and torch.is_grad_enabled()
-    in_place = inplace_backward and needs_grad
-    loss, row_weight, *_ = (_CrossEntropyTraced if torch.compiler.is_compiling() else CrossEntropyFunction).apply(
-        _rows(input), target.reshape(-1), weight, ignore_index, label_smoothing, in_place,
-        needs_grad and not in_place and input.device.type == "cpu" and not saved_tensors_hooked())
-    loss = reduce_rows(loss, row_weight.sum(), reduction, input.dtype)
+    rows, code = (_rows(input), target.reshape(-1), weight), REDUCTIONS.index(reduction)
+    if compiled and not inplace_backward and not torch._C._are_functorch_transforms_active() \
+            and -2**63 <= ignore_index < 2**63:
+        loss = torch.ops.torchblocks.cross_entropy.default(*rows, code, ignore_index, label_smoothing)
+    else:  # the Functions: the in-place variant, a compiling trace, torch.func, another device or backend, an
+        # ignore_index that no int64 (the op's int) holds
+        function = _CrossEntropyTraced if torch.compiler.is_compiling() else CrossEntropyFunction
+        loss = reduced_loss(function.apply, *rows, code, ignore_index, label_smoothing, inplace_backward)
     return loss.reshape(target.shape) if reduction == "none" and target.dim() != 1 else loss
 
 

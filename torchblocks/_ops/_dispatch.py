@@ -152,11 +152,18 @@ def redispatch_below_autograd(op, keys, *args):
         return op.redispatch(keys & torch._C._after_autograd_keyset, *args)
 
 
-def register_autograd(name: str, function: type, *constants) -> None:
-    """``function`` (a ``Function`` taking the op's arguments, then
-    ``constants``) as the Python ``Autograd`` kernel of the op
+# The op's Python callable that records a call with autograd, by name: the
+# Autograd kernel's, which the compiled module's kernels hand the calls they leave.
+_RECORDERS: Dict[str, Callable] = {}
+
+
+def register_autograd(name: str, function, *constants) -> None:
+    """``function`` as the Python ``Autograd`` kernel of the op
     ``torchblocks::<name>``: what records a call where no compiled kernel of
-    the op does. An op that returns nothing (in place) returns nothing here too.
+    the op does. ``function`` is a ``Function`` taking the op's arguments,
+    then ``constants``, or a plain callable of the op's arguments that records
+    its call itself (Functions and differentiable ops). An op that returns
+    nothing (in place) returns nothing here too.
 
     Example::
 
@@ -165,15 +172,26 @@ def register_autograd(name: str, function: type, *constants) -> None:
     """
     op = getattr(torch.ops.torchblocks, name).default
     returns_nothing = not op._schema.returns
+    if isinstance(function, type):
+        record = functools.partial(apply_in_dispatcher, function)
+    else:
+        record = function
+    _RECORDERS[f"torchblocks::{name}"] = record
 
     def kernel(keys, *args):
         if recording(*(arg for arg in args if isinstance(arg, torch.Tensor))):
-            output = apply_in_dispatcher(function, *args, *constants)
+            output = record(*args, *constants)
         else:
             output = redispatch_below_autograd(op, keys, *args)
         return None if returns_nothing else output
 
     LIBRARY.impl(name, kernel, "Autograd", with_keyset=True)
+
+
+def python_kernels(name: str) -> tuple:
+    """(body, recorder) of the op ``torchblocks::<name>``: its kernel and its
+    recording autograd in Python, for the calls a compiled kernel leaves."""
+    return _BODIES[f"torchblocks::{name}"], _RECORDERS[f"torchblocks::{name}"]
 
 
 # Tensors whose ops dispatch as a plain tensor's (a Parameter is one).
@@ -188,6 +206,14 @@ def nothing_watching() -> bool:
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._autograd._profiler_enabled()
             and not torch._C._are_functorch_transforms_active())
+
+
+def saved_tensors_hooked() -> bool:
+    """Whether a ``saved_tensors_hooks`` context (``save_on_cpu``, non-reentrant
+    checkpointing) packs what is saved now. Then the losses compute no gradient
+    in the forward to hold beside their saved tensors, where the hooks could
+    not offload or free it: the backward computes it from the saved inputs."""
+    return not torch.compiler.is_compiling() and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 def forward_ad_open() -> bool:

@@ -8,12 +8,13 @@ cases of softmax cross-entropy and of the fused head in C++ with autograd
 nodes of the same arithmetic, so that a plain eager call costs about what a
 native one does. optim_cpu.cpp holds the optimizers' steps, each in one pass
 over memory where the reference makes one per op.
-ReLU's and Dense's C++ is kernels of their dispatcher ops (``serving``
-registers them), so every mode and transform sees the one op. The losses still choose
-per call (``runs``): everything but a plain call (a compiling or exporting
-trace, torch.jit.trace, compiled autograd, torch.func, dual tensors, tensor
-subclasses, dispatch modes, the profiler, the Triton backend, CUDA tensors)
-takes the Python Functions and custom ops.
+ReLU's, Dense's and cross-entropy's C++ is kernels of their dispatcher ops
+(``serving`` registers them), so every mode and transform sees the one op;
+cross-entropy's hand the calls outside its common case to the op's Python
+kernels. The fused head still chooses per call (``runs``): everything but a
+plain call (a compiling or exporting trace, torch.jit.trace, compiled
+autograd, torch.func, dual tensors, tensor subclasses, dispatch modes, the
+profiler, the Triton backend, CUDA tensors) takes the Python Function.
 
 The first call that could use it compiles it with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 20 s on two
@@ -36,7 +37,7 @@ import torch
 
 from torchblocks import backend
 from torchblocks._ops._build import binary_key, configured_root, fallback_root, load_or_build
-from torchblocks._ops._dispatch import PLAIN_TYPES
+from torchblocks._ops._dispatch import PLAIN_TYPES, python_kernels
 
 SOURCES = [Path(__file__).with_name("eager_cpu.cpp"), Path(__file__).with_name("optim_cpu.cpp")]
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # what the sources include, hashed with them
@@ -145,7 +146,7 @@ def runs(*tensors: Optional[torch.Tensor]):
     return None
 
 
-_serving = False  # whether the module's kernels are registered on the ReLU and Dense ops
+_serving = False  # whether the module's kernels are registered on the ReLU, Dense and cross-entropy ops
 
 
 def serving(*tensors: Optional[torch.Tensor]):
@@ -181,7 +182,7 @@ def _register(serve: bool) -> None:
     global _serving
     compiled = _module or (module() if serve else None)
     if compiled is not None and serve != _serving:
-        compiled.register_kernels(serve)
+        compiled.register_kernels(serve, python_kernels)
         _serving = serve
 
 

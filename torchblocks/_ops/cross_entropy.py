@@ -18,6 +18,13 @@ Forward mode (jvp), the same gradients against the tangents dx, dt, dw:
 
 Reductions: "none" keeps loss_i; "sum" adds them; "mean" divides the sum by
 sum_i w_y over rows not ignored (index targets) or by R (probability targets).
+
+Index targets are one dispatcher op, ``torchblocks::cross_entropy`` (rows,
+weights, reduction: aten::cross_entropy_loss's arguments), defined at the end
+of this file with its fake, a vmap rule, its kernel for every device and its
+autograd (CrossEntropyFunction over the rows, then the reduction). The
+compiled eager CPU path (eager_cpu.cpp) registers C++ kernels of the same op
+while it serves, which take the common case and hand the rest to these.
 """
 
 from typing import Optional
@@ -25,9 +32,12 @@ from typing import Optional
 import torch
 
 from torchblocks import backend
-from torchblocks._ops._dispatch import Function, call, custom_op, forward_ad_open, kernels, pick, plain_eager
+from torchblocks._ops._dispatch import (
+    LIBRARY, Function, apply_in_dispatcher, call, custom_op, define, forward_ad_open, kernels, pick, plain_eager,
+    register_autograd, saved_tensors_hooked,
+)
 from torchblocks._ops._vmap import batched, by_loop, fold_rows
-from torchblocks._validate import require_class_indices
+from torchblocks._validate import REDUCTIONS, require_class_indices
 from torchblocks.kernels._common import accumulation_dtype
 
 LOG2E = 1.4426950408889634
@@ -454,3 +464,42 @@ def _smoothed(target, label_smoothing):
 def _weighted(smoothed, weight):
     """w_c * t'_c."""
     return smoothed * weight.to(smoothed.dtype) if weight is not None else smoothed
+
+
+def reduced_loss(apply, logits, target, weight, reduction, ignore_index, label_smoothing, inplace_backward=False):
+    """The loss of rows ``logits`` (R, C) against class indices ``target``
+    (R,), recorded by autograd: ``apply`` (CrossEntropyFunction's, or a twin's)
+    over the rows, then ``reduction`` (an index of REDUCTIONS) in
+    differentiable ops, in the logits' dtype."""
+    needs_grad = logits.requires_grad and torch.is_grad_enabled()
+    in_place = inplace_backward and needs_grad
+    grads_now = needs_grad and not in_place and logits.device.type == "cpu" and not saved_tensors_hooked()
+    loss, row_weight, *_ = apply(logits, target, weight, ignore_index, label_smoothing, in_place, grads_now)
+    return reduce_rows(loss, row_weight.sum(), REDUCTIONS[reduction], logits.dtype)
+
+
+def _cross_entropy(logits, target, weight, reduction: int, ignore_index: int, label_smoothing: float):
+    loss, _, row_weight = _checked_forward_rows(logits, target, weight, ignore_index, label_smoothing, write_grad=False)
+    return reduce_rows(loss, row_weight.sum(), REDUCTIONS[reduction], logits.dtype)
+
+
+def _cross_entropy_fake(logits, target, weight, reduction, ignore_index, label_smoothing):
+    return logits.new_empty((logits.shape[0],) if REDUCTIONS[reduction] == "none" else ())
+
+
+def _cross_entropy_recorded(logits, target, weight, reduction, ignore_index, label_smoothing):
+    """The op's autograd where no compiled kernel records it."""
+    return reduced_loss(lambda *args: apply_in_dispatcher(CrossEntropyFunction, *args),
+                        logits, target, weight, reduction, ignore_index, label_smoothing)
+
+
+def _cross_entropy_vmap(info, in_dims, *args):
+    return by_loop(torch.ops.torchblocks.cross_entropy.default, info, in_dims, *args)
+
+
+# One op, whatever runs it: the loss of rows against class indices, with
+# aten::cross_entropy_loss's arguments (reduction 0 none, 1 mean, 2 sum).
+define("cross_entropy(Tensor input, Tensor target, Tensor? weight, int reduction, int ignore_index, "
+       "float label_smoothing) -> Tensor", _cross_entropy, _cross_entropy_fake)
+torch.library.register_vmap("torchblocks::cross_entropy", _cross_entropy_vmap, lib=LIBRARY)
+register_autograd("cross_entropy", _cross_entropy_recorded)

@@ -6,9 +6,9 @@
 // block's arithmetic, and a C++ custom Function still 4-6 us more than a
 // native op; a node attached as torch's generated code attaches its own
 // costs what a native op does.
-// ReLU's and Dense's are kernels of their dispatcher ops (registered by
-// register_kernels); the losses' are entry points that return
-// None for a call they leave to the Python Functions.
+// ReLU's, Dense's and cross-entropy's are kernels of their dispatcher ops
+// (registered by register_kernels); the fused head's is an entry point that
+// returns None for a call it leaves to the Python Function.
 // torchblocks/_ops/_eager_cpu.py builds this file once per environment and
 // decides when it runs.
 
@@ -103,6 +103,19 @@ constexpr double kLog2E = 1.4426950408889634;
 
 at::ScalarType accumulation_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+bool floating(const Tensor& tensor) {
+  const auto dtype = tensor.scalar_type();
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+// Whether a loop may read ``tensor`` through its pointer: a CPU tensor with
+// storage of its own, not a functorch wrapper or batch, a subclass, or a lazy
+// negation or conjugation.
+bool readable(const Tensor& tensor) {
+  return tensor.is_cpu() && !tensor.is_neg() && !tensor.is_conj() &&
+         !tensor.key_set().has_any(c10::functorch_transforms_ks) && !tensor.key_set().has(c10::DispatchKey::Python);
 }
 
 // ReLU, as the kernels of the ops torchblocks::relu, relu_ and relu_backward
@@ -564,37 +577,6 @@ Result matmul_autograd(c10::DispatchKeySet keys, const Tensor& a, const Tensor& 
   return result;
 }
 
-// The CPU and AutogradCPU kernels of the ReLU and Dense ops, registered while
-// ``serve`` holds (the reference backend's CPU calls) and removed otherwise,
-// when the Python kernels registered for every device (relu.py, dense.py) serve again.
-void register_kernels(bool serve) {
-  static std::unique_ptr<torch::Library> cpu, autograd_cpu;
-  if (!serve) {
-    autograd_cpu.reset();
-    cpu.reset();
-    return;
-  }
-  if (cpu) {
-    return;
-  }
-  cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks", c10::DispatchKey::CPU, __FILE__,
-                                         __LINE__);
-  cpu->impl("relu", relu_cpu);
-  cpu->impl("relu_", relu__cpu);
-  cpu->impl("relu_backward", relu_backward_cpu);
-  cpu->impl("dense", dense_cpu);
-  cpu->impl("matmul", matmul_cpu);
-  cpu->impl("matmul_row_sum", matmul_row_sum_cpu);
-  autograd_cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks", c10::DispatchKey::AutogradCPU,
-                                                  __FILE__, __LINE__);
-  autograd_cpu->impl("relu", TORCH_FN(relu_autograd));
-  autograd_cpu->impl("relu_", TORCH_FN(relu__autograd));
-  autograd_cpu->impl("relu_backward", TORCH_FN(relu_backward_autograd));
-  autograd_cpu->impl("dense", TORCH_FN(dense_autograd));
-  autograd_cpu->impl("matmul", TORCH_FN((matmul_autograd<false, Tensor>)));
-  autograd_cpu->impl("matmul_row_sum", TORCH_FN((matmul_autograd<true, std::tuple<Tensor, Tensor>>)));
-}
-
 // Softmax cross-entropy of rows x (R, C) against class indices y, the common
 // case only: no class weights, no smoothing, no row ignored.
 //   lse_i = m_i + log sum_c exp(x_ic - m_i),    loss_i = lse_i - x_iy
@@ -694,12 +676,12 @@ void small_rows(const Tensor& logits, const Tensor& target, Tensor& loss, Tensor
   }
 }
 
-// Up to kSmallLogits, small_rows; above, or ``in_place`` (the gradient written
+// Up to kSmallLogits, small_rows (on logits it can read); above, or ``in_place`` (the gradient written
 // over float32 or float64 logits), the ops of cross_entropy.py's
 // _plain_forward_and_gradient, one for one: its numbers to the bit.
 RowStats forward_rows(const Tensor& logits, const Tensor& target, bool with_gradient, bool in_place = false) {
   const auto acc = accumulation_dtype(logits.scalar_type());
-  if (logits.numel() <= kSmallLogits && !in_place) {
+  if (logits.numel() <= kSmallLogits && !in_place && readable(logits)) {
     const Tensor rows_contiguous = logits.stride(1) == 1 ? logits : logits.contiguous();
     Tensor exp_shifted = at::empty(logits.sizes(), logits.options().dtype(acc));
     RowStats rows{at::empty({logits.size(0)}, logits.options().dtype(acc)), Tensor()};
@@ -739,10 +721,28 @@ Tensor differentiable_gradient(const Tensor& logits, const Tensor& target) {
   return exp_shifted / exp_shifted.sum({1}, true) - onehot;
 }
 
+// dL/dx of the common case from dL/dloss (() or (R,)) in differentiable ops,
+// p - onehot(y) recomputed: for a backward that is itself differentiated,
+// batched, or captured by compiled autograd.
+Tensor cross_entropy_grad(const Tensor& grad_loss, const Tensor& logits, const Tensor& target, int64_t reduction) {
+  const Tensor row_scale = grad_loss.to(accumulation_dtype(logits.scalar_type()));
+  const Tensor factor = reduction == kMean ? row_scale / logits.sym_size(0)
+                        : reduction == kNone ? row_scale.unsqueeze(1) : row_scale;
+  return (differentiable_gradient(logits, target) * factor).to(logits.scalar_type());
+}
+
+variable_list cross_entropy_functional(const variable_list& grads, const torch::autograd::ivalue_list& args) {
+  return {grads[0].defined() ? cross_entropy_grad(grads[0], args[0].toTensor(), args[1].toTensor(), args[2].toInt())
+                             : Tensor()};
+}
+
+Binding cross_entropy_binding{"TorchblocksCrossEntropy", cross_entropy_functional,
+                              {at::TensorType::get(), at::TensorType::get(), at::IntType::get()}};
+
 struct CrossEntropyBackward : Node {
   SavedVariable logits_, target_;
   int64_t reduction_ = kMean;
-  Tensor gradient_;  // p - onehot(y) from the forward, held (none under saved_tensors_hooks): scaled in place
+  Tensor gradient_;  // p - onehot(y) from the forward, where it was computed then: scaled in place, let go
 
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -750,28 +750,23 @@ struct CrossEntropyBackward : Node {
       return {Tensor()};
     }
     const Tensor logits = logits_.unpack(), target = target_.unpack();
-    const at::ScalarType acc = accumulation_dtype(logits.scalar_type());
-    const Tensor row_scale = grad[0].to(acc);  // (R,) for "none", else ()
-    Tensor grad_logits;
     if (at::GradMode::is_enabled() || batched_or_watched(grad[0])) {
-      // create_graph, or a vmap over the gradients: p - onehot(y) again, in differentiable ops
       gradient_ = Tensor();
-      const Tensor factor = reduction_ == kMean ? row_scale / logits.size(0)
-                            : reduction_ == kNone ? row_scale.unsqueeze(1) : row_scale;
-      grad_logits = differentiable_gradient(logits, target) * factor;
-    } else {
-      // The forward's buffer, let go after its first use; a retained graph's
-      // next backward recomputes it with the same code, so to the same bits.
-      Tensor gradient = gradient_.defined() ? std::exchange(gradient_, Tensor())
-                                            : forward_rows(logits, target, true).gradient;
-      if (reduction_ == kNone) {
-        grad_logits = gradient.mul_(row_scale.unsqueeze(1));
-      } else {  // one factor for every row, read on the host: dL/dloss (/ R for the mean)
-        grad_logits = AT_DISPATCH_FLOATING_TYPES(acc, "cross_entropy_scale", [&] {
-          const scalar_t scale = row_scale.item<scalar_t>();
-          return gradient.mul_(reduction_ == kMean ? scale / static_cast<scalar_t>(logits.size(0)) : scale);
-        });
-      }
+      return {cross_entropy_grad(grad[0], logits, target, reduction_)};
+    }
+    // The forward's buffer, let go after its first use; a retained graph's
+    // next backward recomputes it with the same code, so to the same bits.
+    Tensor gradient = gradient_.defined() ? std::exchange(gradient_, Tensor())
+                                          : forward_rows(logits, target, true).gradient;
+    const Tensor row_scale = grad[0].to(gradient.scalar_type());  // (R,) for "none", else ()
+    Tensor grad_logits;
+    if (reduction_ == kNone) {
+      grad_logits = gradient.mul_(row_scale.unsqueeze(1));
+    } else {  // one factor for every row, read on the host: dL/dloss (/ R for the mean)
+      grad_logits = AT_DISPATCH_FLOATING_TYPES(gradient.scalar_type(), "cross_entropy_scale", [&] {
+        const scalar_t scale = row_scale.item<scalar_t>();
+        return gradient.mul_(reduction_ == kMean ? scale / static_cast<scalar_t>(logits.size(0)) : scale);
+      });
     }
     return {grad_logits.to(logits.scalar_type())};
   }
@@ -782,23 +777,143 @@ struct CrossEntropyBackward : Node {
     gradient_ = Tensor();
   }
   std::string name() const override { return "torchblocks::CrossEntropyBackward"; }
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(logits_, /*is_output=*/false);
+    args.collect(target_, /*is_output=*/false);
+    args.collect(reduction_);
+  }
+  variable_list apply_with_saved(const variable_list& grad,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    return call_bound(*this, cross_entropy_binding, {&logits_, &target_}, grad, saved, [&] {
+      return torch::autograd::ivalue_list{c10::IValue(logits_.unpack()), c10::IValue(target_.unpack()),
+                                          c10::IValue(reduction_)};
+    });
+  }
 };
 
-Tensor cross_entropy_rows(const Tensor& logits, const Tensor& target, int64_t reduction) {
+// loss_i (R,) reduced as ``reduction`` asks ("mean": over the R rows), in ``dtype``.
+Tensor reduce_rows(Tensor loss, int64_t reduction, at::ScalarType dtype) {
+  if (reduction != kNone) {
+    const int64_t rows = loss.size(0);
+    loss = loss.sum();
+    if (reduction == kMean) {
+      loss.div_(rows);
+    }
+  }
+  return loss.to(dtype);
+}
+
+// The op torchblocks::cross_entropy (its schema, fake, vmap rule and other
+// kernels: cross_entropy.py), as logits (R, C) against class indices (R,)
+// with class weights, a reduction (kNone, kMean, kSum: aten's), an ignored
+// index and label smoothing. Its C++ kernels take the common case above and
+// hand every other call to the op's Python kernels (cross_entropy.py's body
+// and recording autograd), set by register_kernels.
+using CrossEntropyOp = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t, int64_t, double);
+
+const auto& cross_entropy_op() {
+  static const auto handle = find_op<CrossEntropyOp>("torchblocks::cross_entropy");
+  return handle;
+}
+
+struct PythonKernels {
+  pybind11::object body, recorded;
+};
+
+PythonKernels& cross_entropy_python() {
+  static auto* kernels = new PythonKernels();  // never destroyed: there is no interpreter to release them at exit
+  return *kernels;
+}
+
+template <typename... Args>
+Tensor call_python(const pybind11::object& kernel, const Args&... args) {
+  pybind11::gil_scoped_acquire gil;
+  return kernel(args...).template cast<Tensor>();
+}
+
+template <typename index_t>
+bool indices_plain(const Tensor& target, int64_t classes, int64_t ignore_index) {
+  const index_t* y = target.const_data_ptr<index_t>();
+  for (int64_t i = 0, stride = target.stride(0); i < target.size(0); ++i) {
+    const int64_t label = static_cast<int64_t>(y[i * stride]);
+    if (label < 0 || label >= classes || label == ignore_index) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Whether every class index of ``target`` (R,) is a class and none is
+// ignore_index: read through its pointer where it can be, else (wrapped by
+// torch.func's gradient transforms, which wrap every argument of a call,
+// the class indices too) in ops; false for a batch or a subclass, whose
+// values are not one row's.
+bool targets_plain(const Tensor& target, int64_t classes, int64_t ignore_index) {
+  if (readable(target)) {
+    return target.scalar_type() == at::kLong ? indices_plain<int64_t>(target, classes, ignore_index)
+                                             : indices_plain<uint8_t>(target, classes, ignore_index);
+  }
+  const c10::DispatchKeySet keys = target.key_set();
+  if (!target.is_cpu() || keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::FuncTorchBatched) ||
+      keys.has(c10::DispatchKey::Batched)) {
+    return false;
+  }
+  return target.ge(0).logical_and_(target.lt(classes)).logical_and_(target.ne(ignore_index)).all().item<bool>();
+}
+
+// The common case: rows (R, C), R and C > 0, of a floating dtype on the CPU
+// against class indices (R,), every one a class and none ignored; no class
+// weights, no smoothing.
+bool plain_rows(const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight, int64_t ignore_index,
+                double label_smoothing) {
+  const bool indices = target.scalar_type() == at::kLong || target.scalar_type() == at::kByte;
+  return !weight.has_value() && label_smoothing == 0 && floating(logits) && indices && logits.dim() == 2 &&
+         target.dim() == 1 && target.size(0) == logits.size(0) && logits.numel() > 0 && logits.is_cpu() &&
+         targets_plain(target, logits.size(1), ignore_index);
+}
+
+Tensor cross_entropy_cpu(const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
+                         int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  if (!plain_rows(logits, target, weight, ignore_index, label_smoothing)) {
+    return call_python(cross_entropy_python().body, logits, target, weight, reduction, ignore_index, label_smoothing);
+  }
+  return reduce_rows(forward_rows(logits, target, false).loss, reduction, logits.scalar_type());
+}
+
+// The common case with its node; with a tangent (forward mode),
+//   loss_t = reduction of sum_c (p_c - 1[c = y]) * x_t,c
+// from p recomputed in differentiable ops, so that the tangent can be differentiated in turn.
+Tensor cross_entropy_autograd(c10::DispatchKeySet keys, const Tensor& logits, const Tensor& target,
+                              const std::optional<Tensor>& weight, int64_t reduction, int64_t ignore_index,
+                              double label_smoothing) {
+  if (!plain_rows(logits, target, weight, ignore_index, label_smoothing)) {
+    const Tensor weight_or_none = weight ? *weight : Tensor();
+    if (torch::autograd::compute_requires_grad(logits, weight_or_none) ||
+        forward_grad_defined(logits, weight_or_none)) {
+      return call_python(cross_entropy_python().recorded, logits, target, weight, reduction, ignore_index,
+                         label_smoothing);
+    }
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return cross_entropy_op().redispatch(keys & c10::after_autograd_keyset, logits, target, weight, reduction,
+                                         ignore_index, label_smoothing);
+  }
   const bool with_gradient = torch::autograd::compute_requires_grad(logits);
-  Tensor loss;
-  RowStats rows;
+  // The gradient is computed with the loss and held, unless what is saved is
+  // packed by hooks that must see what the backward reads, or a dispatch
+  // mode or the profiler must see the op run below autograd.
+  const bool held = with_gradient && !saved_tensors_hooked() &&
+                    c10::impl::TorchDispatchModeTLS::stack_len() == 0 && !torch::profiler::impl::profilerEnabled();
+  Tensor loss, gradient;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    rows = forward_rows(logits, target, with_gradient && !saved_tensors_hooked());
-    loss = rows.loss;
-    if (reduction != kNone) {
-      loss = loss.sum();
-      if (reduction == kMean) {
-        loss.div_(logits.size(0));
-      }
+    if (held) {
+      RowStats rows = forward_rows(logits, target, true);
+      loss = reduce_rows(rows.loss, reduction, logits.scalar_type());
+      gradient = std::move(rows.gradient);
+    } else {
+      loss = cross_entropy_op().redispatch(keys & c10::after_autograd_keyset, logits, target, weight, reduction,
+                                           ignore_index, label_smoothing);
     }
-    loss = loss.to(logits.scalar_type());
   }
   if (with_gradient) {
     auto node = make_node<CrossEntropyBackward>();
@@ -806,9 +921,54 @@ Tensor cross_entropy_rows(const Tensor& logits, const Tensor& target, int64_t re
     node->logits_ = SavedVariable(logits, /*is_output=*/false);
     node->target_ = SavedVariable(target, /*is_output=*/false);
     node->reduction_ = reduction;
-    node->gradient_ = std::move(rows.gradient);
+    node->gradient_ = std::move(gradient);
+  }
+  if (const Tensor tangent = tangent_of(logits); tangent.defined()) {
+    const Tensor primal = primal_of(logits);
+    const Tensor grad_rows = differentiable_gradient(primal, target);
+    const Tensor tangent_rows = (grad_rows * tangent.to(grad_rows.scalar_type())).sum({1});
+    loss._set_fw_grad(reduce_rows(tangent_rows, reduction, logits.scalar_type()), /*level=*/0,
+                      /*is_inplace_op=*/false);
   }
   return loss;
+}
+
+// The CPU and AutogradCPU kernels of the ReLU, Dense and cross-entropy ops,
+// registered while ``serve`` holds (the reference backend's CPU calls) and
+// removed otherwise, when the Python kernels registered for every device
+// (relu.py, dense.py, cross_entropy.py) serve again.
+void register_kernels(bool serve, const pybind11::function& python_kernels) {
+  static std::unique_ptr<torch::Library> cpu, autograd_cpu;
+  if (!cross_entropy_python().body) {
+    std::tie(cross_entropy_python().body, cross_entropy_python().recorded) =
+        python_kernels("cross_entropy").cast<std::tuple<pybind11::object, pybind11::object>>();
+  }
+  if (!serve) {
+    autograd_cpu.reset();
+    cpu.reset();
+    return;
+  }
+  if (cpu) {
+    return;
+  }
+  cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks", c10::DispatchKey::CPU, __FILE__,
+                                         __LINE__);
+  cpu->impl("relu", relu_cpu);
+  cpu->impl("relu_", relu__cpu);
+  cpu->impl("relu_backward", relu_backward_cpu);
+  cpu->impl("dense", dense_cpu);
+  cpu->impl("matmul", matmul_cpu);
+  cpu->impl("matmul_row_sum", matmul_row_sum_cpu);
+  cpu->impl("cross_entropy", cross_entropy_cpu);
+  autograd_cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks", c10::DispatchKey::AutogradCPU,
+                                                  __FILE__, __LINE__);
+  autograd_cpu->impl("relu", TORCH_FN(relu_autograd));
+  autograd_cpu->impl("relu_", TORCH_FN(relu__autograd));
+  autograd_cpu->impl("relu_backward", TORCH_FN(relu_backward_autograd));
+  autograd_cpu->impl("dense", TORCH_FN(dense_autograd));
+  autograd_cpu->impl("matmul", TORCH_FN((matmul_autograd<false, Tensor>)));
+  autograd_cpu->impl("matmul_row_sum", TORCH_FN((matmul_autograd<true, std::tuple<Tensor, Tensor>>)));
+  autograd_cpu->impl("cross_entropy", TORCH_FN(cross_entropy_autograd));
 }
 
 // Dense + softmax cross-entropy head (dense_cross_entropy.py), its common
@@ -961,11 +1121,6 @@ Tensor dense_cross_entropy_rows(const Tensor& input, const Tensor& weight, const
   return loss;
 }
 
-bool floating(const Tensor& tensor) {
-  const auto dtype = tensor.scalar_type();
-  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
-}
-
 // functional.dense's call of the op torchblocks::dense for the arguments it
 // takes as they are: input (*, K) and weight (N, K), bias (N,) or none, of one
 // floating dtype on the CPU; activation none or "relu"; autocast off. (*)
@@ -993,46 +1148,27 @@ std::optional<Tensor> dense(const Tensor& input, const Tensor& weight, const std
   return dense_op().call(input.reshape({rows, weight.size(1)}), weight, bias, relu).reshape(output_shape);
 }
 
-// Each entry point below takes a call only where its block computes it and
-// nothing watches (watched.h), and returns nullopt for any other: the Python
-// path then checks that call and computes it or raises, with its messages.
-// The checks here are what makes a call plain, not a second copy of the
-// argument checks.
-
-template <typename index_t>
-bool targets_plain(const Tensor& target, int64_t classes, int64_t ignore_index) {
-  const index_t* y = target.const_data_ptr<index_t>();
-  for (int64_t i = 0, stride = target.stride(0); i < target.size(0); ++i) {
-    const int64_t label = static_cast<int64_t>(y[i * stride]);
-    if (label < 0 || label >= classes || label == ignore_index) {
-      return false;
-    }
-  }
-  return true;
-}
-
-// Logits (R, C) and class indices (R,) on the CPU, R and C > 0, every target
-// a class and none ignored, autocast off, no dual tensor.
+// functional.softmax_cross_entropy's call of the op torchblocks::cross_entropy
+// for the common case (plain_rows, autocast off), and nullopt for any other,
+// which Python checks before it calls the op: the checks of a plain call cost
+// nanoseconds here.
 std::optional<Tensor> cross_entropy(const Tensor& logits, const Tensor& target, int64_t ignore_index,
                                     const std::string& reduction_name) {
   const int64_t reduction = reduction_name == "mean" ? kMean
                             : reduction_name == "sum" ? kSum
                             : reduction_name == "none" ? kNone : -1;
-  const bool indices = target.scalar_type() == at::kLong || target.scalar_type() == at::kByte;
-  // logits and target are read through their pointers: a lazy negation (torch._neg_view) takes the Python path
-  if (reduction < 0 || !floating(logits) || !indices || logits.dim() != 2 || target.dim() != 1 || !logits.is_cpu() ||
-      !target.is_cpu() || target.size(0) != logits.size(0) || logits.numel() == 0 || logits.is_neg() ||
-      target.is_neg() || at::autocast::is_autocast_enabled(at::kCPU) || forward_grad_defined(logits) || watched()) {
+  if (reduction < 0 || at::autocast::is_autocast_enabled(at::kCPU) ||
+      !plain_rows(logits, target, std::nullopt, ignore_index, 0.0)) {
     return std::nullopt;
   }
-  const bool plain = target.scalar_type() == at::kLong ? targets_plain<int64_t>(target, logits.size(1), ignore_index)
-                                                       : targets_plain<uint8_t>(target, logits.size(1), ignore_index);
-  if (!plain) {
-    return std::nullopt;
-  }
-  return cross_entropy_rows(logits, target, reduction);
+  return cross_entropy_op().call(logits, target, std::nullopt, reduction, ignore_index, 0.0);
 }
 
+// The fused head's entry point, not yet a kernel of an op: it takes a call
+// only where it computes it and nothing watches (watched.h), and returns
+// nullopt for any other, which the Python path then checks and computes or
+// raises, with its messages. The checks here are what makes a call plain,
+// not a second copy of the argument checks.
 // input (R, K), weight (C, K) and bias (C,) or none, all float32 or all float64
 // on the CPU, R and C > 0; class indices (R,), every one a class and none
 // ignored; "mean" or "sum"; autocast off; no dual tensor.
@@ -1053,9 +1189,7 @@ std::optional<Tensor> dense_cross_entropy(const Tensor& input, const Tensor& wei
                bias->size(0) != weight.size(0) || forward_grad_defined(*bias))) {
     return std::nullopt;
   }
-  const bool plain = target.scalar_type() == at::kLong ? targets_plain<int64_t>(target, weight.size(0), ignore_index)
-                                                       : targets_plain<uint8_t>(target, weight.size(0), ignore_index);
-  if (!plain) {
+  if (!targets_plain(target, weight.size(0), ignore_index)) {
     return std::nullopt;
   }
   return dense_cross_entropy_rows(input, weight, bias ? *bias : Tensor(), target, reduction, chunk_rows);
@@ -1096,7 +1230,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_node_type<CrossEntropyBackward>(m, cross_entropy_backward_type, "CrossEntropyBackward");
   register_node_type<DenseCrossEntropyBackward>(m, head_backward_type, "DenseCrossEntropyBackward");
   m.def("register_kernels", &register_kernels,
-        "register_kernels(serve): the CPU and AutogradCPU kernels of the ReLU and Dense ops on or off");
+        "register_kernels(serve, python_kernels): the CPU and AutogradCPU kernels of the ReLU, Dense and "
+        "cross-entropy ops on or off; python_kernels(name) gives an op's (body, recorder) for the calls they leave");
   // the dispatcher from the top, as torch.ops.torchblocks.relu.default(input) calls it, without its Python
   m.def("relu", [](const Tensor& input) { return relu_op().call(input); }, "relu(input): torchblocks::relu",
         without_gil);
@@ -1106,8 +1241,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dense(input (*, K), weight (N, K), bias (N,) or None, activation None or 'relu'): torchblocks::dense "
         "for arguments it takes as they are, else None", without_gil);
   m.def("cross_entropy", &cross_entropy,
-        "cross_entropy(logits (R, C), target (R,), ignore_index, reduction): the loss of a plain call, else None",
-        without_gil);
+        "cross_entropy(logits (R, C), target (R,), ignore_index, reduction): torchblocks::cross_entropy for the "
+        "common case, else None", without_gil);
   m.def("dense_cross_entropy", &dense_cross_entropy,
         "dense_cross_entropy(input (R, K), weight (C, K), bias (C,) or None, target (R,), ignore_index, reduction, "
         "chunk_rows): the loss of a plain call, else None", without_gil);
