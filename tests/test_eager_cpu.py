@@ -120,15 +120,16 @@ def test_relu_is_one_op_whose_kernels_modes_and_transforms_see(op_names):
 
 @pytest.mark.skipif(OFF, reason="TORCHBLOCKS_EAGER_CPU=0 turns the compiled path off")
 def test_cross_entropy_is_one_op_whose_kernels_modes_and_transforms_see(op_names):
-    """Cross-entropy's C++ kernels are those of the op torchblocks::cross_entropy:
-    a dispatch mode sees the op, in the common case with the C++ node and
-    otherwise (class weights, an ignored row) with the Python recording the
-    kernels hand it; torch.func.grad runs through the C++ node. Each result
-    against native's."""
+    """Cross-entropy's C++ kernels are those of the op torchblocks::cross_entropy.
+    In the common case a dispatch mode sees the op, run below its C++ node;
+    otherwise (class weights, an ignored row) the kernels hand the call to the
+    op's Python autograd, whose Function runs the rows' op
+    torchblocks::cross_entropy_forward. The profiler sees every call of the
+    op. torch.func.grad runs through the C++ node. Each result against native's."""
     logits, labels = randn(9, 5, dtype=torch.float64).requires_grad_(), indices(9, 5)
     ignored = labels.clone()
     ignored[::4] = 1
-    calls = {  # what: (ours, native, whether the C++ node records it)
+    calls = {  # what: (ours, native, whether the C++ node records it: else the Python Function does)
         "common": (lambda x: TF.softmax_cross_entropy(x, labels), lambda x: F.cross_entropy(x, labels), True),
         "weights": (lambda x: TF.softmax_cross_entropy(x, labels, weight=torch.rand(5, dtype=torch.float64,
                                                                                    generator=torch.Generator()
@@ -142,8 +143,11 @@ def test_cross_entropy_is_one_op_whose_kernels_modes_and_transforms_see(op_names
     for what, (ours, native, in_cpp) in calls.items():
         with op_names() as mode:
             output = ours(logits)
-        assert "torchblocks::cross_entropy" in mode.names, what
+        assert ("torchblocks::cross_entropy" if in_cpp else "torchblocks::cross_entropy_forward") in mode.names, what
         assert from_eager_cpu(output.grad_fn) == in_cpp, what
+        with torch.profiler.profile() as profiler:
+            ours(logits)
+        assert "torchblocks::cross_entropy" in {event.name for event in profiler.events()}, what
         assert_close(output, native(logits), what=what)
         assert_close(torch.autograd.grad(output, logits)[0], torch.autograd.grad(native(logits), logits)[0], what=what)
     assert from_eager_cpu(torch.ops.torchblocks.cross_entropy(logits, labels, None, 1, -100, 0.0).grad_fn)
