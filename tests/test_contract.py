@@ -111,7 +111,7 @@ BLOCKS = [
           lambda x, w, t, b: F.cross_entropy(F.linear(x, w, b), t),
           lambda seed: [_randn(6, 4, seed=seed), _randn(5, 4, seed=seed + 1), _labels(6, 5, seed + 2),
                         _randn(5, seed=seed + 3)], grads=(0, 1, 3), compiled_takes=True,
-          vmap_dims=(0, None, 0, None)),
+          vmap_dims=(0, None, 0, None), one_op=True, op_declines=("vmap",)),  # as cross-entropy's, for its labels
     Block("dense_cross_entropy-none-smoothing",
           lambda x, w, t, b: TF.dense_cross_entropy(x, w, t, b, reduction="none", label_smoothing=0.1),
           lambda x, w, t, b: F.cross_entropy(F.linear(x, w, b), t, reduction="none", label_smoothing=0.1),
@@ -394,12 +394,6 @@ def test_contract(transform, declines, block, path):
     name, taken = path
     native, native_error = _outcome(transform, block.native, block)
     ours, our_error = _outcome(transform, block.ours, block)
-    if transform is compiled_autograd_after_forward and name == "compiled" and block.compiled_takes \
-            and not block.one_op:
-        # the open part of issue 35: the losses' C++ nodes, attached outside their ops, lack compiled_args
-        assert native_error is None and isinstance(our_error, NotImplementedError), (native_error, our_error)
-        assert "compiled_args not implemented" in str(our_error)
-        return
     if native_error is not None:
         assert our_error is not None and isinstance(our_error, type(native_error)), (
             f"native raised {native_error!r}; ours gave {our_error!r}")

@@ -10,12 +10,12 @@ from typing import Optional
 import torch
 
 from torchblocks._ops import _eager_cpu
-from torchblocks._ops._dispatch import forward_ad_open, saved_tensors_hooked, without_jvp
+from torchblocks._ops._dispatch import forward_ad_open, without_jvp
 from torchblocks._ops.cross_entropy import (
     CrossEntropyFunction, ProbabilityCrossEntropyFunction, reduce_rows, reduced_loss,
 )
 from torchblocks._ops.dense import DenseFunction
-from torchblocks._ops.dense_cross_entropy import DenseCrossEntropyFunction, default_chunk_rows
+from torchblocks._ops.dense_cross_entropy import DenseCrossEntropyFunction, default_chunk_rows, reduced_head_loss
 from torchblocks._ops.relu import ReLUFunction, relu_in_place
 from torchblocks._validate import (
     IGNORE_INDEX,
@@ -323,18 +323,20 @@ def dense_cross_entropy(
     rows = math.prod(input.shape[:-1])
     input_rows, target_rows = input.reshape(rows, in_features), target.reshape(rows)
     chunk_rows = chunk_rows or default_chunk_rows(rows, in_features, classes)
-    if reduction != "none" and not label_smoothing and -2**63 <= ignore_index < 2**63:
-        compiled = _eager_cpu.runs(input, weight, bias, target)
+    in_int64 = -2**63 <= ignore_index < 2**63  # what the op's int holds
+    compiled = None if torch.compiler.is_compiling() else _eager_cpu.serving(input, weight, bias, target)
+    if compiled and reduction != "none" and not label_smoothing and in_int64:
         loss = compiled.dense_cross_entropy(input_rows, weight, bias, target_rows, ignore_index, reduction,
-                                            chunk_rows) if compiled else None  # None unless plain
+                                            chunk_rows)  # the op; None unless the common case
         if loss is not None:
             return loss
-    # the gradients are computed in the forward pass when they will be needed
-    grads_now = reduction != "none" and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias)) and not saved_tensors_hooked()
-    loss = (_DenseCrossEntropyTraced if torch.compiler.is_compiling() else DenseCrossEntropyFunction).apply(
-        input_rows, weight, bias, target_rows, ignore_index, reduction, label_smoothing, chunk_rows, grads_now,
-    )[0]
+    arguments = (input_rows, weight, bias, target_rows, REDUCTIONS.index(reduction), ignore_index, label_smoothing,
+                 chunk_rows)
+    if compiled and in_int64 and not torch._C._are_functorch_transforms_active():
+        loss = torch.ops.torchblocks.dense_cross_entropy.default(*arguments)
+    else:  # the Function: a compiling trace, torch.func, another device or backend, an ignore_index beyond int64
+        function = _DenseCrossEntropyTraced if torch.compiler.is_compiling() else DenseCrossEntropyFunction
+        loss = reduced_head_loss(function.apply, *arguments)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     return loss.float() if autocast else loss  # native computes the loss in float32 under autocast

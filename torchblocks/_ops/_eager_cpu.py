@@ -8,13 +8,11 @@ cases of softmax cross-entropy and of the fused head in C++ with autograd
 nodes of the same arithmetic, so that a plain eager call costs about what a
 native one does. optim_cpu.cpp holds the optimizers' steps, each in one pass
 over memory where the reference makes one per op.
-ReLU's, Dense's and cross-entropy's C++ is kernels of their dispatcher ops
-(``serving`` registers them), so every mode and transform sees the one op;
-cross-entropy's hand the calls outside its common case to the op's Python
-kernels. The fused head still chooses per call (``runs``): everything but a
-plain call (a compiling or exporting trace, torch.jit.trace, compiled
-autograd, torch.func, dual tensors, tensor subclasses, dispatch modes, the
-profiler, the Triton backend, CUDA tensors) takes the Python Function.
+Each block's C++ is kernels of its dispatcher ops (``serving`` registers
+them), so every mode and transform sees the one op; the losses' hand the
+calls outside their common case to the op's Python kernels. The optimizers'
+steps choose per call (``runs``): a watched step (a compiling trace, compiled
+autograd, a dispatch mode, the profiler, torch.func) takes the reference.
 
 The first call that could use it compiles it with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja; about 20 s on two
@@ -120,21 +118,19 @@ def build_error() -> Optional[str]:
 
 
 def runs(*tensors: Optional[torch.Tensor]):
-    """The compiled module when a call with ``tensors`` (the first one decides
-    the device and backend; None stands for an absent bias) may go to it, else
-    None: plain CPU tensors, the reference backend for them, no compiling
-    trace; a first argument that is no tensor goes to the Python path, whose
-    checks say what was expected (nothing is built for it). The rest of
-    ``nothing_watching()`` (a dispatch mode, the profiler, a torch.func
-    transform) the module's entry points ask themselves (watched.h) and
-    decline a watched call: nanoseconds in C++, where the Python calls cost
-    0.35 us on a small tensor and about 2 us after a 1 MiB one has pushed
-    the interpreter out of the cache.
+    """The compiled module when an optimizer step on ``tensors`` (the first
+    one decides the device and backend) may go to it, else None: plain CPU
+    tensors, the reference backend for them, no compiling trace, no compiled
+    autograd. The rest of ``nothing_watching()`` (a dispatch mode, the
+    profiler, a torch.func transform) the module's steps ask themselves
+    (watched.h) and leave a watched step to the reference: nanoseconds in
+    C++, where the Python calls cost 0.35 us on a small tensor and about 2 us
+    after a 1 MiB one has pushed the interpreter out of the cache.
 
     Example::
 
-        >>> compiled = runs(input)
-        >>> output = compiled.dense(input, weight, bias, None) if compiled else None  # None: the Python path
+        >>> compiled = runs(*params, *grads)
+        >>> left = compiled.sgd_step(params, grads, ...) if compiled else None  # None: the reference steps
     """
     for tensor in tensors:
         if tensor is not None and type(tensor) not in PLAIN_TYPES:
@@ -146,7 +142,7 @@ def runs(*tensors: Optional[torch.Tensor]):
     return None
 
 
-_serving = False  # whether the module's kernels are registered on the ReLU, Dense and cross-entropy ops
+_serving = False  # whether the module's kernels are registered on the blocks' ops
 
 
 def serving(*tensors: Optional[torch.Tensor]):

@@ -22,6 +22,13 @@ differentiable blocks instead.
 Forward mode (jvp), chunk by chunk as the forward, with the tangent of the
 logits dz = dx @ W^T + x @ dW^T + db and g at s_i = 1:
     dloss_i = sum_c g_ic * dz_ic,    reduced as the loss
+
+The head is one dispatcher op, ``torchblocks::dense_cross_entropy`` (its
+reduction as aten's int), defined at the end of this file with its fake, a
+vmap rule, its kernel for every device and DenseCrossEntropyFunction as its
+autograd; the compiled eager CPU path (eager_cpu.cpp) registers C++ kernels
+of the same op while it serves, which take the common case and hand the rest
+to these.
 """
 
 from typing import List, Optional
@@ -29,7 +36,10 @@ from typing import List, Optional
 import torch
 
 from torchblocks.kernels._common import accumulation_dtype
-from torchblocks._ops._dispatch import Function, call, custom_op, forward_ad_open
+from torchblocks._ops._dispatch import (
+    LIBRARY, Function, apply_in_dispatcher, call, custom_op, define, forward_ad_open, register_autograd,
+    saved_tensors_hooked,
+)
 from torchblocks._ops._vmap import batched, by_loop
 from torchblocks._ops.cross_entropy import (
     CrossEntropyBackwardFunction,
@@ -40,7 +50,7 @@ from torchblocks._ops.cross_entropy import (
     reduce_rows,
 )
 from torchblocks._ops.dense import DenseFunction, MatmulFunction, dense_tangent, matmul_into
-from torchblocks._validate import require_class_indices
+from torchblocks._validate import REDUCTIONS, require_class_indices
 
 
 # Fewer rows per chunk make the GEMMs skinny and re-accumulate dW once per
@@ -104,8 +114,7 @@ def _fake_gradients(input, weight, bias, sums_dtype=None) -> List[torch.Tensor]:
         [weight.new_empty(weight.shape[0], dtype=sums_dtype)] if bias is not None else [])
 
 
-@custom_op("torchblocks::dense_cross_entropy_forward", mutates_args=())
-def dense_cross_entropy_forward(
+def _forward(
     input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
     ignore_index: int, label_smoothing: float, chunk_rows: int,
 ) -> RowStats:
@@ -120,6 +129,9 @@ def dense_cross_entropy_forward(
             logits, target[chunk], None, ignore_index, label_smoothing, write_grad=False)
         del logits  # before the next chunk's are allocated: one chunk alive at a time
     return loss, lse, row_weight
+
+
+dense_cross_entropy_forward = custom_op("torchblocks::dense_cross_entropy_forward")(_forward)
 
 
 @dense_cross_entropy_forward.register_fake
@@ -297,3 +309,42 @@ def differentiable_gradients(input, weight, bias, target, row_scale, ignore_inde
             grad_bias = grad_bias + grad_logits.sum(dim=0)
     grad_input = torch.cat(grad_inputs) if grad_inputs else torch.zeros_like(input)
     return [grad_input, grad_weight] + ([grad_bias] if bias is not None else [])
+
+
+def reduced_head_loss(apply, input, weight, bias, target, reduction, ignore_index, label_smoothing, chunk_rows):
+    """The fused head's loss, recorded by autograd: ``apply``
+    (DenseCrossEntropyFunction's, or a twin's) with ``reduction`` an index of
+    REDUCTIONS; the gradients are computed in the forward pass when they will
+    be needed (not under saved-tensor hooks, which must see what the backward reads)."""
+    name = REDUCTIONS[reduction]
+    grads_now = name != "none" and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias)) and not saved_tensors_hooked()
+    return apply(input, weight, bias, target, ignore_index, name, label_smoothing, chunk_rows, grads_now)[0]
+
+
+def _dense_cross_entropy(input, weight, bias, target, reduction: int, ignore_index: int, label_smoothing: float,
+                         chunk_rows: int):
+    loss, _, row_weight = _forward(input, weight, bias, target, ignore_index, label_smoothing, chunk_rows)
+    return reduce_rows(loss, row_weight.sum(), REDUCTIONS[reduction], input.dtype)
+
+
+def _dense_cross_entropy_fake(input, weight, bias, target, reduction, ignore_index, label_smoothing, chunk_rows):
+    return input.new_empty((input.shape[0],) if REDUCTIONS[reduction] == "none" else ())
+
+
+def _dense_cross_entropy_recorded(*args):
+    """The op's autograd where no compiled kernel records it."""
+    return reduced_head_loss(lambda *inputs: apply_in_dispatcher(DenseCrossEntropyFunction, *inputs), *args)
+
+
+def _dense_cross_entropy_vmap(info, in_dims, *args):
+    return by_loop(torch.ops.torchblocks.dense_cross_entropy.default, info, in_dims, *args)
+
+
+# One op, whatever runs it: input (R, K) through weight (C, K) and bias (C,)
+# into the loss against class indices (R,); reduction 0 none, 1 mean, 2 sum.
+define("dense_cross_entropy(Tensor input, Tensor weight, Tensor? bias, Tensor target, int reduction, "
+       "int ignore_index, float label_smoothing, int chunk_rows) -> Tensor",
+       _dense_cross_entropy, _dense_cross_entropy_fake)
+torch.library.register_vmap("torchblocks::dense_cross_entropy", _dense_cross_entropy_vmap, lib=LIBRARY)
+register_autograd("dense_cross_entropy", _dense_cross_entropy_recorded)

@@ -6,9 +6,9 @@
 // block's arithmetic, and a C++ custom Function still 4-6 us more than a
 // native op; a node attached as torch's generated code attaches its own
 // costs what a native op does.
-// ReLU's, Dense's and cross-entropy's are kernels of their dispatcher ops
-// (registered by register_kernels); the fused head's is an entry point that
-// returns None for a call it leaves to the Python Function.
+// Each block's are kernels of its dispatcher ops (registered by
+// register_kernels), which take the common case and hand the rest to the
+// ops' Python kernels.
 // torchblocks/_ops/_eager_cpu.py builds this file once per environment and
 // decides when it runs.
 
@@ -92,7 +92,7 @@ bool batched_or_watched(const Tensor& grad) {
   return grad.key_set().has(c10::DispatchKey::Batched) || watched();
 }
 
-// A call that autograd must see in forward mode (a dual tensor) goes to the Python path.
+// Whether an input carries a tangent (forward mode): then the op's Python autograd records a call the C++ leaves.
 template <typename... Inputs>
 bool forward_grad_defined(const Inputs&... inputs) {
   return (torch::autograd::isFwGradDefined(inputs) || ...);
@@ -933,44 +933,6 @@ Tensor cross_entropy_autograd(c10::DispatchKeySet keys, const Tensor& logits, co
   return loss;
 }
 
-// The CPU and AutogradCPU kernels of the ReLU, Dense and cross-entropy ops,
-// registered while ``serve`` holds (the reference backend's CPU calls) and
-// removed otherwise, when the Python kernels registered for every device
-// (relu.py, dense.py, cross_entropy.py) serve again.
-void register_kernels(bool serve, const pybind11::function& python_kernels) {
-  static std::unique_ptr<torch::Library> cpu, autograd_cpu;
-  if (!cross_entropy_python().body) {
-    std::tie(cross_entropy_python().body, cross_entropy_python().recorded) =
-        python_kernels("cross_entropy").cast<std::tuple<pybind11::object, pybind11::object>>();
-  }
-  if (!serve) {
-    autograd_cpu.reset();
-    cpu.reset();
-    return;
-  }
-  if (cpu) {
-    return;
-  }
-  cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks", c10::DispatchKey::CPU, __FILE__,
-                                         __LINE__);
-  cpu->impl("relu", relu_cpu);
-  cpu->impl("relu_", relu__cpu);
-  cpu->impl("relu_backward", relu_backward_cpu);
-  cpu->impl("dense", dense_cpu);
-  cpu->impl("matmul", matmul_cpu);
-  cpu->impl("matmul_row_sum", matmul_row_sum_cpu);
-  cpu->impl("cross_entropy", cross_entropy_cpu);
-  autograd_cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks", c10::DispatchKey::AutogradCPU,
-                                                  __FILE__, __LINE__);
-  autograd_cpu->impl("relu", TORCH_FN(relu_autograd));
-  autograd_cpu->impl("relu_", TORCH_FN(relu__autograd));
-  autograd_cpu->impl("relu_backward", TORCH_FN(relu_backward_autograd));
-  autograd_cpu->impl("dense", TORCH_FN(dense_autograd));
-  autograd_cpu->impl("matmul", TORCH_FN((matmul_autograd<false, Tensor>)));
-  autograd_cpu->impl("matmul_row_sum", TORCH_FN((matmul_autograd<true, std::tuple<Tensor, Tensor>>)));
-  autograd_cpu->impl("cross_entropy", TORCH_FN(cross_entropy_autograd));
-}
-
 // Dense + softmax cross-entropy head (dense_cross_entropy.py), its common
 // case: class indices, none ignored, no smoothing, "mean" or "sum". Over
 // chunks of rows c, so the (R, C) logits are never all in memory at once:
@@ -1048,11 +1010,29 @@ variable_list differentiable_head_gradients(const Tensor& input, const Tensor& w
   return {at::cat(grad_input_rows), grad_weight, grad_bias};
 }
 
+// The head's gradients at s from dL/dloss in differentiable ops, unchunked
+// (the sizes may be symbolic): for compiled autograd's graph, which its
+// compiler schedules.
+variable_list head_functional(const variable_list& grads, const torch::autograd::ivalue_list& args) {
+  if (!grads[0].defined()) {
+    return variable_list(3);
+  }
+  const Tensor input = args[0].toTensor(), weight = args[1].toTensor(), bias = tensor_arg(args[2]);
+  const Tensor scale = args[4].toInt() == kMean ? grads[0] / input.sym_size(0) : grads[0];
+  const Tensor logits = affine(input, weight, bias);
+  const Tensor grad_logits = (differentiable_gradient(logits, args[3].toTensor()) * scale).to(input.scalar_type());
+  return {grad_logits.mm(weight), grad_logits.t().mm(input), bias.defined() ? grad_logits.sum(0) : Tensor()};
+}
+
+Binding head_binding{"TorchblocksDenseCrossEntropy", head_functional,
+                     {at::TensorType::get(), at::TensorType::get(), optional_tensor_type(), at::TensorType::get(),
+                      at::IntType::get()}};
+
 struct DenseCrossEntropyBackward : Node {
   SavedVariable input_, weight_, bias_, target_;
   int64_t reduction_ = kMean, chunk_rows_ = 1;
   std::array<bool, 3> wanted_{};
-  variable_list gradients_;  // from the forward (none under saved_tensors_hooks), held: the first backward scales them
+  variable_list gradients_;  // from the forward, where they were computed then: the first backward scales them
 
   variable_list apply(variable_list&& grad) override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -1086,30 +1066,114 @@ struct DenseCrossEntropyBackward : Node {
     gradients_.clear();
   }
   std::string name() const override { return "torchblocks::DenseCrossEntropyBackward"; }
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(input_, /*is_output=*/false);
+    args.collect(weight_, /*is_output=*/false);
+    args.collect(bias_, /*is_output=*/false);
+    args.collect(target_, /*is_output=*/false);
+    args.collect(reduction_);
+  }
+  variable_list apply_with_saved(const variable_list& grad,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    return call_bound(*this, head_binding, {&input_, &weight_, &bias_, &target_}, grad, saved, [&] {
+      return torch::autograd::ivalue_list{c10::IValue(input_.unpack()), c10::IValue(weight_.unpack()),
+                                          optional_arg(bias_.unpack()), c10::IValue(target_.unpack()),
+                                          c10::IValue(reduction_)};
+    });
+  }
 };
 
-Tensor dense_cross_entropy_rows(const Tensor& input, const Tensor& weight, const Tensor& bias, const Tensor& target,
-                                int64_t reduction, int64_t chunk_rows) {
-  const bool with_gradient = torch::autograd::compute_requires_grad(input, weight, bias);
+// The op torchblocks::dense_cross_entropy (its schema, fake, vmap rule and
+// other kernels: dense_cross_entropy.py), as cross_entropy's: its C++
+// kernels take the common case above and hand every other call to the op's
+// Python kernels, set by register_kernels.
+using HeadOp = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, int64_t, int64_t,
+                      double, int64_t);
+
+const auto& head_op() {
+  static const auto handle = find_op<HeadOp>("torchblocks::dense_cross_entropy");
+  return handle;
+}
+
+PythonKernels& head_python() {
+  static auto* kernels = new PythonKernels();  // never destroyed: there is no interpreter to release them at exit
+  return *kernels;
+}
+
+// The common case: input (R, K), weight (C, K) and bias (C,) or none, all
+// float32 or all float64 on the CPU, R and C > 0; class indices (R,), every
+// one a class and none ignored; "mean" or "sum"; no smoothing.
+bool plain_head(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& target,
+                int64_t reduction, int64_t ignore_index, double label_smoothing, int64_t chunk_rows) {
+  const auto dtype = input.scalar_type();
+  const bool indices = target.scalar_type() == at::kLong || target.scalar_type() == at::kByte;
+  if (reduction == kNone || label_smoothing != 0 || (dtype != at::kFloat && dtype != at::kDouble) ||
+      input.dim() != 2 || weight.dim() != 2 || weight.scalar_type() != dtype || !input.is_cpu() || !weight.is_cpu() ||
+      input.size(1) != weight.size(1) || input.size(0) == 0 || weight.size(0) == 0 || !indices ||
+      target.dim() != 1 || target.size(0) != input.size(0) || chunk_rows < 1) {
+    return false;
+  }
+  if (bias && (bias->scalar_type() != dtype || !bias->is_cpu() || bias->dim() != 1 || bias->size(0) != weight.size(0))) {
+    return false;
+  }
+  return targets_plain(target, weight.size(0), ignore_index);
+}
+
+Tensor head_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& target,
+                int64_t reduction, int64_t ignore_index, double label_smoothing, int64_t chunk_rows) {
+  if (!plain_head(input, weight, bias, target, reduction, ignore_index, label_smoothing, chunk_rows)) {
+    return call_python(head_python().body, input, weight, bias, target, reduction, ignore_index, label_smoothing,
+                       chunk_rows);
+  }
+  const Tensor bias_or_none = bias ? *bias : Tensor();
+  return reduce_rows(head_rows(input, weight, bias_or_none, target, chunk_rows, {}).loss, reduction,
+                     input.scalar_type());
+}
+
+// The common case with its node; with tangents (forward mode), chunk by chunk
+// as the forward, from the tangent of the logits dz = dx W^T + x dW^T + db and
+// g = p - onehot(y) recomputed in differentiable ops:
+//   loss_t = reduction of sum_c g_c * dz_c
+Tensor head_autograd(c10::DispatchKeySet keys, const Tensor& input, const Tensor& weight,
+                     const std::optional<Tensor>& bias, const Tensor& target, int64_t reduction, int64_t ignore_index,
+                     double label_smoothing, int64_t chunk_rows) {
+  const Tensor bias_or_none = bias ? *bias : Tensor();
+  if (!plain_head(input, weight, bias, target, reduction, ignore_index, label_smoothing, chunk_rows)) {
+    if (torch::autograd::compute_requires_grad(input, weight, bias_or_none) ||
+        forward_grad_defined(input, weight, bias_or_none)) {
+      return call_python(head_python().recorded, input, weight, bias, target, reduction, ignore_index,
+                         label_smoothing, chunk_rows);
+    }
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return head_op().redispatch(keys & c10::after_autograd_keyset, input, weight, bias, target, reduction,
+                                ignore_index, label_smoothing, chunk_rows);
+  }
+  const bool with_gradient = torch::autograd::compute_requires_grad(input, weight, bias_or_none);
   const std::array<bool, 3> wanted{with_gradient && input.requires_grad(), with_gradient && weight.requires_grad(),
-                                   with_gradient && bias.defined() && bias.requires_grad()};
-  const bool held = with_gradient && !saved_tensors_hooked();  // the gradients, computed now and held
+                                   with_gradient && bias_or_none.defined() && bias_or_none.requires_grad()};
+  // The gradients are computed with the loss and held, unless what is saved
+  // is packed by hooks that must see what the backward reads, or something
+  // watches (a dispatch mode or the profiler must see the op run below
+  // autograd; torch.func's wrappers take no out= writes).
+  const bool held = with_gradient && !saved_tensors_hooked() && !watched();
   Tensor loss;
   HeadRows head;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    head = head_rows(input, weight, bias, target, chunk_rows, held ? wanted : std::array<bool, 3>{});
-    loss = head.loss.sum();
-    if (reduction == kMean) {
-      loss.div_(input.size(0));
+    if (held) {
+      head = head_rows(input, weight, bias_or_none, target, chunk_rows, wanted);
+      loss = reduce_rows(head.loss, reduction, input.scalar_type());
+    } else {
+      loss = head_op().redispatch(keys & c10::after_autograd_keyset, input, weight, bias, target, reduction,
+                                  ignore_index, label_smoothing, chunk_rows);
     }
   }
   if (with_gradient) {
     auto node = make_node<DenseCrossEntropyBackward>();
-    attach(loss, node, input, weight, bias);
+    attach(loss, node, input, weight, bias_or_none);
     node->input_ = SavedVariable(input, /*is_output=*/false);
     node->weight_ = SavedVariable(weight, /*is_output=*/false);
-    node->bias_ = SavedVariable(bias, /*is_output=*/false);
+    node->bias_ = SavedVariable(bias_or_none, /*is_output=*/false);
     node->target_ = SavedVariable(target, /*is_output=*/false);
     node->reduction_ = reduction;
     node->chunk_rows_ = chunk_rows;
@@ -1118,7 +1182,71 @@ Tensor dense_cross_entropy_rows(const Tensor& input, const Tensor& weight, const
       node->gradients_ = std::move(head.gradients);
     }
   }
+  const Tensor tangent_input = tangent_of(input), tangent_weight = tangent_of(weight);
+  const Tensor tangent_bias = tangent_of(bias_or_none);
+  if (tangent_input.defined() || tangent_weight.defined() || tangent_bias.defined()) {
+    const Tensor x = primal_of(input), w = primal_of(weight), b = primal_of(bias_or_none);
+    std::vector<Tensor> tangent_rows;
+    for (int64_t start = 0; start < x.size(0); start += chunk_rows) {
+      const int64_t count = std::min(chunk_rows, x.size(0) - start);
+      Tensor tangent_logits = product_tangent(x.narrow(0, start, count), w.t(),
+                                              tangent_input.defined() ? tangent_input.narrow(0, start, count)
+                                                                      : Tensor(),
+                                              tangent_weight.defined() ? tangent_weight.t() : Tensor());
+      if (tangent_bias.defined()) {
+        tangent_logits = tangent_logits.defined() ? tangent_logits + tangent_bias : tangent_bias.expand({count, w.size(0)});
+      }
+      const Tensor grad_logits = differentiable_gradient(affine(x.narrow(0, start, count), w, b),
+                                                         target.narrow(0, start, count));
+      tangent_rows.push_back((grad_logits * tangent_logits.to(grad_logits.scalar_type())).sum({1}));
+    }
+    loss._set_fw_grad(reduce_rows(at::cat(tangent_rows), reduction, input.scalar_type()), /*level=*/0,
+                      /*is_inplace_op=*/false);
+  }
   return loss;
+}
+
+// The CPU and AutogradCPU kernels of the ReLU, Dense, cross-entropy and
+// fused-head ops, registered while ``serve`` holds (the reference backend's
+// CPU calls) and removed otherwise, when the Python kernels registered for
+// every device (relu.py, dense.py, cross_entropy.py, dense_cross_entropy.py)
+// serve again.
+void register_kernels(bool serve, const pybind11::function& python_kernels) {
+  static std::unique_ptr<torch::Library> cpu, autograd_cpu;
+  if (!cross_entropy_python().body) {
+    std::tie(cross_entropy_python().body, cross_entropy_python().recorded) =
+        python_kernels("cross_entropy").cast<std::tuple<pybind11::object, pybind11::object>>();
+    std::tie(head_python().body, head_python().recorded) =
+        python_kernels("dense_cross_entropy").cast<std::tuple<pybind11::object, pybind11::object>>();
+  }
+  if (!serve) {
+    autograd_cpu.reset();
+    cpu.reset();
+    return;
+  }
+  if (cpu) {
+    return;
+  }
+  cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks", c10::DispatchKey::CPU, __FILE__,
+                                         __LINE__);
+  cpu->impl("relu", relu_cpu);
+  cpu->impl("relu_", relu__cpu);
+  cpu->impl("relu_backward", relu_backward_cpu);
+  cpu->impl("dense", dense_cpu);
+  cpu->impl("matmul", matmul_cpu);
+  cpu->impl("matmul_row_sum", matmul_row_sum_cpu);
+  cpu->impl("cross_entropy", cross_entropy_cpu);
+  cpu->impl("dense_cross_entropy", head_cpu);
+  autograd_cpu = std::make_unique<torch::Library>(torch::Library::IMPL, "torchblocks", c10::DispatchKey::AutogradCPU,
+                                                  __FILE__, __LINE__);
+  autograd_cpu->impl("relu", TORCH_FN(relu_autograd));
+  autograd_cpu->impl("relu_", TORCH_FN(relu__autograd));
+  autograd_cpu->impl("relu_backward", TORCH_FN(relu_backward_autograd));
+  autograd_cpu->impl("dense", TORCH_FN(dense_autograd));
+  autograd_cpu->impl("matmul", TORCH_FN((matmul_autograd<false, Tensor>)));
+  autograd_cpu->impl("matmul_row_sum", TORCH_FN((matmul_autograd<true, std::tuple<Tensor, Tensor>>)));
+  autograd_cpu->impl("cross_entropy", TORCH_FN(cross_entropy_autograd));
+  autograd_cpu->impl("dense_cross_entropy", TORCH_FN(head_autograd));
 }
 
 // functional.dense's call of the op torchblocks::dense for the arguments it
@@ -1164,35 +1292,18 @@ std::optional<Tensor> cross_entropy(const Tensor& logits, const Tensor& target, 
   return cross_entropy_op().call(logits, target, std::nullopt, reduction, ignore_index, 0.0);
 }
 
-// The fused head's entry point, not yet a kernel of an op: it takes a call
-// only where it computes it and nothing watches (watched.h), and returns
-// nullopt for any other, which the Python path then checks and computes or
-// raises, with its messages. The checks here are what makes a call plain,
-// not a second copy of the argument checks.
-// input (R, K), weight (C, K) and bias (C,) or none, all float32 or all float64
-// on the CPU, R and C > 0; class indices (R,), every one a class and none
-// ignored; "mean" or "sum"; autocast off; no dual tensor.
+// functional.dense_cross_entropy's call of the op torchblocks::dense_cross_entropy
+// for the common case (plain_head, autocast off), and nullopt for any other,
+// which Python checks before it calls the op.
 std::optional<Tensor> dense_cross_entropy(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
                                           const Tensor& target, int64_t ignore_index,
                                           const std::string& reduction_name, int64_t chunk_rows) {
   const int64_t reduction = reduction_name == "mean" ? kMean : reduction_name == "sum" ? kSum : -1;
-  const auto dtype = input.scalar_type();
-  const bool indices = target.scalar_type() == at::kLong || target.scalar_type() == at::kByte;
-  if (reduction < 0 || (dtype != at::kFloat && dtype != at::kDouble) || input.dim() != 2 || weight.dim() != 2 ||
-      weight.scalar_type() != dtype || !input.is_cpu() || !weight.is_cpu() || input.size(1) != weight.size(1) ||
-      input.size(0) == 0 || weight.size(0) == 0 || !indices || target.dim() != 1 || !target.is_cpu() ||
-      target.size(0) != input.size(0) || chunk_rows < 1 || target.is_neg() ||  // target: read through its pointer
-      at::autocast::is_autocast_enabled(at::kCPU) || forward_grad_defined(input, weight) || watched()) {
+  if (reduction < 0 || at::autocast::is_autocast_enabled(at::kCPU) ||
+      !plain_head(input, weight, bias, target, reduction, ignore_index, 0.0, chunk_rows)) {
     return std::nullopt;
   }
-  if (bias && (bias->scalar_type() != dtype || !bias->is_cpu() || bias->dim() != 1 ||
-               bias->size(0) != weight.size(0) || forward_grad_defined(*bias))) {
-    return std::nullopt;
-  }
-  if (!targets_plain(target, weight.size(0), ignore_index)) {
-    return std::nullopt;
-  }
-  return dense_cross_entropy_rows(input, weight, bias ? *bias : Tensor(), target, reduction, chunk_rows);
+  return head_op().call(input, weight, bias, target, reduction, ignore_index, 0.0, chunk_rows);
 }
 
 // Each node's own Python type, registered as a torch.autograd.graph.Node (as
@@ -1230,8 +1341,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_node_type<CrossEntropyBackward>(m, cross_entropy_backward_type, "CrossEntropyBackward");
   register_node_type<DenseCrossEntropyBackward>(m, head_backward_type, "DenseCrossEntropyBackward");
   m.def("register_kernels", &register_kernels,
-        "register_kernels(serve, python_kernels): the CPU and AutogradCPU kernels of the ReLU, Dense and "
-        "cross-entropy ops on or off; python_kernels(name) gives an op's (body, recorder) for the calls they leave");
+        "register_kernels(serve, python_kernels): the CPU and AutogradCPU kernels of the blocks' ops on or off; python_kernels(name) gives an op's (body, recorder) for the calls they leave");
   // the dispatcher from the top, as torch.ops.torchblocks.relu.default(input) calls it, without its Python
   m.def("relu", [](const Tensor& input) { return relu_op().call(input); }, "relu(input): torchblocks::relu",
         without_gil);
@@ -1245,7 +1355,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "common case, else None", without_gil);
   m.def("dense_cross_entropy", &dense_cross_entropy,
         "dense_cross_entropy(input (R, K), weight (C, K), bias (C,) or None, target (R,), ignore_index, reduction, "
-        "chunk_rows): the loss of a plain call, else None", without_gil);
+        "chunk_rows): torchblocks::dense_cross_entropy for the common case, else None", without_gil);
   m.def("step_instruction_set", &step_instruction_set,
         "what the optimizers' steps run in: 'avx2' or 'baseline' (optim_cpu.h)");
   // the optimizers' steps take their references' argument names: the optimizers call either with keywords

@@ -1,8 +1,9 @@
 // What torchblocks/_ops/_dispatch.py's nothing_watching() asks, but in C++,
 // where it costs nanoseconds: whether something must see the ops of a call.
-// The entry points of Dense and the losses decline a watched call, which
-// then takes the Python path, where that something sees torchblocks' custom
-// ops (ReLU's kernels are its ops' own: they need not ask). A compiling trace is asked in Python before the call
+// The optimizers' steps leave a watched step to the reference, whose ops that
+// something then sees. The fused head's kernel holds no gradients computed in
+// the forward for a watched call: it runs the op below autograd, where that
+// something sees it. A compiling trace is asked in Python before the call
 // (torchblocks/_ops/_eager_cpu.py): torch.compile never runs C++ it cannot trace.
 // The nodes' backward asks it too: watched (a vmap over the gradients, as in
 // jacobian(vectorize=True)), it runs in out-of-place ATen ops only.
