@@ -160,8 +160,7 @@ def count_training_step(device: str, dtype: torch.dtype = torch.float32, batch: 
     if backend.use_triton(images):
         path = ""
     elif images.is_cpu and _eager_cpu.serving(images):
-        path = ("the reference: the Dense op's C++ kernels, and the loss's Python Functions, which a counting mode "
-                "takes instead of its compiled entry")
+        path = "the reference: the C++ kernels of the Dense and cross-entropy ops"
     else:
         path = "the reference's Python Functions" + (" (the compiled eager CPU path off)" if images.is_cpu else "")
     return StepCounts(launches[0], sum(counter.ops.values()), counter.allocations, counter.host_uploads,
