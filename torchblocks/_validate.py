@@ -156,3 +156,30 @@ def check_loss_options(fn: str, ignore_index, reduction, label_smoothing) -> flo
     require_int(fn, "ignore_index", ignore_index)
     require_choice(fn, "reduction", reduction, REDUCTIONS)
     return label_smoothing_value(fn, label_smoothing)
+
+
+def check_linear(fn, input, weight, bias, outputs_name):
+    """Checks shared by the layers that compute input @ weight^T + bias, whose
+    weight is (``outputs_name``, in_features); returns that shape. What native
+    rejects raises RuntimeError, as native's does.
+
+    Example::
+
+        >>> check_linear("dense", torch.randn(4, 3), torch.randn(5, 3), None, "out_features")
+        (5, 3)
+    """
+    require_floating(fn, "input", input)
+    require_like(fn, "weight", weight, "input", input)
+    if weight.dim() != 2:
+        raise RuntimeError(f"{fn}: weight must be 2-D ({outputs_name}, in_features), got shape {tuple(weight.shape)}")
+    outputs, in_features = weight.shape
+    if input.dim() == 0 or input.shape[-1] != in_features:
+        raise RuntimeError(
+            f"{fn}: input's last dimension must be in_features = weight.shape[1] = {in_features}, "
+            f"got input of shape {tuple(input.shape)}"
+        )
+    if bias is not None:
+        require_like(fn, "bias", bias, "input", input)
+        if bias.shape != (outputs,):
+            raise RuntimeError(f"{fn}: bias must have shape ({outputs_name},) = ({outputs},), got {tuple(bias.shape)}")
+    return outputs, in_features

@@ -12,7 +12,7 @@ import torch
 from torchblocks._ops import _eager_cpu
 from torchblocks._ops._dispatch import forward_ad_open, without_jvp
 from torchblocks._ops.cross_entropy import (
-    CrossEntropyFunction, ProbabilityCrossEntropyFunction, reduce_rows, reduced_loss,
+    CrossEntropyFunction, ProbabilityCrossEntropyFunction, class_rows, probability_loss, reduced_loss,
 )
 from torchblocks._ops.dense import DenseFunction
 from torchblocks._ops.dense_cross_entropy import DenseCrossEntropyFunction, default_chunk_rows, reduced_head_loss
@@ -22,10 +22,10 @@ from torchblocks._validate import (
     REDUCTIONS,
     autocast_like_native,
     autocast_to_float32,
+    check_linear,
     check_loss_options,
     require_bool,
     require_choice,
-    require_floating,
     require_like,
     native_refusals,
     require_dtype_native_takes,
@@ -50,27 +50,6 @@ ACTIVATIONS = (None, "relu")
 RELU_REFUSALS = native_refusals(lambda dtype: torch.relu(torch.empty(0, dtype=dtype)))
 CROSS_ENTROPY_REFUSALS = native_refusals(
     lambda dtype: torch.nn.functional.cross_entropy(torch.empty(0, 2, dtype=dtype), torch.empty(0, dtype=torch.long)))
-
-
-def _check_linear(fn, input, weight, bias, outputs_name):
-    """Checks shared by the layers that compute input @ weight^T + bias, whose
-    weight is (``outputs_name``, in_features); returns that shape. What native
-    rejects raises RuntimeError, as native's does."""
-    require_floating(fn, "input", input)
-    require_like(fn, "weight", weight, "input", input)
-    if weight.dim() != 2:
-        raise RuntimeError(f"{fn}: weight must be 2-D ({outputs_name}, in_features), got shape {tuple(weight.shape)}")
-    outputs, in_features = weight.shape
-    if input.dim() == 0 or input.shape[-1] != in_features:
-        raise RuntimeError(
-            f"{fn}: input's last dimension must be in_features = weight.shape[1] = {in_features}, "
-            f"got input of shape {tuple(input.shape)}"
-        )
-    if bias is not None:
-        require_like(fn, "bias", bias, "input", input)
-        if bias.shape != (outputs,):
-            raise RuntimeError(f"{fn}: bias must have shape ({outputs_name},) = ({outputs},), got {tuple(bias.shape)}")
-    return outputs, in_features
 
 
 def dense(
@@ -108,7 +87,7 @@ def dense(
             return output
     require_choice("dense", "activation", activation, ACTIVATIONS)
     input, weight, bias = autocast_like_native(input, weight, bias)
-    out_features, in_features = _check_linear("dense", input, weight, bias, "out_features")
+    out_features, in_features = check_linear("dense", input, weight, bias, "out_features")
     rows = math.prod(input.shape[:-1])  # not -1: ambiguous when in_features is 0
     input_rows = input if input.dim() == 2 else input.reshape(rows, in_features)  # no view node for a 2-D one
     if compiled:  # the arguments, cast by autocast
@@ -152,17 +131,6 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         if not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active() and not forward_ad_open():
             return relu_in_place(input)  # nothing to record: the write alone, one version bump as native's
     return (_ReLUTraced if torch.compiler.is_compiling() else ReLUFunction).apply(input, inplace)
-
-
-def _rows(tensor: torch.Tensor) -> torch.Tensor:
-    """(C) -> (1, C); (N, C, d1, ...) -> (N * d1 * ..., C): the class dim last.
-    (N, C) stays itself: no view for autograd to record and undo."""
-    if tensor.dim() == 1:
-        return tensor.unsqueeze(0)
-    if tensor.dim() == 2:
-        return tensor
-    moved = tensor.movedim(1, -1)
-    return moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
 
 
 def softmax_cross_entropy(
@@ -231,8 +199,8 @@ def softmax_cross_entropy(
     if target.is_floating_point() and target.shape == input.shape:
         out_dtype = torch.promote_types(input.dtype, target.dtype)
         function = _ProbabilityCrossEntropyTraced if torch.compiler.is_compiling() else ProbabilityCrossEntropyFunction
-        loss = function.apply(_rows(input), _rows(target), weight, label_smoothing)
-        loss = reduce_rows(loss, loss.new_tensor(float(loss.shape[0])), reduction, out_dtype)
+        loss = probability_loss(function.apply, class_rows(input), class_rows(target), weight, reduction,
+                                label_smoothing, out_dtype)
         return loss.reshape(rows_shape) if reduction == "none" else loss
     if target.is_floating_point():
         raise RuntimeError(
@@ -260,7 +228,7 @@ def softmax_cross_entropy(
             f"{fn}: inplace_backward=True overwrites input with its gradient, so input must be computed by "
             "another op; got a leaf tensor that requires grad"
         )
-    rows, code = (_rows(input), target.reshape(-1), weight), REDUCTIONS.index(reduction)
+    rows, code = (class_rows(input), target.reshape(-1), weight), REDUCTIONS.index(reduction)
     if compiled and not inplace_backward and not torch._C._are_functorch_transforms_active() \
             and -2**63 <= ignore_index < 2**63:
         loss = torch.ops.torchblocks.cross_entropy.default(*rows, code, ignore_index, label_smoothing)
@@ -309,7 +277,7 @@ def dense_cross_entropy(
     label_smoothing = check_loss_options(fn, ignore_index, reduction, label_smoothing)
     autocast = torch.is_autocast_enabled(input.device.type)
     input, weight, bias = autocast_like_native(input, weight, bias)
-    classes, in_features = _check_linear(fn, input, weight, bias, "C")
+    classes, in_features = check_linear(fn, input, weight, bias, "C")
     if target.dtype not in INDEX_DTYPES:
         raise RuntimeError(f"{fn}: target must hold class indices (int64 or uint8), got dtype {target.dtype}")
     if target.shape != input.shape[:-1]:

@@ -27,6 +27,7 @@ compiled eager CPU path (eager_cpu.cpp) registers C++ kernels of the same op
 while it serves, which take the common case and hand the rest to these.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -464,6 +465,33 @@ def _smoothed(target, label_smoothing):
 def _weighted(smoothed, weight):
     """w_c * t'_c."""
     return smoothed * weight.to(smoothed.dtype) if weight is not None else smoothed
+
+
+def class_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """(C) -> (1, C); (N, C, d1, ...) -> (N * d1 * ..., C): the class dim last,
+    the rows the ops take. (N, C) stays itself: no view for autograd to record
+    and undo.
+
+    Example::
+
+        >>> class_rows(torch.randn(8, 10, 4, 4)).shape
+        torch.Size([128, 10])
+    """
+    if tensor.dim() == 1:
+        return tensor.unsqueeze(0)
+    if tensor.dim() == 2:
+        return tensor
+    moved = tensor.movedim(1, -1)
+    return moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
+
+
+def probability_loss(apply, logits, target, weight, reduction, label_smoothing, dtype):
+    """The loss of rows ``logits`` (R, C) against class probabilities
+    ``target`` (R, C), recorded by autograd: ``apply``
+    (ProbabilityCrossEntropyFunction's, or a twin's) over the rows, then
+    ``reduction`` (a name; "mean" over the R rows) in ``dtype``."""
+    loss = apply(logits, target, weight, label_smoothing)
+    return reduce_rows(loss, loss.new_tensor(float(loss.shape[0])), reduction, dtype)
 
 
 def reduced_loss(apply, logits, target, weight, reduction, ignore_index, label_smoothing, inplace_backward=False):
