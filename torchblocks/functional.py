@@ -117,6 +117,8 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         >>> y = torchblocks.functional.relu(x)
         >>> y.sum().backward()  # x.grad == (y > 0)
     """
+    if _eager_cpu.serves_plainly(input) and not inplace and input.dtype not in RELU_REFUSALS:
+        return _eager_cpu._module.relu(input)  # the common call, checked in the fewest steps: the op
     require_tensor("relu", "input", input)
     inplace = bool(inplace)  # any truthy value, as F.relu takes it
     require_dtype_native_takes("relu", "input", input, "F.relu", RELU_REFUSALS)

@@ -1113,7 +1113,8 @@ bool plain_head(const Tensor& input, const Tensor& weight, const std::optional<T
       target.dim() != 1 || target.size(0) != input.size(0) || chunk_rows < 1) {
     return false;
   }
-  if (bias && (bias->scalar_type() != dtype || !bias->is_cpu() || bias->dim() != 1 || bias->size(0) != weight.size(0))) {
+  if (bias && (bias->scalar_type() != dtype || !bias->is_cpu() || bias->dim() != 1 ||
+               bias->size(0) != weight.size(0))) {
     return false;
   }
   return targets_plain(target, weight.size(0), ignore_index);
@@ -1194,7 +1195,8 @@ Tensor head_autograd(c10::DispatchKeySet keys, const Tensor& input, const Tensor
                                                                       : Tensor(),
                                               tangent_weight.defined() ? tangent_weight.t() : Tensor());
       if (tangent_bias.defined()) {
-        tangent_logits = tangent_logits.defined() ? tangent_logits + tangent_bias : tangent_bias.expand({count, w.size(0)});
+        tangent_logits = tangent_logits.defined() ? tangent_logits + tangent_bias
+                                                  : tangent_bias.expand({count, w.size(0)});
       }
       const Tensor grad_logits = differentiable_gradient(affine(x.narrow(0, start, count), w, b),
                                                          target.narrow(0, start, count));
@@ -1341,7 +1343,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_node_type<CrossEntropyBackward>(m, cross_entropy_backward_type, "CrossEntropyBackward");
   register_node_type<DenseCrossEntropyBackward>(m, head_backward_type, "DenseCrossEntropyBackward");
   m.def("register_kernels", &register_kernels,
-        "register_kernels(serve, python_kernels): the CPU and AutogradCPU kernels of the blocks' ops on or off; python_kernels(name) gives an op's (body, recorder) for the calls they leave");
+        "register_kernels(serve, python_kernels): the CPU and AutogradCPU kernels of the blocks' ops on or off; "
+        "python_kernels(name) gives an op's (body, recorder) for the calls they leave");
   // the dispatcher from the top, as torch.ops.torchblocks.relu.default(input) calls it, without its Python
   m.def("relu", [](const Tensor& input) { return relu_op().call(input); }, "relu(input): torchblocks::relu",
         without_gil);
