@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from torchblocks._ops import _eager_cpu
-from torchblocks._ops._dispatch import forward_ad_open, without_jvp
+from torchblocks._ops._dispatch import PLAIN_TYPES, forward_ad_open, without_jvp
 from torchblocks._ops.cross_entropy import (
     CrossEntropyFunction, ProbabilityCrossEntropyFunction, class_rows, probability_loss, reduced_loss,
 )
@@ -173,14 +173,20 @@ def softmax_cross_entropy(
         >>> loss = torchblocks.functional.softmax_cross_entropy(logits, labels)
         >>> loss.backward()  # logits.grad = (softmax(logits) - onehot(labels)) / 128
     """
+    plain_options = weight is None and inplace_backward is False and type(label_smoothing) in (int, float) \
+        and not label_smoothing and type(ignore_index) is int and type(reduction) is str \
+        and -2**63 <= ignore_index < 2**63
+    tried = plain_options and _eager_cpu.serves_plainly(input) and type(target) in PLAIN_TYPES
+    if tried:  # the module's entry checks the common case in the fewest steps, and calls the op
+        loss = _eager_cpu._module.cross_entropy(input, target, ignore_index, reduction)
+        if loss is not None:
+            return loss
     fn = "softmax_cross_entropy"
     require_tensor(fn, "input", input)
     require_tensor(fn, "target", target)
     compiled = None if torch.compiler.is_compiling() else _eager_cpu.serving(input, target)
-    if compiled and weight is None and inplace_backward is False and type(ignore_index) is int \
-            and -2**63 <= ignore_index < 2**63 and type(reduction) is str and type(label_smoothing) in (int, float) \
-            and not label_smoothing:
-        loss = compiled.cross_entropy(input, target, ignore_index, reduction)  # the op; None unless the common case
+    if compiled and plain_options and not tried:  # the kernels registered by this call
+        loss = compiled.cross_entropy(input, target, ignore_index, reduction)
         if loss is not None:
             return loss
     if weight is not None:
