@@ -816,12 +816,18 @@ const auto& cross_entropy_op() {
   return handle;
 }
 
+// An op's Python kernels (_dispatch.python_kernels): its body and its recording autograd.
 struct PythonKernels {
   pybind11::object body, recorded;
 };
 
-PythonKernels& cross_entropy_python() {
-  static auto* kernels = new PythonKernels();  // never destroyed: there is no interpreter to release them at exit
+// The losses' ops' Python kernels, set by register_kernels; never destroyed:
+// there is no interpreter to release them at exit.
+struct LossPythonKernels {
+  PythonKernels cross_entropy, head;
+};
+LossPythonKernels& python() {
+  static auto* kernels = new LossPythonKernels();
   return *kernels;
 }
 
@@ -829,6 +835,18 @@ template <typename... Args>
 Tensor call_python(const pybind11::object& kernel, const Args&... args) {
   pybind11::gil_scoped_acquire gil;
   return kernel(args...).template cast<Tensor>();
+}
+
+// A call an op's AutogradCPU kernel leaves: recorded by the op's Python
+// autograd where autograd records it (``recording``), else run below autograd.
+template <typename Signature, typename... Args>
+Tensor leave_to_python(const PythonKernels& kernels, const c10::TypedOperatorHandle<Signature>& op,
+                       c10::DispatchKeySet keys, bool recording, const Args&... args) {
+  if (recording) {
+    return call_python(kernels.recorded, args...);
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.redispatch(keys & c10::after_autograd_keyset, args...);
 }
 
 template <typename index_t>
@@ -875,7 +893,7 @@ bool plain_rows(const Tensor& logits, const Tensor& target, const std::optional<
 Tensor cross_entropy_cpu(const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
                          int64_t reduction, int64_t ignore_index, double label_smoothing) {
   if (!plain_rows(logits, target, weight, ignore_index, label_smoothing)) {
-    return call_python(cross_entropy_python().body, logits, target, weight, reduction, ignore_index, label_smoothing);
+    return call_python(python().cross_entropy.body, logits, target, weight, reduction, ignore_index, label_smoothing);
   }
   return reduce_rows(forward_rows(logits, target, false).loss, reduction, logits.scalar_type());
 }
@@ -888,14 +906,10 @@ Tensor cross_entropy_autograd(c10::DispatchKeySet keys, const Tensor& logits, co
                               double label_smoothing) {
   if (!plain_rows(logits, target, weight, ignore_index, label_smoothing)) {
     const Tensor weight_or_none = weight ? *weight : Tensor();
-    if (torch::autograd::compute_requires_grad(logits, weight_or_none) ||
-        forward_grad_defined(logits, weight_or_none)) {
-      return call_python(cross_entropy_python().recorded, logits, target, weight, reduction, ignore_index,
-                         label_smoothing);
-    }
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return cross_entropy_op().redispatch(keys & c10::after_autograd_keyset, logits, target, weight, reduction,
-                                         ignore_index, label_smoothing);
+    const bool recording = torch::autograd::compute_requires_grad(logits, weight_or_none) ||
+                           forward_grad_defined(logits, weight_or_none);
+    return leave_to_python(python().cross_entropy, cross_entropy_op(), keys, recording, logits, target, weight,
+                           reduction, ignore_index, label_smoothing);
   }
   const bool with_gradient = torch::autograd::compute_requires_grad(logits);
   // The gradient is computed with the loss and held, unless what is saved is
@@ -1095,11 +1109,6 @@ const auto& head_op() {
   return handle;
 }
 
-PythonKernels& head_python() {
-  static auto* kernels = new PythonKernels();  // never destroyed: there is no interpreter to release them at exit
-  return *kernels;
-}
-
 // The common case: input (R, K), weight (C, K) and bias (C,) or none, all
 // float32 or all float64 on the CPU, R and C > 0; class indices (R,), every
 // one a class and none ignored; "mean" or "sum"; no smoothing.
@@ -1123,7 +1132,7 @@ bool plain_head(const Tensor& input, const Tensor& weight, const std::optional<T
 Tensor head_cpu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& target,
                 int64_t reduction, int64_t ignore_index, double label_smoothing, int64_t chunk_rows) {
   if (!plain_head(input, weight, bias, target, reduction, ignore_index, label_smoothing, chunk_rows)) {
-    return call_python(head_python().body, input, weight, bias, target, reduction, ignore_index, label_smoothing,
+    return call_python(python().head.body, input, weight, bias, target, reduction, ignore_index, label_smoothing,
                        chunk_rows);
   }
   const Tensor bias_or_none = bias ? *bias : Tensor();
@@ -1140,14 +1149,10 @@ Tensor head_autograd(c10::DispatchKeySet keys, const Tensor& input, const Tensor
                      double label_smoothing, int64_t chunk_rows) {
   const Tensor bias_or_none = bias ? *bias : Tensor();
   if (!plain_head(input, weight, bias, target, reduction, ignore_index, label_smoothing, chunk_rows)) {
-    if (torch::autograd::compute_requires_grad(input, weight, bias_or_none) ||
-        forward_grad_defined(input, weight, bias_or_none)) {
-      return call_python(head_python().recorded, input, weight, bias, target, reduction, ignore_index,
-                         label_smoothing, chunk_rows);
-    }
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return head_op().redispatch(keys & c10::after_autograd_keyset, input, weight, bias, target, reduction,
-                                ignore_index, label_smoothing, chunk_rows);
+    const bool recording = torch::autograd::compute_requires_grad(input, weight, bias_or_none) ||
+                           forward_grad_defined(input, weight, bias_or_none);
+    return leave_to_python(python().head, head_op(), keys, recording, input, weight, bias, target, reduction,
+                           ignore_index, label_smoothing, chunk_rows);
   }
   const bool with_gradient = torch::autograd::compute_requires_grad(input, weight, bias_or_none);
   const std::array<bool, 3> wanted{with_gradient && input.requires_grad(), with_gradient && weight.requires_grad(),
@@ -1215,11 +1220,12 @@ Tensor head_autograd(c10::DispatchKeySet keys, const Tensor& input, const Tensor
 // serve again.
 void register_kernels(bool serve, const pybind11::function& python_kernels) {
   static std::unique_ptr<torch::Library> cpu, autograd_cpu;
-  if (!cross_entropy_python().body) {
-    std::tie(cross_entropy_python().body, cross_entropy_python().recorded) =
-        python_kernels("cross_entropy").cast<std::tuple<pybind11::object, pybind11::object>>();
-    std::tie(head_python().body, head_python().recorded) =
-        python_kernels("dense_cross_entropy").cast<std::tuple<pybind11::object, pybind11::object>>();
+  if (!python().cross_entropy.body) {
+    for (auto [name, kernels] : {std::pair{"cross_entropy", &python().cross_entropy},
+                                 std::pair{"dense_cross_entropy", &python().head}}) {
+      std::tie(kernels->body, kernels->recorded) =
+          python_kernels(name).cast<std::tuple<pybind11::object, pybind11::object>>();
+    }
   }
   if (!serve) {
     autograd_cpu.reset();
